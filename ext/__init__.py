@@ -1,0 +1,231 @@
+"""Pooling and tensor-packing kernels (Cython, OpenMP) for bertstream.
+
+This layer validates once and allocates; the compiled kernels in ``_kernels`` trust what they get.
+
+Hidden states are C-contiguous ``(batch, seq, hidden)`` arrays, right-padded, of float32, float16,
+or bfloat16 bit patterns in a uint16 array (numpy has no bfloat16 dtype; from torch:
+``t.view(torch.uint16).numpy()``). ``lengths`` holds each row's count of real tokens
+(1 <= length <= seq); padding positions are never read. Everything accumulates and returns float32.
+
+NaN and inf: pooling follows IEEE arithmetic over the real tokens (a NaN token value makes that
+row's mean and max NaN; +inf gives +inf; +inf and -inf in one mean give NaN); see ``pack_int8`` and
+``pack_binary`` for the packed forms.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+
+from . import _kernels
+
+POOLING_MODES = {"mean": 0, "max": 1, "cls": 2, "mean_max": 3}
+LAYER_COMBINES = ("concat", "mean")
+
+__all__ = [
+    "POOLING_MODES", "LAYER_COMBINES", "default_threads", "pool", "masked_mean", "masked_max",
+    "cls_pool", "mean_max", "gather_tokens", "l2_normalize", "pack_float16", "pack_bfloat16",
+    "pack_int8", "pack_binary", "bfloat16_to_float32",
+]
+
+
+def default_threads(n_threads: int | None = None) -> int:
+    """The thread count kernels use: the given one, else the cores this process may run on."""
+    if n_threads is not None:
+        if n_threads < 1:
+            raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+        return int(n_threads)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _as_layers(hidden) -> tuple[list[np.ndarray], bool]:
+    """Validated layers as the kernels take them, and whether 16-bit ones hold bfloat16."""
+    layers = list(hidden) if isinstance(hidden, (list, tuple)) else [hidden]
+    if not layers:
+        raise ValueError("hidden: need at least one layer, got an empty sequence")
+    first = layers[0]
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, np.ndarray):
+            raise ValueError(f"hidden[{i}]: expected a numpy array, got {type(layer).__name__}")
+        if layer.ndim != 3:
+            raise ValueError(f"hidden[{i}]: expected shape (batch, seq, hidden), got {layer.shape}")
+        if layer.dtype not in (np.float32, np.float16, np.uint16):
+            raise ValueError(f"hidden[{i}]: dtype must be float32, float16 or uint16 (bfloat16 bits), "
+                             f"got {layer.dtype}")
+        if not layer.flags.c_contiguous:
+            raise ValueError(f"hidden[{i}]: must be C-contiguous")
+        if layer.shape != first.shape or layer.dtype != first.dtype:
+            raise ValueError(f"hidden[{i}]: every layer must match hidden[0] "
+                             f"({first.shape} {first.dtype}), got {layer.shape} {layer.dtype}")
+        if 0 in layer.shape:
+            raise ValueError(f"hidden[{i}]: empty shape {layer.shape}")
+    # Kernels read 16-bit inputs as raw bits; numpy's float16 becomes a uint16 view (no copy).
+    bf16 = first.dtype == np.uint16
+    return [layer.view(np.uint16) if layer.dtype == np.float16 else layer for layer in layers], bf16
+
+
+def _as_lengths(lengths, batch: int, seq: int) -> np.ndarray:
+    lengths = np.asarray(lengths)
+    if lengths.shape != (batch,):
+        raise ValueError(f"lengths: expected shape ({batch},), got {lengths.shape}")
+    if lengths.dtype.kind not in "iu":
+        raise ValueError(f"lengths: must be integers, got {lengths.dtype}")
+    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+    bad = np.flatnonzero((lengths < 1) | (lengths > seq))
+    if bad.size:
+        raise ValueError(f"lengths[{bad[0]}] = {lengths[bad[0]]} is outside 1..{seq} (seq)")
+    return lengths
+
+
+def _check_out(out, shape: tuple, dtype=np.float32) -> np.ndarray:
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    if not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != dtype:
+        got = f"{out.shape} {out.dtype}" if isinstance(out, np.ndarray) else type(out).__name__
+        raise ValueError(f"out: expected a {shape} {np.dtype(dtype)} array, got {got}")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError("out: must be C-contiguous and writeable")
+    return out
+
+
+def _check_combine(layer_combine: str) -> bool:
+    if layer_combine not in LAYER_COMBINES:
+        raise ValueError(f"layer_combine must be one of {LAYER_COMBINES}, got {layer_combine!r}")
+    return layer_combine == "mean"
+
+
+def _layer_args(layers: list[np.ndarray], n_threads: int):
+    """The layers' data addresses and one float32 scratch row per thread."""
+    pointers = np.array([layer.ctypes.data for layer in layers], dtype=np.uintp)
+    scratch = np.empty((n_threads, layers[0].shape[2]), dtype=np.float32)
+    return pointers, scratch
+
+
+def _combined_width(layers, combine_mean: bool) -> int:
+    return layers[0].shape[2] * (1 if combine_mean else len(layers))
+
+
+def pool(hidden, lengths, mode: str = "mean", layer_combine: str = "concat", out=None,
+         n_threads: int | None = None) -> np.ndarray:
+    """Pool the real tokens of every row.
+
+    hidden: one (batch, seq, hidden) array or a sequence of such arrays (layers). Several layers
+    are combined per token before pooling: "concat" (columns layer by layer) or "mean"
+    (element-wise). mode: "mean", "max", "cls" (position 0) or "mean_max" (the two concatenated).
+    Returns (batch, width) float32, width = hidden x (layers if concat) x (2 if mean_max).
+    """
+    if mode not in POOLING_MODES:
+        raise ValueError(f"mode must be one of {tuple(POOLING_MODES)}, got {mode!r}")
+    layers, bf16 = _as_layers(hidden)
+    combine_mean = _check_combine(layer_combine)
+    batch, seq, _ = layers[0].shape
+    lengths = _as_lengths(lengths, batch, seq)
+    width = _combined_width(layers, combine_mean) * (2 if mode == "mean_max" else 1)
+    out = _check_out(out, (batch, width))
+    threads = default_threads(n_threads)
+    pointers, scratch = _layer_args(layers, threads)
+    _kernels.pool(layers[0], pointers, combine_mean, lengths, POOLING_MODES[mode], bf16, out,
+                  scratch, threads)
+    return out
+
+
+def masked_mean(hidden, lengths, out=None, n_threads: int | None = None) -> np.ndarray:
+    """Mean over each row's first lengths[b] tokens: (batch, hidden) float32."""
+    return pool(hidden, lengths, "mean", out=out, n_threads=n_threads)
+
+
+def masked_max(hidden, lengths, out=None, n_threads: int | None = None) -> np.ndarray:
+    """Element-wise max over each row's first lengths[b] tokens: (batch, hidden) float32."""
+    return pool(hidden, lengths, "max", out=out, n_threads=n_threads)
+
+
+def cls_pool(hidden, lengths, out=None, n_threads: int | None = None) -> np.ndarray:
+    """Each row's first token (position 0) as float32."""
+    return pool(hidden, lengths, "cls", out=out, n_threads=n_threads)
+
+
+def mean_max(hidden, lengths, out=None, n_threads: int | None = None) -> np.ndarray:
+    """Masked mean and masked max concatenated: (batch, 2 * hidden) float32."""
+    return pool(hidden, lengths, "mean_max", out=out, n_threads=n_threads)
+
+
+def gather_tokens(hidden, lengths, layer_combine: str = "concat", out=None,
+                  n_threads: int | None = None) -> np.ndarray:
+    """Every row's real tokens back to back: (sum(lengths), width) float32, rows in order.
+
+    Layers combine per token as in ``pool``. Split the result with ``np.cumsum(lengths)``.
+    """
+    layers, bf16 = _as_layers(hidden)
+    combine_mean = _check_combine(layer_combine)
+    batch, seq, _ = layers[0].shape
+    lengths = _as_lengths(lengths, batch, seq)
+    row_starts = np.zeros(batch, dtype=np.int64)
+    np.cumsum(lengths[:-1], out=row_starts[1:])
+    out = _check_out(out, (int(lengths.sum()), _combined_width(layers, combine_mean)))
+    threads = default_threads(n_threads)
+    pointers, scratch = _layer_args(layers, threads)
+    _kernels.gather(layers[0], pointers, combine_mean, lengths, row_starts, bf16, out, scratch,
+                    threads)
+    return out
+
+
+def _check_vectors(x, name: str = "x") -> np.ndarray:
+    if not isinstance(x, np.ndarray) or x.ndim != 2 or x.dtype != np.float32:
+        got = f"{x.shape} {x.dtype}" if isinstance(x, np.ndarray) else type(x).__name__
+        raise ValueError(f"{name}: expected a 2-d float32 array, got {got}")
+    if not x.flags.c_contiguous:
+        raise ValueError(f"{name}: must be C-contiguous")
+    return x
+
+
+def l2_normalize(x: np.ndarray, n_threads: int | None = None) -> np.ndarray:
+    """Scale each row of a (rows, dim) float32 array to unit L2 norm, in place; returns x.
+
+    An all-zero row stays zero; a row holding inf or NaN becomes NaN.
+    """
+    _check_vectors(x)
+    if not x.flags.writeable:
+        raise ValueError("x: must be writeable (normalised in place)")
+    _kernels.l2_normalize(x, default_threads(n_threads))
+    return x
+
+
+def pack_float16(x: np.ndarray) -> np.ndarray:
+    """float32 -> IEEE float16 (round to nearest even, overflow to inf): numpy's conversion is
+    already exact and vectorised, so it is used as is."""
+    return _check_vectors(x).astype("<f2")
+
+
+def pack_bfloat16(x: np.ndarray, n_threads: int | None = None) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even; NaN stays NaN."""
+    x = _check_vectors(x)
+    out = np.empty(x.shape, dtype=np.uint16)
+    _kernels.to_bfloat16(x, out, default_threads(n_threads))
+    return out
+
+
+def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """Decode bfloat16 bit patterns (uint16) to float32 (exact)."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def pack_int8(x: np.ndarray, n_threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 with one scale per row: returns (q int8 (rows, dim), scales float32 (rows,)),
+    x ~= q * scales[:, None]. scale = max |finite x| / 127. NaN -> 0, +-inf -> +-127; a row with
+    no non-zero finite value gets scale 0."""
+    x = _check_vectors(x)
+    q = np.empty(x.shape, dtype=np.int8)
+    scales = np.empty(x.shape[0], dtype=np.float32)
+    _kernels.quantize_int8(x, q, scales, default_threads(n_threads))
+    return q, scales
+
+
+def pack_binary(x: np.ndarray, n_threads: int | None = None) -> np.ndarray:
+    """Sign bits: bit = (x > 0), eight to a byte, most significant first (numpy.packbits order,
+    so ``np.unpackbits(packed, axis=1, count=dim)`` recovers them). NaN and zeros give 0."""
+    x = _check_vectors(x)
+    out = np.empty((x.shape[0], (x.shape[1] + 7) // 8), dtype=np.uint8)
+    _kernels.pack_sign_bits(x, out, default_threads(n_threads))
+    return out

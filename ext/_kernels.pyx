@@ -1,0 +1,260 @@
+# Compute kernels behind bertstream.ext. They trust their inputs: shapes, dtypes, contiguity and
+# 1 <= length <= seq are checked once by the Python layer in __init__.py. Build directives
+# (boundscheck, wraparound, cdivision ...) and OpenMP flags live in setup.py, in one place.
+#
+# Hidden states arrive as float32, or as 16-bit patterns (uint16) holding float16 or bfloat16: numpy
+# has no bfloat16 dtype, so both 16-bit formats travel as uint16 and `bf16` says which. Every kernel
+# accumulates in float32 and reads only the first `lengths[b]` positions of row b.
+
+from cython.parallel cimport prange, parallel, threadid
+from libc.stdint cimport int8_t, int64_t, uint8_t, uint16_t
+from libc.string cimport memcpy
+from libc.math cimport sqrtf, fabsf, rintf, isfinite
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <string.h>
+
+    /* IEEE half -> float, exact for every input (subnormals, inf, NaN payloads). */
+    static inline float bs_half_to_float(uint16_t h) {
+        uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+        uint32_t exponent = (h >> 10) & 0x1fu;
+        uint32_t mantissa = h & 0x3ffu;
+        uint32_t bits;
+        float f;
+        if (exponent == 0x1fu) {
+            bits = sign | 0x7f800000u | (mantissa << 13);
+        } else if (exponent != 0) {
+            bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+        } else if (mantissa == 0) {
+            bits = sign;
+        } else {
+            f = (float)mantissa * 5.9604644775390625e-08f;  /* mantissa * 2^-24 */
+            memcpy(&bits, &f, 4);
+            bits |= sign;
+        }
+        memcpy(&f, &bits, 4);
+        return f;
+    }
+
+    static inline float bs_bf16_to_float(uint16_t b) {
+        uint32_t bits = (uint32_t)b << 16;
+        float f;
+        memcpy(&f, &bits, 4);
+        return f;
+    }
+
+    /* float -> bfloat16, round to nearest even; NaN stays a (quiet) NaN. */
+    static inline uint16_t bs_float_to_bf16(float f) {
+        uint32_t bits;
+        memcpy(&bits, &f, 4);
+        if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
+        bits += 0x7fffu + ((bits >> 16) & 1u);
+        return (uint16_t)(bits >> 16);
+    }
+    """
+    float bs_half_to_float(uint16_t h) noexcept nogil
+    float bs_bf16_to_float(uint16_t b) noexcept nogil
+    uint16_t bs_float_to_bf16(float f) noexcept nogil
+
+ctypedef fused hidden_t:
+    float
+    uint16_t
+
+# Pooling modes; the Python layer maps names to these numbers (POOLING_MODES in __init__.py).
+cdef enum:
+    MODE_MEAN = 0
+    MODE_MAX = 1
+    MODE_CLS = 2
+    MODE_MEAN_MAX = 3
+
+
+cdef inline float load(const hidden_t* src, Py_ssize_t i, bint bf16) noexcept nogil:
+    if hidden_t is float:
+        return src[i]
+    elif bf16:
+        return bs_bf16_to_float(src[i])
+    else:
+        return bs_half_to_float(src[i])
+
+
+cdef inline const float* token_vector(const hidden_t** layers, Py_ssize_t n_layers,
+                                      Py_ssize_t offset, Py_ssize_t hidden, bint bf16,
+                                      float* scratch) noexcept nogil:
+    """One token's vector in float32: the element-wise mean over `n_layers` layers.
+
+    A single float32 layer is returned in place (no copy): that is the hot path.
+    """
+    cdef Py_ssize_t layer, h
+    cdef const hidden_t* src
+    cdef float inv_layers
+    if hidden_t is float:
+        if n_layers == 1:
+            return layers[0] + offset
+    src = layers[0] + offset
+    for h in range(hidden):
+        scratch[h] = load(src, h, bf16)
+    for layer in range(1, n_layers):
+        src = layers[layer] + offset
+        for h in range(hidden):
+            scratch[h] += load(src, h, bf16)
+    if n_layers > 1:
+        inv_layers = 1.0 / n_layers
+        for h in range(hidden):
+            scratch[h] *= inv_layers
+    return scratch
+
+
+cdef void pool_row(const hidden_t** layers, Py_ssize_t n_layers, Py_ssize_t row_offset,
+                   Py_ssize_t length, Py_ssize_t hidden, int mode, bint bf16,
+                   float* scratch, float* out) noexcept nogil:
+    """Pool one row's first `length` tokens into `out` (hidden floats; 2*hidden for MEAN_MAX)."""
+    cdef const float* tok = token_vector(layers, n_layers, row_offset, hidden, bf16, scratch)
+    cdef float* mean_out = out
+    cdef float* max_out = out + hidden if mode == MODE_MEAN_MAX else out
+    cdef bint does_mean = mode == MODE_MEAN or mode == MODE_MEAN_MAX
+    cdef bint does_max = mode == MODE_MAX or mode == MODE_MEAN_MAX
+    cdef Py_ssize_t t, h
+    cdef float v, m
+    if mode == MODE_CLS:
+        memcpy(out, tok, hidden * sizeof(float))
+        return
+    # Start from the first token rather than from 0 / -inf: no sentinel values to reason about.
+    if does_mean:
+        memcpy(mean_out, tok, hidden * sizeof(float))
+    if does_max:
+        memcpy(max_out, tok, hidden * sizeof(float))
+    for t in range(1, length):
+        tok = token_vector(layers, n_layers, row_offset + t * hidden, hidden, bf16, scratch)
+        if does_mean:
+            for h in range(hidden):
+                mean_out[h] += tok[h]
+        if does_max:
+            for h in range(hidden):
+                v = tok[h]
+                m = max_out[h]
+                # `v != v` makes NaN win and then stick (v > NaN is always false), like numpy.max.
+                max_out[h] = v if (v > m or v != v) else m
+    if does_mean:
+        for h in range(hidden):
+            mean_out[h] /= length
+
+
+def pool(const hidden_t[:, :, ::1] first_layer, const size_t[::1] layer_ptrs, bint combine_mean,
+         const int64_t[::1] lengths, int mode, bint bf16, float[:, ::1] out,
+         float[:, ::1] scratch, int n_threads):
+    """Pool every row. `layer_ptrs` holds the data addresses of all layers (first_layer's too), each
+    shaped like first_layer. combine_mean: average the layers per token, then pool; otherwise pool
+    each layer into its own block of columns (concatenation)."""
+    cdef Py_ssize_t batch = first_layer.shape[0], seq = first_layer.shape[1]
+    cdef Py_ssize_t hidden = first_layer.shape[2]
+    cdef Py_ssize_t n_layers = layer_ptrs.shape[0]
+    cdef Py_ssize_t width = hidden * (2 if mode == MODE_MEAN_MAX else 1)
+    cdef const hidden_t** layers = <const hidden_t**> &layer_ptrs[0]
+    cdef Py_ssize_t b, layer
+    cdef float* row_scratch
+    with nogil, parallel(num_threads=n_threads):
+        row_scratch = &scratch[threadid(), 0]
+        for b in prange(batch, schedule='dynamic'):
+            if combine_mean:
+                pool_row(layers, n_layers, b * seq * hidden, lengths[b], hidden, mode, bf16,
+                         row_scratch, &out[b, 0])
+            else:
+                for layer in range(n_layers):
+                    pool_row(layers + layer, 1, b * seq * hidden, lengths[b], hidden, mode, bf16,
+                             row_scratch, &out[b, layer * width])
+
+
+def gather(const hidden_t[:, :, ::1] first_layer, const size_t[::1] layer_ptrs, bint combine_mean,
+           const int64_t[::1] lengths, const int64_t[::1] row_starts, bint bf16,
+           float[:, ::1] out, float[:, ::1] scratch, int n_threads):
+    """Copy every row's real tokens, back to back, into `out` (sum(lengths), width): row b starts
+    at out row row_starts[b]. Layers are combined per token as in `pool`."""
+    cdef Py_ssize_t batch = first_layer.shape[0], seq = first_layer.shape[1]
+    cdef Py_ssize_t hidden = first_layer.shape[2]
+    cdef Py_ssize_t n_layers = layer_ptrs.shape[0]
+    cdef const hidden_t** layers = <const hidden_t**> &layer_ptrs[0]
+    cdef Py_ssize_t b, t, layer
+    cdef float* row_scratch
+    cdef const float* tok
+    with nogil, parallel(num_threads=n_threads):
+        row_scratch = &scratch[threadid(), 0]
+        for b in prange(batch, schedule='dynamic'):
+            for t in range(lengths[b]):
+                if combine_mean:
+                    tok = token_vector(layers, n_layers, (b * seq + t) * hidden, hidden, bf16,
+                                       row_scratch)
+                    memcpy(&out[row_starts[b] + t, 0], tok, hidden * sizeof(float))
+                else:
+                    for layer in range(n_layers):
+                        tok = token_vector(layers + layer, 1, (b * seq + t) * hidden, hidden, bf16,
+                                           row_scratch)
+                        memcpy(&out[row_starts[b] + t, layer * hidden], tok, hidden * sizeof(float))
+
+
+def l2_normalize(float[:, ::1] x, int n_threads):
+    """Scale each row to unit L2 norm, in place. An all-zero row stays zero."""
+    cdef Py_ssize_t rows = x.shape[0], cols = x.shape[1], r, c
+    cdef float norm
+    for r in prange(rows, nogil=True, num_threads=n_threads, schedule='static'):
+        norm = 0
+        for c in range(cols):
+            norm = norm + x[r, c] * x[r, c]
+        norm = sqrtf(norm)
+        if norm > 0:
+            for c in range(cols):
+                x[r, c] = x[r, c] / norm
+
+
+def to_bfloat16(const float[:, ::1] x, uint16_t[:, ::1] out, int n_threads):
+    """Round every value to bfloat16 (nearest even); out holds the bit patterns."""
+    cdef Py_ssize_t rows = x.shape[0], cols = x.shape[1], r, c
+    for r in prange(rows, nogil=True, num_threads=n_threads, schedule='static'):
+        for c in range(cols):
+            out[r, c] = bs_float_to_bf16(x[r, c])
+
+
+def quantize_int8(const float[:, ::1] x, int8_t[:, ::1] out, float[::1] scales, int n_threads):
+    """Symmetric int8 per row: scale = max|finite x| / 127, q = round(x / scale).
+
+    x ~= q * scale. NaN becomes 0; +-inf become +-127 (the row's extreme); an all-zero (or
+    all-non-finite) row gets scale 0 and zeros.
+    """
+    cdef Py_ssize_t rows = x.shape[0], cols = x.shape[1], r, c
+    cdef float peak, v, inv_scale
+    for r in prange(rows, nogil=True, num_threads=n_threads, schedule='static'):
+        peak = 0
+        for c in range(cols):
+            v = fabsf(x[r, c])
+            if isfinite(v) and v > peak:
+                peak = v
+        scales[r] = peak / 127
+        inv_scale = 127 / peak if peak > 0 else 0
+        for c in range(cols):
+            v = x[r, c]
+            if v != v:
+                out[r, c] = 0
+            elif v >= peak:
+                out[r, c] = 127 if peak > 0 or v > 0 else 0
+            elif v <= -peak:
+                out[r, c] = -127 if peak > 0 or v < 0 else 0
+            else:
+                out[r, c] = <int8_t> rintf(v * inv_scale)
+
+
+def pack_sign_bits(const float[:, ::1] x, uint8_t[:, ::1] out, int n_threads):
+    """Bit = (x > 0), eight to a byte, most significant bit first (numpy.packbits order); the
+    last byte of a row is zero-padded. NaN and -0.0 give 0."""
+    cdef Py_ssize_t rows = x.shape[0], cols = x.shape[1], r, c
+    cdef uint8_t byte
+    for r in prange(rows, nogil=True, num_threads=n_threads, schedule='static'):
+        byte = 0
+        for c in range(cols):
+            if x[r, c] > 0:
+                byte = byte | (0x80 >> (c & 7))
+            if c & 7 == 7:
+                out[r, c >> 3] = byte
+                byte = 0
+        if cols & 7:
+            out[r, cols >> 3] = byte
