@@ -195,7 +195,8 @@ def l2_normalize(x: np.ndarray, n_threads: int | None = None) -> np.ndarray:
 def pack_float16(x: np.ndarray) -> np.ndarray:
     """float32 -> IEEE float16 (round to nearest even, overflow to inf): numpy's conversion is
     already exact and vectorised, so it is used as is."""
-    return _check_vectors(x).astype("<f2")
+    with np.errstate(over="ignore"):  # beyond 65504 becomes inf, as IEEE says; no warning
+        return _check_vectors(x).astype("<f2")
 
 
 def pack_bfloat16(x: np.ndarray, n_threads: int | None = None) -> np.ndarray:

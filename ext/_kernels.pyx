@@ -9,7 +9,7 @@
 from cython.parallel cimport prange, parallel, threadid
 from libc.stdint cimport int8_t, int64_t, uint8_t, uint16_t
 from libc.string cimport memcpy
-from libc.math cimport sqrtf, fabsf, rintf, isfinite
+from libc.math cimport sqrt, fabsf, rintf, isfinite
 
 cdef extern from *:
     """
@@ -194,17 +194,21 @@ def gather(const hidden_t[:, :, ::1] first_layer, const size_t[::1] layer_ptrs, 
 
 
 def l2_normalize(float[:, ::1] x, int n_threads):
-    """Scale each row to unit L2 norm, in place. An all-zero row stays zero."""
+    """Scale each row to unit L2 norm, in place. An all-zero row stays zero.
+
+    The sum of squares is taken in double: in float32 it underflows below ~1e-19 per element and
+    overflows above ~1e19, which would turn tiny or huge (but valid) vectors into 0 or NaN.
+    """
     cdef Py_ssize_t rows = x.shape[0], cols = x.shape[1], r, c
-    cdef float norm
+    cdef double norm
     for r in prange(rows, nogil=True, num_threads=n_threads, schedule='static'):
         norm = 0
         for c in range(cols):
-            norm = norm + x[r, c] * x[r, c]
-        norm = sqrtf(norm)
+            norm = norm + <double> x[r, c] * x[r, c]
+        norm = sqrt(norm)
         if norm > 0:
             for c in range(cols):
-                x[r, c] = x[r, c] / norm
+                x[r, c] = <float> (x[r, c] / norm)
 
 
 def to_bfloat16(const float[:, ::1] x, uint16_t[:, ::1] out, int n_threads):

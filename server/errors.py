@@ -1,0 +1,33 @@
+"""The one error type of the core, and its one mapping to gRPC status codes (in service.py)."""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorKind(enum.Enum):
+    INVALID = "invalid"          # the request is wrong: the caller must change it
+    OVERLOADED = "overloaded"    # a limit on load was hit: try again later
+    UNAVAILABLE = "unavailable"  # the server cannot serve now (shutting down, not ready)
+    INTERNAL = "internal"        # the server failed on a valid request
+
+
+class EmbedError(Exception):
+    """A failure to report to the caller; the message names what was wrong."""
+
+    def __init__(self, kind: ErrorKind, message: str):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+    @classmethod
+    def invalid(cls, message: str) -> "EmbedError":
+        return cls(ErrorKind.INVALID, message)
+
+    @classmethod
+    def overloaded(cls, message: str) -> "EmbedError":
+        return cls(ErrorKind.OVERLOADED, message)
+
+    @classmethod
+    def unavailable(cls, message: str) -> "EmbedError":
+        return cls(ErrorKind.UNAVAILABLE, message)

@@ -1,0 +1,307 @@
+"""bertstream.ext kernels against plain numpy references, on hypothesis-drawn shapes and values."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
+
+from bertstream import ext
+
+INPUT_DTYPES = ("float32", "float16", "bfloat16")
+THREADS = (1, 2)
+POISON = np.float32(np.nan)  # an unwritten output element would stay NaN and fail the comparison
+
+
+# ---------------------------------------------------------------- references (plain numpy)
+
+def to_float32(hidden, dtype):
+    """The float32 values a kernel should see for an input handed over as `dtype`."""
+    if dtype == "bfloat16":
+        return ext.bfloat16_to_float32(hidden)
+    return hidden.astype(np.float32)
+
+
+def combined_tokens(layers32, length, b, combine):
+    tokens = [layer[b, :length] for layer in layers32]
+    if combine == "mean":
+        return np.mean(np.stack(tokens), axis=0, dtype=np.float32)
+    return np.concatenate(tokens, axis=1)
+
+
+def ref_pool(layers32, lengths, mode, combine="concat"):
+    rows = []
+    for b, length in enumerate(lengths):
+        tokens = combined_tokens(layers32, length, b, combine).astype(np.float64)
+        if combine == "concat" and mode != "cls":
+            # Concatenation happens per token, so pooling a layer at a time gives the same; the
+            # mean_max layout is [mean | max] per layer.
+            per_layer = np.split(tokens, len(layers32), axis=1)
+            rows.append(np.concatenate([ref_pool_tokens(t, mode) for t in per_layer]))
+        else:
+            rows.append(ref_pool_tokens(tokens, mode))
+    return np.array(rows, dtype=np.float32)
+
+
+def ref_pool_tokens(tokens, mode):
+    return {
+        "mean": lambda: tokens.mean(0),
+        "max": lambda: tokens.max(0),
+        "cls": lambda: tokens[0],
+        "mean_max": lambda: np.concatenate([tokens.mean(0), tokens.max(0)]),
+    }[mode]()
+
+
+def make_hidden(rng, shape, dtype):
+    values = rng.standard_normal(shape, dtype=np.float32) * 3
+    if dtype == "bfloat16":
+        return ext.pack_bfloat16(values.reshape(-1, shape[-1])).reshape(shape)
+    return values.astype(dtype)
+
+
+def padded(hidden, lengths, value):
+    """Fill padding positions with `value`: a kernel that reads them changes its answer."""
+    hidden = hidden.copy()
+    for b, length in enumerate(lengths):
+        hidden[b, length:] = value
+    return hidden
+
+
+def poisoned(shape):
+    return np.full(shape, POISON, dtype=np.float32)
+
+
+TOL = {"float32": 2e-5, "float16": 2e-5, "bfloat16": 2e-5}  # all accumulate in float32
+
+shapes = st.tuples(st.integers(1, 6), st.integers(1, 40), st.integers(1, 70))
+
+
+@st.composite
+def pooling_cases(draw):
+    batch, seq, hidden = draw(shapes)
+    lengths = draw(st.one_of(
+        st.lists(st.integers(1, seq), min_size=batch, max_size=batch),
+        st.just([seq] * batch),   # all lengths equal (no padding at all)
+        st.just([1] * batch),     # one token each
+    ))
+    return (batch, seq, hidden), np.array(lengths), draw(st.integers(0, 2**32 - 1))
+
+
+# ---------------------------------------------------------------- pooling
+
+@pytest.mark.parametrize("dtype", INPUT_DTYPES)
+@pytest.mark.parametrize("mode", list(ext.POOLING_MODES))
+@settings(max_examples=40, deadline=None)
+@given(case=pooling_cases(), n_threads=st.sampled_from(THREADS))
+def test_pool_matches_reference(dtype, mode, case, n_threads):
+    shape, lengths, seed = case
+    rng = np.random.default_rng(seed)
+    pad_value = np.uint16(0x7FC0) if dtype == "bfloat16" else np.nan  # NaN padding
+    hidden = padded(make_hidden(rng, shape, dtype), lengths, pad_value)
+    width = shape[2] * (2 if mode == "mean_max" else 1)
+    out = poisoned((shape[0], width))
+    result = ext.pool(hidden, lengths, mode, out=out, n_threads=n_threads)
+    assert result is out
+    expected = ref_pool([to_float32(hidden, dtype)], lengths, mode)
+    np.testing.assert_allclose(result, expected, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", INPUT_DTYPES)
+@pytest.mark.parametrize("combine", ext.LAYER_COMBINES)
+@pytest.mark.parametrize("mode", list(ext.POOLING_MODES))
+@settings(max_examples=15, deadline=None)
+@given(case=pooling_cases(), n_layers=st.integers(1, 4))
+def test_pool_combines_layers(dtype, combine, mode, case, n_layers):
+    shape, lengths, seed = case
+    rng = np.random.default_rng(seed)
+    layers = [make_hidden(rng, shape, dtype) for _ in range(n_layers)]
+    result = ext.pool(layers, lengths, mode, layer_combine=combine)
+    expected = ref_pool([to_float32(layer, dtype) for layer in layers], lengths, mode, combine)
+    np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_named_wrappers_are_the_pool_modes():
+    rng = np.random.default_rng(0)
+    hidden = make_hidden(rng, (3, 7, 5), "float32")
+    lengths = np.array([7, 2, 4])
+    for fn, mode in [(ext.masked_mean, "mean"), (ext.masked_max, "max"), (ext.cls_pool, "cls"),
+                     (ext.mean_max, "mean_max")]:
+        np.testing.assert_array_equal(fn(hidden, lengths), ext.pool(hidden, lengths, mode))
+
+
+@pytest.mark.parametrize("shape", [(1, 512, 1024), (4, 512, 768), (2, 3, 1024)])
+def test_large_shapes(shape):
+    """Long sequences and wide hidden sizes, including batch 1."""
+    rng = np.random.default_rng(1)
+    hidden = make_hidden(rng, shape, "float32")
+    lengths = rng.integers(1, shape[1] + 1, size=shape[0])
+    lengths[0] = shape[1]
+    for mode in ext.POOLING_MODES:
+        expected = ref_pool([hidden], lengths, mode)
+        np.testing.assert_allclose(ext.pool(hidden, lengths, mode), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_readonly_inputs_are_accepted():
+    rng = np.random.default_rng(2)
+    hidden = make_hidden(rng, (2, 4, 3), "float32")
+    hidden.flags.writeable = False
+    lengths = np.array([4, 1])
+    lengths.flags.writeable = False
+    np.testing.assert_allclose(ext.masked_mean(hidden, lengths), ref_pool([hidden], lengths, "mean"),
+                               rtol=1e-6)
+    assert ext.gather_tokens(hidden, lengths).shape == (5, 3)
+
+
+def test_nan_and_inf_follow_ieee_over_real_tokens_only():
+    hidden = np.zeros((3, 3, 2), dtype=np.float32)
+    hidden[0, :, 0] = [1.0, np.nan, 2.0]      # NaN in a real token: mean and max are NaN
+    hidden[1, :, 0] = [np.inf, 1.0, np.nan]   # +inf real, NaN only in padding (length 2)
+    hidden[2, :, 0] = [np.inf, -np.inf, 0.0]  # +inf and -inf in one mean: NaN; max: +inf
+    lengths = np.array([3, 2, 3])
+    mean, maxed = ext.masked_mean(hidden, lengths), ext.masked_max(hidden, lengths)
+    assert np.isnan(mean[0, 0]) and np.isnan(maxed[0, 0])
+    assert mean[1, 0] == np.inf and maxed[1, 0] == np.inf
+    assert np.isnan(mean[2, 0]) and maxed[2, 0] == np.inf
+    assert np.all(mean[:, 1] == 0) and np.all(maxed[:, 1] == 0)  # other columns untouched by it
+    # NaN as the first token sticks too (max does not skip it).
+    first = np.array([[[np.nan], [5.0]]], dtype=np.float32)
+    assert np.isnan(ext.masked_max(first, [2])[0, 0])
+
+
+# ---------------------------------------------------------------- token gathering
+
+@pytest.mark.parametrize("dtype", INPUT_DTYPES)
+@pytest.mark.parametrize("combine", ext.LAYER_COMBINES)
+@settings(max_examples=25, deadline=None)
+@given(case=pooling_cases(), n_layers=st.integers(1, 3), n_threads=st.sampled_from(THREADS))
+def test_gather_tokens(dtype, combine, case, n_layers, n_threads):
+    shape, lengths, seed = case
+    rng = np.random.default_rng(seed)
+    layers = [make_hidden(rng, shape, dtype) for _ in range(n_layers)]
+    layers32 = [to_float32(layer, dtype) for layer in layers]
+    width = shape[2] * (1 if combine == "mean" else n_layers)
+    out = poisoned((int(lengths.sum()), width))
+    result = ext.gather_tokens(layers, lengths, combine, out=out, n_threads=n_threads)
+    expected = np.concatenate([combined_tokens(layers32, n, b, combine) for b, n in enumerate(lengths)])
+    np.testing.assert_allclose(result, expected, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- normalisation and packing
+
+vectors = hnp.arrays(np.float32, st.tuples(st.integers(1, 8), st.integers(1, 70)),
+                     elements=st.floats(-1e4, 1e4, width=32))
+
+
+@settings(max_examples=60, deadline=None)
+@given(x=vectors, n_threads=st.sampled_from(THREADS))
+def test_l2_normalize(x, n_threads):
+    expected = x.astype(np.float64)
+    norms = np.linalg.norm(expected, axis=1, keepdims=True)
+    expected = np.where(norms > 0, expected / np.where(norms > 0, norms, 1), 0)
+    result = ext.l2_normalize(x.copy(), n_threads=n_threads)
+    np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_l2_normalize_zero_row_stays_zero():
+    x = np.zeros((2, 4), dtype=np.float32)
+    x[1] = [3, 4, 0, 0]
+    np.testing.assert_array_equal(ext.l2_normalize(x), np.array([[0, 0, 0, 0], [0.6, 0.8, 0, 0]], np.float32))
+
+
+@settings(max_examples=60, deadline=None)
+@given(x=hnp.arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(1, 40)),
+                    elements=st.floats(width=32, allow_nan=True, allow_infinity=True)))
+def test_pack_float16_and_bfloat16(x):
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(ext.pack_float16(x), x.astype(np.float16))
+    bits = ext.pack_bfloat16(x)
+    assert bits.dtype == np.uint16 and bits.shape == x.shape
+    decoded = ext.bfloat16_to_float32(bits)
+    assert np.array_equal(np.isnan(decoded), np.isnan(x))
+    # Rounding to nearest overflows to inf only above the largest bfloat16 (0x7F7F).
+    overflowed = np.isfinite(x) & np.isinf(decoded)
+    assert np.all(np.abs(x[overflowed]) > ext.bfloat16_to_float32(np.array([0x7F7F])))
+    finite = np.isfinite(x) & ~overflowed
+    # Round to nearest: the error is at most half a bfloat16 ulp (8 mantissa bits).
+    err = np.abs(decoded[finite].astype(np.float64) - x[finite])
+    assert np.all(err <= np.abs(x[finite]) * 2.0**-8 + 1e-45 * 2**16)
+    np.testing.assert_array_equal(decoded[np.isinf(x)], x[np.isinf(x)])
+
+
+def test_bfloat16_rounds_to_nearest_even():
+    # 1 + 2^-8 lies exactly halfway between bfloat16 1.0 and 1.0078125: ties go to even (1.0);
+    # 1 + 3*2^-8 lies halfway between 1.0078125 and 1.015625: ties go to even (1.015625).
+    x = np.array([[1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-20]], dtype=np.float32)
+    decoded = ext.bfloat16_to_float32(ext.pack_bfloat16(x))
+    np.testing.assert_array_equal(decoded, [[1.0, 1.015625, 1.0078125]])
+
+
+@settings(max_examples=80, deadline=None)
+@given(x=vectors, n_threads=st.sampled_from(THREADS))
+def test_pack_int8(x, n_threads):
+    q, scales = ext.pack_int8(x, n_threads=n_threads)
+    peak = np.abs(x).max(axis=1)
+    np.testing.assert_allclose(scales, peak / 127, rtol=1e-6)
+    expected = np.where(peak[:, None] > 0, np.rint(x.astype(np.float64) * 127 / np.where(
+        peak > 0, peak, 1)[:, None]), 0)
+    assert np.abs(q.astype(np.int64) - expected).max() <= 1  # float32 vs float64 rounding at .5
+    assert np.all(np.abs(q.astype(np.float32) * scales[:, None] - x) <= scales[:, None] * 0.5 + 1e-6)
+
+
+def test_pack_int8_non_finite():
+    x = np.array([[np.nan, np.inf, -np.inf, 2.0, -1.0], [0, 0, 0, 0, 0],
+                  [np.inf, np.nan, 0, 0, 0]], dtype=np.float32)
+    q, scales = ext.pack_int8(x)
+    np.testing.assert_array_equal(q, [[0, 127, -127, 127, -64], [0] * 5, [127, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(scales, np.array([2 / 127, 0, 0], dtype=np.float32))
+
+
+@settings(max_examples=80, deadline=None)
+@given(x=hnp.arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(1, 70)),
+                    elements=st.floats(width=32, allow_nan=True, allow_infinity=True)),
+       n_threads=st.sampled_from(THREADS))
+def test_pack_binary(x, n_threads):
+    packed = ext.pack_binary(x, n_threads=n_threads)
+    np.testing.assert_array_equal(packed, np.packbits(x > 0, axis=1))
+    np.testing.assert_array_equal(np.unpackbits(packed, axis=1, count=x.shape[1]), x > 0)
+
+
+# ---------------------------------------------------------------- validation
+
+def _hidden():
+    return np.zeros((2, 4, 3), dtype=np.float32)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: ext.masked_mean(np.zeros((2, 4)), [1, 1]), "expected shape (batch, seq, hidden)"),
+    (lambda: ext.masked_mean(np.zeros((2, 4, 3)), [1, 1]), "dtype must be float32"),
+    (lambda: ext.masked_mean(np.zeros((2, 4, 6), np.float32)[:, :, ::2], [1, 1]), "C-contiguous"),
+    (lambda: ext.masked_mean([1.0], [1]), "expected a numpy array"),
+    (lambda: ext.masked_mean([], [1]), "at least one layer"),
+    (lambda: ext.masked_mean(np.zeros((0, 4, 3), np.float32), []), "empty shape"),
+    (lambda: ext.pool([_hidden(), np.zeros((2, 5, 3), np.float32)], [1, 1]), "must match hidden[0]"),
+    (lambda: ext.masked_mean(_hidden(), [1, 1, 1]), "lengths: expected shape (2,)"),
+    (lambda: ext.masked_mean(_hidden(), [1.0, 1.0]), "lengths: must be integers"),
+    (lambda: ext.masked_mean(_hidden(), [1, 0]), "lengths[1] = 0 is outside 1..4"),
+    (lambda: ext.masked_max(_hidden(), [5, 1]), "lengths[0] = 5 is outside 1..4"),
+    (lambda: ext.masked_mean(_hidden(), [1, 1], out=np.zeros((2, 4), np.float32)), "out: expected"),
+    (lambda: ext.masked_mean(_hidden(), [1, 1], out=np.zeros((2, 3))), "out: expected"),
+    (lambda: ext.masked_mean(_hidden(), [1, 1], out=np.zeros((3, 2), np.float32).T), "C-contiguous"),
+    (lambda: ext.pool(_hidden(), [1, 1], "median"), "mode must be one of"),
+    (lambda: ext.pool(_hidden(), [1, 1], layer_combine="sum"), "layer_combine must be one of"),
+    (lambda: ext.masked_mean(_hidden(), [1, 1], n_threads=0), "n_threads must be >= 1"),
+    (lambda: ext.l2_normalize(np.zeros((2, 2))), "expected a 2-d float32 array"),
+    (lambda: ext.l2_normalize(np.zeros((4, 2), np.float32)[::2]), "C-contiguous"),
+    (lambda: ext.pack_int8(np.zeros(3, np.float32)), "expected a 2-d float32 array"),
+    (lambda: ext.pack_binary([[1.0]]), "expected a 2-d float32 array"),
+])
+def test_value_errors_name_the_problem(call, message):
+    with pytest.raises(ValueError) as info:
+        call()
+    assert message in str(info.value)
+
+
+def test_l2_normalize_refuses_readonly():
+    x = np.ones((1, 2), np.float32)
+    x.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        ext.l2_normalize(x)
