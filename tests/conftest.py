@@ -1,0 +1,90 @@
+"""Shared fixtures: a real bertstream server on a free localhost port, and reference models."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may download
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Small limits so that the limit paths are cheap to reach.
+TEST_LIMITS = dict(max_texts_per_request=500, max_chars_per_text=20_000, max_batch_tokens=2048,
+                   stream_window=64)
+
+
+class ServerThread:
+    """A server with its own event loop on a background thread."""
+
+    def __init__(self, engine, limits):
+        from bertstream.server.service import start_server
+
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.server, self.port, self.batcher = asyncio.run_coroutine_threadsafe(
+            start_server(engine, limits, "127.0.0.1", 0), self.loop).result(timeout=120)
+        self.target = f"127.0.0.1:{self.port}"
+
+    def stop(self):
+        asyncio.run_coroutine_threadsafe(self.server.stop(5), self.loop).result(timeout=30)
+        self.batcher.close()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def engine():
+    from bertstream.server.engine import Engine, set_threads
+
+    set_threads()
+    return Engine(device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def server(engine):
+    from bertstream.server.service import Limits
+
+    running = ServerThread(engine, Limits(**TEST_LIMITS))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    from bertstream.client import Client
+
+    with Client(server.target, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """The default model loaded directly with transformers: the reference for every semantics."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from bertstream.server.engine import default_model_path
+
+    path = default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="eager").eval()
+
+    def hidden_states(text: str, max_length: int = 256):
+        """All layers' hidden states of one text, alone (no padding): list of (tokens, hidden)."""
+        encoded = tokenizer([text], truncation=True, max_length=max_length, return_tensors="pt")
+        with torch.inference_mode():
+            out = model(**encoded, output_hidden_states=True)
+        return [layer[0].numpy() for layer in out.hidden_states]
+
+    return hidden_states
+
+
+@pytest.fixture(scope="session")
+def corpus():
+    from tests.corpus import stdlib_paragraphs
+
+    return stdlib_paragraphs()
