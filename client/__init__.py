@@ -149,7 +149,7 @@ class Client:
         response = self._call(request)
         return split_tokens(decode_tensor(response.embeddings), response.lengths)
 
-    def stream(self, texts: Iterable[str], batch_size: int = 64, window: int = 8,
+    def stream(self, texts: Iterable[str], batch_size: int = 64, window: int = 32,
                **options) -> Iterator:
         """Embed any iterable of texts over one EmbedStream, with bounded memory.
 

@@ -168,6 +168,7 @@ class Batcher:
             yield batch
 
     def _forward_loop(self):
+        self.engine.claim_forward_thread()
         while (items := self._take_snapshot()) is not None:
             for batch in self._batches(items):
                 batch = [item for item in batch if not item.job.cancelled]  # caller has gone

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,8 +55,15 @@ class Tokenized:
 
 class Engine:
     def __init__(self, model: str | None = None, device: str = "auto", dtype: str | None = None,
-                 max_length: int | None = None):
+                 max_length: int | None = None, threads: int | None = None):
         from transformers import AutoModel, AutoTokenizer
+
+        # torch computes on one thread only, the batcher's forward thread, which takes all the
+        # threads (claim_forward_thread). A second OpenMP team anywhere else in the process (even
+        # an idle one, left by loading the model on this thread) made the forward pass ~25% slower
+        # on 2 cores (BENCHMARKS.md). So every other thread stays at 1 torch thread.
+        self.threads = ext.default_threads(threads)
+        torch.set_num_threads(1)
 
         self.model_name = model or default_model_path()
         self.device = resolve_device(device)
@@ -77,6 +83,9 @@ class Engine:
         self.num_layers = int(config.num_hidden_layers)
         self.max_length = max_length or model_max_length(self.model_name, self.tokenizer, config)
         self.pad_id = self.tokenizer.pad_token_id or 0
+        # On the CPU the forward pass owns every core: pooling (tiny beside it) stays on one thread
+        # so the kernels' OpenMP workers never compete with torch's. On a GPU, use them all.
+        self.pool_threads = 1 if self.device.type == "cpu" else ext.default_threads()
         # Two views of the same Rust tokenizer: one cuts at max_length (and reports overflow), one
         # does not (to report an over-long text's real length when truncation is off).
         self._truncating = self.tokenizer.backend_tokenizer
@@ -84,6 +93,10 @@ class Engine:
         self._truncating.enable_truncation(self.max_length)
         self._full = type(self._truncating).from_str(self._truncating.to_str())
         self._full.no_truncation()
+
+    def claim_forward_thread(self) -> None:
+        """Called once by the thread that runs every forward pass."""
+        torch.set_num_threads(self.threads)
 
     # ------------------------------------------------------------------ validation
 
@@ -146,26 +159,32 @@ class Engine:
         layers = [host_array(hidden_states[layer], rows) for layer in options.layers]
         row_lengths = lengths[rows]
         if options.pooling == "none":
-            vectors = ext.gather_tokens(layers, row_lengths, options.layer_combine)
+            vectors = ext.gather_tokens(layers, row_lengths, options.layer_combine,
+                                        n_threads=self.pool_threads)
         else:
-            vectors = ext.pool(layers, row_lengths, options.pooling, options.layer_combine)
+            vectors = ext.pool(layers, row_lengths, options.pooling, options.layer_combine,
+                               n_threads=self.pool_threads)
         if options.normalize:
-            ext.l2_normalize(vectors)
+            ext.l2_normalize(vectors, n_threads=self.pool_threads)
         return vectors
 
 
 def host_array(hidden: torch.Tensor, rows: np.ndarray) -> np.ndarray:
-    """The chosen rows of one layer as a C-contiguous numpy array the ext kernels take.
-
-    float32 on the CPU is used in place when every row is wanted; bfloat16 travels as its bits.
-    """
-    if len(rows) != hidden.shape[0] or not np.array_equal(rows, np.arange(len(rows))):
-        hidden = hidden[torch.from_numpy(rows).to(hidden.device)]
-    hidden = hidden.detach()
+    """The chosen rows of one layer as a C-contiguous numpy array the ext kernels take
+    (bfloat16 travels as its bits). On the CPU this runs no torch op (see Engine.__init__): the
+    layer is viewed as numpy, in place, and rows are picked by numpy only if some are left out."""
+    every_row = len(rows) == hidden.shape[0] and np.array_equal(rows, np.arange(len(rows)))
+    if hidden.device.type != "cpu":
+        if not every_row:
+            hidden = hidden[torch.from_numpy(rows).to(hidden.device)]
+        hidden = hidden.contiguous().cpu()
     if hidden.dtype == torch.bfloat16:
-        hidden = hidden.view(torch.int16)
-        return hidden.cpu().contiguous().numpy().view(np.uint16)
-    return hidden.cpu().contiguous().numpy()
+        array = hidden.view(torch.int16).numpy().view(np.uint16)
+    else:
+        array = hidden.numpy()
+    if hidden.device.type == "cpu" and not every_row:
+        array = array[rows]
+    return np.ascontiguousarray(array)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -187,12 +206,3 @@ def model_max_length(model_name: str, tokenizer, config) -> int:
             return int(value)
     limits = [getattr(config, "max_position_embeddings", None), tokenizer.model_max_length]
     return int(min(v for v in limits if v and v < 10**6))
-
-
-def set_threads(n_threads: int | None = None) -> int:
-    """torch intra-op threads = the cores this process may use (the tokenizer and kernels share
-    them, but the forward pass is what must not starve)."""
-    n = ext.default_threads(n_threads)
-    torch.set_num_threads(n)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    return n

@@ -40,6 +40,9 @@ COMBINE_NAMES = {pb.LAYER_COMBINE_UNSPECIFIED: "concat", pb.LAYER_COMBINE_CONCAT
 DTYPE_NAMES = {pb.DTYPE_UNSPECIFIED: "float32", pb.DTYPE_FLOAT32: "float32",
                pb.DTYPE_FLOAT16: "float16", pb.DTYPE_BFLOAT16: "bfloat16", pb.DTYPE_INT8: "int8",
                pb.DTYPE_BINARY: "binary"}
+# Requests up to this many characters are tokenized on the event loop (tens of microseconds);
+# bigger ones on a worker thread so the loop keeps serving.
+INLINE_TOKENIZE_CHARS = 2000
 DTYPE_ENUMS = {name: number for number, name in DTYPE_NAMES.items() if number}
 
 
@@ -91,8 +94,12 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         dtype = enum_name(DTYPE_NAMES, request.dtype, "dtype")
         truncate = request.truncate if request.HasField("truncate") else True
         loop = asyncio.get_running_loop()
-        tokens = await loop.run_in_executor(
-            self._tokenize_pool, self.engine.tokenize, list(request.texts), truncate)
+        texts = list(request.texts)
+        if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:  # microseconds: not worth a thread hop
+            tokens = self.engine.tokenize(texts, truncate)
+        else:
+            tokens = await loop.run_in_executor(self._tokenize_pool, self.engine.tokenize, texts,
+                                                truncate)
 
         done: asyncio.Future = loop.create_future()
 
@@ -173,6 +180,18 @@ class EmbedderService(pb_grpc.EmbedderServicer):
                              max_message_bytes=limits.max_message_bytes))
 
 
+async def warm_up(batcher: Batcher, engine: Engine) -> None:
+    """One text through the whole path (on the forward thread, like every forward pass)."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    options = engine.options("mean", (), "concat", False)
+    batcher.submit(Job(engine.tokenize(["warm-up"]).ids, options, "float32",
+                       lambda result: loop.call_soon_threadsafe(_settle, done, result)))
+    result = await done
+    if isinstance(result, EmbedError):
+        raise RuntimeError(f"warm-up failed: {result.message}")
+
+
 def _settle(future: asyncio.Future, result) -> None:
     if not future.done():  # the caller may have gone
         future.set_result(result)
@@ -216,7 +235,7 @@ async def start_server(engine: Engine, limits: Limits, host: str = "127.0.0.1",
     if not bound:
         raise OSError(f"could not listen on {host}:{port}")
     await server.start()
-    await asyncio.get_running_loop().run_in_executor(None, engine.forward, [[engine.pad_id] * 4])
+    await warm_up(batcher, engine)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, bound, batcher

@@ -38,9 +38,8 @@ class ServerThread:
 
 @pytest.fixture(scope="session")
 def engine():
-    from bertstream.server.engine import Engine, set_threads
+    from bertstream.server.engine import Engine
 
-    set_threads()
     return Engine(device="cpu", dtype="float32")
 
 

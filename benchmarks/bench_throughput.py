@@ -1,0 +1,248 @@
+"""Served throughput against in-process baselines, in one run: the five targets of the throughput issue.
+
+    python benchmarks/bench_throughput.py [--texts 1000] [--long-texts 100000] [--device cpu]
+
+1. one EmbedStream (bundled client) vs an in-process loop with the same precision, max length and
+   batching (tokenizer + AutoModel forward + masked mean), float32 and bfloat16;
+2. vs sentence-transformers `encode` (float32, its defaults);
+3. four concurrent streams vs one;
+4. unary latency of one short text vs the in-process forward of that text (p50);
+5. a long stream: resident memory growth of server and client after warm-up, and the throughput of
+   the last tenth vs the first tenth (skipped with --long-texts 0).
+The server runs as a subprocess (`bertstream serve`), as in production; the client in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.corpus import stdlib_paragraphs  # noqa: E402
+
+from bertstream import ext  # noqa: E402
+from bertstream.client import Client  # noqa: E402
+from bertstream.server.cli import DEFAULT_BATCH_TOKENS as BATCH_TOKENS  # noqa: E402
+from bertstream.server.engine import default_model_path  # noqa: E402
+
+MAX_LENGTH = 256
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, dtype: str, device: str, batch_tokens: int):
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bertstream.server.cli", "serve", "--port", str(self.port),
+             "--dtype", dtype, "--device", device, "--max-batch-tokens", str(batch_tokens),
+             "--log-level", "WARNING"],
+            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        self.target = f"127.0.0.1:{self.port}"
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                with Client(self.target, timeout=5) as client:
+                    client.embed(["warm-up"])
+                return
+            except Exception:
+                time.sleep(0.5)
+        raise RuntimeError("server did not start")
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(timeout=60)
+
+
+class InProcess:
+    """The baseline: the same model, precision, max length and batching, no server."""
+
+    def __init__(self, dtype: str, device: str, batch_tokens: int):
+        from transformers import AutoModel, AutoTokenizer
+
+        path = default_model_path()
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = AutoModel.from_pretrained(
+            path, local_files_only=True, attn_implementation="sdpa",
+            dtype=getattr(torch, dtype)).to(self.device).eval()
+        self.batch_tokens = batch_tokens
+
+    def batches(self, texts):
+        ids = self.tokenizer(list(texts), truncation=True, max_length=MAX_LENGTH)["input_ids"]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        batch = []
+        for i in order:
+            if batch and (len(batch) + 1) * len(ids[i]) > self.batch_tokens:
+                yield [ids[j] for j in batch]
+                batch = []
+            batch.append(i)
+        if batch:
+            yield [ids[j] for j in batch]
+
+    def embed(self, texts) -> int:
+        done = 0
+        for batch in self.batches(texts):
+            padded = self.tokenizer.pad({"input_ids": batch}, return_tensors="pt")
+            with torch.inference_mode():
+                hidden = self.model(**{k: v.to(self.device) for k, v in padded.items()})[0]
+                mask = padded["attention_mask"].to(self.device).unsqueeze(-1).to(hidden.dtype)
+                pooled = ((hidden * mask).sum(1) / mask.sum(1)).float().cpu().numpy()
+            done += len(pooled)
+        return done
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def stream_all(target: str, texts, batch_size=64, window=32) -> int:
+    with Client(target, timeout=3600) as client:
+        return sum(len(part) for part in client.stream(texts, batch_size=batch_size, window=window))
+
+
+def concurrent_streams(target: str, texts, streams: int) -> float:
+    parts = [texts[i::streams] for i in range(streams)]
+    threads = [threading.Thread(target=stream_all, args=(target, part)) for part in parts]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start
+
+
+def unary_latency(target: str, text: str, repeat: int = 100) -> float:
+    with Client(target, timeout=60) as client:
+        client.embed([text])
+        times = [timed(lambda: client.embed([text])) for _ in range(repeat)]
+    return statistics.median(times)
+
+
+def inprocess_latency(baseline: InProcess, text: str, repeat: int = 100) -> float:
+    baseline.embed([text])
+    return statistics.median(timed(lambda: baseline.embed([text])) for _ in range(repeat))
+
+
+def long_stream(server: Server, corpus, n_texts: int):
+    """Stream n_texts (the corpus cycled); memory growth and first/last tenth throughput."""
+    texts = list(itertools.islice(itertools.cycle(corpus), n_texts))
+    tenth = n_texts // 10
+    marks = []
+    with Client(server.target, timeout=3600) as client:
+        done = 0
+        base_server = base_client = None
+        start = time.perf_counter()
+        for part in client.stream(iter(texts), batch_size=64, window=32):
+            done += len(part)
+            if base_server is None and done >= tenth:  # warm-up = the first tenth
+                base_server, base_client = rss_mb(server.process.pid), rss_mb(os.getpid())
+            if done // tenth > len(marks):
+                marks.append(time.perf_counter() - start)
+        grow_server = rss_mb(server.process.pid) - base_server
+        grow_client = rss_mb(os.getpid()) - base_client
+    first = marks[0]
+    last = marks[-1] - marks[-2]
+    # Same texts in each tenth (the corpus cycles), so the times compare directly.
+    return grow_server, grow_client, first / last
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--texts", type=int, default=1000, help="corpus paragraphs (0 = all)")
+    parser.add_argument("--long-texts", type=int, default=100_000)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    corpus = stdlib_paragraphs()
+    texts = list(corpus[:args.texts] if args.texts else corpus)
+    device = args.device
+    batch_tokens = BATCH_TOKENS[device.split(":")[0]]
+    torch.set_num_threads(ext.default_threads())
+    print(f"{len(texts)} texts, device {device}, max length {MAX_LENGTH}, "
+          f"batch budget {batch_tokens} tokens, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads\n")
+    rows = []
+
+    def row(name, value, target):
+        rows.append((name, value, target))
+        print(f"| {name} | {value} | {target} |", flush=True)
+
+    print("| measure | value | target |\n|---|---|---|")
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(default_model_path(), device=device)
+    st.encode(texts[:64])
+    st_rate = len(texts) / timed(lambda: st.encode(texts))
+    row("sentence-transformers encode, float32", f"{st_rate:.1f} texts/s", "")
+    del st
+
+    precisions = ("float32", "bfloat16") if device == "cpu" else ("float16", "bfloat16")
+    for dtype in precisions:
+        baseline = InProcess(dtype, device, batch_tokens)
+        baseline.embed(texts[:64])
+        base_rate = len(texts) / timed(lambda: baseline.embed(texts))
+        server = Server(dtype, device, batch_tokens)
+        try:
+            stream_all(server.target, texts[:128])
+            one = len(texts) / timed(lambda: stream_all(server.target, texts))
+            four = len(texts) / concurrent_streams(server.target, texts, 4)
+            row(f"in-process loop, {dtype}", f"{base_rate:.1f} texts/s", "")
+            row(f"1. served, one stream, {dtype}", f"{one:.1f} texts/s = {one / base_rate:.2f}x "
+                f"in-process", ">= 0.95x")
+            row(f"2. served {dtype} vs sentence-transformers float32", f"{one / st_rate:.2f}x",
+                ">= 1.5x" if dtype == "float32" else ">= 3x (bfloat16)")
+            row(f"3. four streams, {dtype}", f"{four:.1f} texts/s = {four / one:.2f}x one stream",
+                ">= 0.95x")
+            short = "The quick brown fox jumps over the lazy dog."
+            served_p50 = unary_latency(server.target, short)
+            local_p50 = inprocess_latency(baseline, short)
+            row(f"4. unary p50, one short text, {dtype}",
+                f"{served_p50 * 1e3:.2f} ms vs {local_p50 * 1e3:.2f} ms in-process "
+                f"(+{(served_p50 - local_p50) * 1e3:.2f} ms)", "within 2 ms")
+            if dtype == "bfloat16":
+                with Client(server.target, timeout=600) as client:
+                    low = client.embed(texts)
+            else:
+                with Client(server.target, timeout=600) as client:
+                    full = client.embed(texts)
+            if dtype == precisions[0] and args.long_texts:
+                grow_s, grow_c, ratio = long_stream(server, corpus, args.long_texts)
+                row(f"5. {args.long_texts} texts, {dtype}: memory growth after warm-up",
+                    f"server {grow_s:+.0f} MB, client {grow_c:+.0f} MB", "<= 100 MB each")
+                row(f"5. {args.long_texts} texts, {dtype}: last tenth / first tenth throughput",
+                    f"{ratio:.3f}", "within 10%")
+        finally:
+            server.stop()
+        del baseline
+    if device == "cpu":
+        cos = (low * full).sum(1) / np.linalg.norm(low, axis=1) / np.linalg.norm(full, axis=1)
+        row("bfloat16 vs float32 cosine, min over texts", f"{cos.min():.5f}", ">= 0.9995")
+
+
+if __name__ == "__main__":
+    main()
