@@ -2,6 +2,7 @@
 
     python benchmarks/bench_throughput.py [--texts 1000] [--long-texts 100000] [--device cpu]
 
+Throughputs are medians of 3 rounds; the in-process loop and the server alternate.
 1. one EmbedStream (bundled client) vs an in-process loop with the same precision, max length and
    batching (tokenizer + AutoModel forward + masked mean), float32 and bfloat16;
 2. vs sentence-transformers `encode` (float32, its defaults);
@@ -37,6 +38,7 @@ from bertstream.server.cli import DEFAULT_BATCH_TOKENS as BATCH_TOKENS  # noqa: 
 from bertstream.server.engine import default_model_path  # noqa: E402
 
 MAX_LENGTH = 256
+ROUNDS = 3
 
 
 def rss_mb(pid: int) -> float:
@@ -197,7 +199,7 @@ def main():
 
     st = SentenceTransformer(default_model_path(), device=device)
     st.encode(texts[:64])
-    st_rate = len(texts) / timed(lambda: st.encode(texts))
+    st_rate = len(texts) / statistics.median(timed(lambda: st.encode(texts)) for _ in range(ROUNDS))
     row("sentence-transformers encode, float32", f"{st_rate:.1f} texts/s", "")
     del st
 
@@ -205,12 +207,18 @@ def main():
     for dtype in precisions:
         baseline = InProcess(dtype, device, batch_tokens)
         baseline.embed(texts[:64])
-        base_rate = len(texts) / timed(lambda: baseline.embed(texts))
         server = Server(dtype, device, batch_tokens)
         try:
             stream_all(server.target, texts[:128])
-            one = len(texts) / timed(lambda: stream_all(server.target, texts))
-            four = len(texts) / concurrent_streams(server.target, texts, 4)
+            # Alternate the two, ROUNDS times, and take medians: the machine is noisy.
+            local_times, served_times = [], []
+            for _ in range(ROUNDS):
+                local_times.append(timed(lambda: baseline.embed(texts)))
+                served_times.append(timed(lambda: stream_all(server.target, texts)))
+            base_rate = len(texts) / statistics.median(local_times)
+            one = len(texts) / statistics.median(served_times)
+            four = len(texts) / statistics.median(
+                concurrent_streams(server.target, texts, 4) for _ in range(ROUNDS))
             row(f"in-process loop, {dtype}", f"{base_rate:.1f} texts/s", "")
             row(f"1. served, one stream, {dtype}", f"{one:.1f} texts/s = {one / base_rate:.2f}x "
                 f"in-process", ">= 0.95x")

@@ -1,16 +1,18 @@
 """One queue for every caller; batches by token budget; forward pass and pooling overlapped.
 
 Two threads own the work:
-  forward thread   takes a snapshot of everything queued, sorts its texts by length, cuts it into
-                   batches whose padded size (rows x longest) fits the token budget, and runs the
-                   forward pass on each;
+  forward thread   moves everything queued into a pool kept sorted by length, cuts the pool into
+                   runs that fit the token budget (rows x longest), and runs the forward pass on
+                   the run that holds the oldest text. Every batch holds the oldest text, so none
+                   starves; the whole backlog is sorted, so little is padded.
   pooling thread   pools and packs a finished batch while the next forward pass runs, and completes
                    the jobs whose last text it held.
-A snapshot is finished before the next is taken, so no text waits behind more than one snapshot.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import queue
 import threading
@@ -98,20 +100,18 @@ def pack(vectors: np.ndarray, dtype: str) -> Packed:
 class _Item:
     job: Job
     index: int
-
-    @property
-    def length(self) -> int:
-        return len(self.job.ids[self.index])
+    length: int
+    arrival: int  # order of arrival: the smallest is the oldest
 
 
 class Batcher:
-    def __init__(self, engine: Engine, max_batch_tokens: int, snapshot_batches: int = 8):
+    def __init__(self, engine: Engine, max_batch_tokens: int):
         self.engine = engine
         self.max_batch_tokens = max_batch_tokens
-        # A snapshot holds up to this many batches' worth of tokens: more sorts better, fewer
-        # bounds how long a newly arrived text waits.
-        self.snapshot_tokens = max_batch_tokens * snapshot_batches
         self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._pool: list[_Item] = []  # sorted by length; only the forward thread touches it
+        self._arrivals = itertools.count()
+        self._closing = False
         self._forwarded: queue.Queue = queue.Queue(maxsize=2)  # bounded: forward runs <= 2 ahead
         self._threads = [
             threading.Thread(target=self._forward_loop, name="bertstream-forward", daemon=True),
@@ -136,51 +136,57 @@ class Batcher:
 
     # ------------------------------------------------------------------ forward thread
 
-    def _take_snapshot(self) -> list[_Item] | None:
-        job = self._jobs.get()
+    def _admit(self, job: Job | None) -> None:
         if job is None:
-            return None
-        jobs, tokens = [job], job.usage.tokens
-        while tokens < self.snapshot_tokens:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is None:  # close() after this snapshot
-                self._jobs.put(None)
-                break
-            jobs.append(job)
-            tokens += job.usage.tokens
-        items = [_Item(job, i) for job in jobs if not job.cancelled for i in range(len(job.ids))]
-        items.sort(key=lambda item: item.length)
-        return items
+            self._closing = True  # close(): finish the pool, then stop
+            return
+        for index, ids in enumerate(job.ids):
+            item = _Item(job, index, len(ids), next(self._arrivals))
+            bisect.insort(self._pool, item, key=lambda it: it.length)
 
-    def _batches(self, items: list[_Item]):
-        """Consecutive runs of length-sorted items whose padded size fits the token budget."""
-        batch: list[_Item] = []
-        for item in items:
-            # Sorted ascending, so this item is the longest: padded size = rows x its length.
-            if batch and (len(batch) + 1) * item.length > self.max_batch_tokens:
-                yield batch
-                batch = []
-            batch.append(item)
-        if batch:
-            yield batch
+    def _next_batch(self) -> list[_Item] | None:
+        """Wait for work, admit everything queued, and cut the next batch out of the pool."""
+        while True:
+            if not self._pool and not self._closing:
+                self._admit(self._jobs.get())
+            while True:  # everything queued joins the pool, so the sort sees the whole backlog
+                try:
+                    self._admit(self._jobs.get_nowait())
+                except queue.Empty:
+                    break
+            self._pool = [item for item in self._pool if not item.job.cancelled]  # callers gone
+            if self._pool:
+                return self._cut_batch()
+            if self._closing:
+                return None
+
+    def _cut_batch(self) -> list[_Item]:
+        """Cut the length-sorted pool into consecutive runs that fit the budget, greedily from
+        the shortest (as an offline loop over a sorted corpus would), and take the run holding
+        the oldest text. With a full pool these are the offline batches, served oldest first."""
+        pool, budget = self._pool, self.max_batch_tokens
+        oldest = min(range(len(pool)), key=lambda i: pool[i].arrival)
+        low = 0
+        for high in range(1, len(pool) + 1):
+            # Sorted ascending: adding pool[high] makes it the longest of the run.
+            if high == len(pool) or (high - low + 1) * pool[high].length > budget:
+                if high > oldest:
+                    break
+                low = high
+        batch = pool[low:high]
+        del pool[low:high]
+        return batch
 
     def _forward_loop(self):
         self.engine.claim_forward_thread()
-        while (items := self._take_snapshot()) is not None:
-            for batch in self._batches(items):
-                batch = [item for item in batch if not item.job.cancelled]  # caller has gone
-                if not batch:
-                    continue
-                start = time.perf_counter_ns()
-                try:
-                    hidden, lengths = self.engine.forward([it.job.ids[it.index] for it in batch])
-                except Exception as exc:  # the batch fails, the server lives on
-                    log.exception("forward pass failed on a batch of %d texts", len(batch))
-                    hidden, lengths = exc, None
-                self._forwarded.put((batch, hidden, lengths, start))
+        while (batch := self._next_batch()) is not None:
+            start = time.perf_counter_ns()
+            try:
+                hidden, lengths = self.engine.forward([it.job.ids[it.index] for it in batch])
+            except Exception as exc:  # the batch fails, the server lives on
+                log.exception("forward pass failed on a batch of %d texts", len(batch))
+                hidden, lengths = exc, None
+            self._forwarded.put((batch, hidden, lengths, start))
         self._forwarded.put(None)
 
     # ------------------------------------------------------------------ pooling thread

@@ -46,9 +46,6 @@ async def serve(args) -> None:
     from bertstream.server.engine import Engine
     from bertstream.server.service import Limits, start_server
 
-    # Work hops between the event loop, tokenizer, forward and pooling threads; a 5 ms GIL switch
-    # interval would add whole milliseconds to each hop while another thread runs Python.
-    sys.setswitchinterval(0.0005)
     engine = Engine(args.model, device=args.device, dtype=args.dtype, max_length=args.max_length,
                     threads=args.threads)
     limits = Limits(
