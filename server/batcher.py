@@ -25,6 +25,7 @@ import numpy as np
 from bertstream import ext
 from bertstream.server.engine import EmbedOptions, Engine
 from bertstream.server.errors import EmbedError, ErrorKind
+from bertstream.server.metrics import Metrics
 
 log = logging.getLogger("bertstream.batcher")
 
@@ -105,9 +106,10 @@ class _Item:
 
 
 class Batcher:
-    def __init__(self, engine: Engine, max_batch_tokens: int):
+    def __init__(self, engine: Engine, max_batch_tokens: int, metrics: Metrics | None = None):
         self.engine = engine
         self.max_batch_tokens = max_batch_tokens
+        self.metrics = metrics or Metrics()
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._pool: list[_Item] = []  # sorted by length; only the forward thread touches it
         self._arrivals = itertools.count()
@@ -123,10 +125,8 @@ class Batcher:
     def submit(self, job: Job) -> None:
         if not job.ids:
             raise ValueError("a job needs at least one text")
+        self.metrics.queue_depth.inc(len(job.ids))
         self._jobs.put(job)
-
-    def queued_jobs(self) -> int:
-        return self._jobs.qsize()
 
     def close(self) -> None:
         """Finish what was submitted, then stop both threads."""
@@ -154,7 +154,6 @@ class Batcher:
                     self._admit(self._jobs.get_nowait())
                 except queue.Empty:
                     break
-            self._pool = [item for item in self._pool if not item.job.cancelled]  # callers gone
             if self._pool:
                 return self._cut_batch()
             if self._closing:
@@ -179,13 +178,23 @@ class Batcher:
 
     def _forward_loop(self):
         self.engine.claim_forward_thread()
+        metrics = self.metrics
         while (batch := self._next_batch()) is not None:
             start = time.perf_counter_ns()
+            metrics.queue_depth.dec(len(batch))
+            batch = [item for item in batch if not item.job.cancelled]  # their callers have gone
+            if not batch:
+                continue
+            for item in batch:
+                metrics.queue_wait.observe((start - item.job.enqueued_ns) / 1e9)
+            metrics.batch_rows.observe(len(batch))
+            metrics.batch_tokens.observe(len(batch) * batch[-1].length)  # sorted: last is longest
             try:
                 hidden, lengths = self.engine.forward([it.job.ids[it.index] for it in batch])
             except Exception as exc:  # the batch fails, the server lives on
                 log.exception("forward pass failed on a batch of %d texts", len(batch))
                 hidden, lengths = exc, None
+            metrics.forward_seconds.observe((time.perf_counter_ns() - start) / 1e9)
             self._forwarded.put((batch, hidden, lengths, start))
         self._forwarded.put(None)
 

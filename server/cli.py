@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -38,8 +39,31 @@ def serve_parser(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch and kernel threads (default: cores)")
     p.add_argument("--grace", type=float, default=10.0,
                    help="seconds calls in flight get to finish at shutdown")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on this port, at /metrics (default: off)")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="json: one JSON object per line, for log shippers")
     p.set_defaults(func=run_serve)
+
+
+class LogFormatter(logging.Formatter):
+    """Text or JSON lines; structured fields passed as `extra={"fields": {...}}` appear as
+    key=value pairs (text) or as keys of the object (JSON)."""
+
+    def __init__(self, as_json: bool):
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.as_json = as_json
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", {})
+        if not self.as_json:
+            return super().format(record) + "".join(f" {k}={v}" for k, v in fields.items())
+        line = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+                "message": record.getMessage(), **fields}
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
 
 
 async def serve(args) -> None:
@@ -56,9 +80,14 @@ async def serve(args) -> None:
         stream_window=args.stream_window,
     )
     server, port, batcher = await start_server(engine, limits, args.host, args.port)
-    log.info("serving model=%s device=%s dtype=%s address=%s:%d max_length=%d "
-             "max_batch_tokens=%d", engine.model_name, engine.device, engine.dtype, args.host,
-             port, engine.max_length, limits.max_batch_tokens)
+    metrics_http = None
+    if args.metrics_port is not None:
+        metrics_http = batcher.metrics.serve_http(args.metrics_port, args.host)
+    log.info("serving", extra={"fields": {
+        "model": engine.model_name, "device": str(engine.device), "dtype": engine.dtype,
+        "address": f"{args.host}:{port}", "max_length": engine.max_length,
+        "metrics": f"{args.host}:{args.metrics_port}" if metrics_http else "off",
+        **vars(limits)}})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -66,10 +95,12 @@ async def serve(args) -> None:
     try:
         await stop.wait()
     finally:
-        log.info("stopping: calls in flight get %.1f s", args.grace)
+        log.info("stopping", extra={"fields": {"grace_s": args.grace}})
         await server.stop(args.grace)
         batcher.close()
-        log.info("stopped")
+        if metrics_http:
+            metrics_http.shutdown()
+        log.info("stopped", extra={"fields": {"address": f"{args.host}:{port}"}})
 
 
 def run_serve(args) -> int:
@@ -82,8 +113,9 @@ def main(argv=None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     serve_parser(subparsers)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(LogFormatter(as_json=getattr(args, "log_format", "text") == "json"))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     try:
         return args.func(args)
     except (OSError, ValueError) as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from bertstream.proto import embedder_pb2_grpc as pb_grpc
 from bertstream.server.batcher import Batcher, Job, JobResult
 from bertstream.server.engine import Engine
 from bertstream.server.errors import EmbedError, ErrorKind
+from bertstream.server.metrics import Metrics
 
 log = logging.getLogger("bertstream.service")
 
@@ -67,6 +69,7 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         self.engine = engine
         self.batcher = batcher
         self.limits = limits
+        self.metrics = batcher.metrics
         # Tokenizing a big message takes milliseconds; keep it off the event loop.
         self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bertstream-tok")
 
@@ -115,13 +118,31 @@ class EmbedderService(pb_grpc.EmbedderServicer):
             raise
         if isinstance(result, EmbedError):
             raise result
+        self.metrics.tokens.inc(result.usage.tokens)
+        self.metrics.truncated.inc(result.usage.truncated_items)
         return to_response(request.request_id, result)
+
+    async def _observed_embed(self, rpc: str, request: pb.EmbedRequest) -> pb.EmbedResponse:
+        """_embed, counted and timed by RPC and outcome (once per request, success or not)."""
+        started, code = time.perf_counter(), "OK"
+        try:
+            return await self._embed(request)
+        except EmbedError as error:
+            code = STATUS_CODES[error.kind].name
+            raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        finally:
+            self.metrics.requests.labels(rpc, code).inc()
+            self.metrics.texts.labels(rpc, code).inc(len(request.texts))
+            self.metrics.latency.labels(rpc).observe(time.perf_counter() - started)
 
     # ------------------------------------------------------------------ RPCs
 
     async def Embed(self, request, context):
         try:
-            return await self._embed(request)
+            return await self._observed_embed("Embed", request)
         except EmbedError as error:
             await abort(context, error)
 
@@ -132,7 +153,8 @@ class EmbedderService(pb_grpc.EmbedderServicer):
 
         async def read_requests():
             async for request in request_iterator:
-                await in_flight.put((request.request_id, asyncio.ensure_future(self._embed(request))))
+                await in_flight.put((request.request_id, asyncio.ensure_future(
+                    self._observed_embed("EmbedStream", request))))
             await in_flight.put(None)
 
         reader = asyncio.ensure_future(read_requests())
@@ -142,7 +164,8 @@ class EmbedderService(pb_grpc.EmbedderServicer):
                 try:
                     yield await task
                 except EmbedError as error:
-                    log.info("stream request %r failed: %s", request_id, error.message)
+                    log.info("stream request failed", extra={"fields": {
+                        "request_id": request_id, "kind": error.kind.value, "error": error.message}})
                     yield pb.EmbedResponse(request_id=request_id, error=pb.Error(
                         code=STATUS_CODES[error.kind].value[0], message=error.message))
             await reader  # re-raises a transport error from the reading side
@@ -177,7 +200,8 @@ class EmbedderService(pb_grpc.EmbedderServicer):
             limits=pb.Limits(max_texts_per_request=limits.max_texts_per_request,
                              max_chars_per_text=limits.max_chars_per_text,
                              max_batch_tokens=limits.max_batch_tokens,
-                             max_message_bytes=limits.max_message_bytes))
+                             max_message_bytes=limits.max_message_bytes,
+                             stream_window=limits.stream_window))
 
 
 async def warm_up(batcher: Batcher, engine: Engine) -> None:
@@ -198,7 +222,8 @@ def _settle(future: asyncio.Future, result) -> None:
 
 
 async def abort(context, error: EmbedError):
-    log.info("request failed (%s): %s", error.kind.value, error.message)
+    log.info("request failed", extra={"fields": {"kind": error.kind.value,
+                                                 "error": error.message}})
     await context.abort(STATUS_CODES[error.kind], error.message)
 
 
@@ -215,11 +240,15 @@ def to_response(request_id: str, result: JobResult) -> pb.EmbedResponse:
 
 async def start_server(engine: Engine, limits: Limits, host: str = "127.0.0.1",
                        port: int = 50051) -> tuple[grpc.aio.Server, int, Batcher]:
-    """Start serving; returns the server, the bound port (useful with port 0) and the batcher.
+    """Start serving; returns the server, the bound port (useful with port 0) and the batcher
+    (batcher.metrics holds the server's Prometheus registry).
 
     Health says NOT_SERVING until one warm-up forward pass has run.
     """
-    batcher = Batcher(engine, limits.max_batch_tokens)
+    metrics = Metrics()
+    metrics.model.info({"model": engine.model_name, "device": str(engine.device),
+                        "dtype": engine.dtype, "max_length": str(engine.max_length)})
+    batcher = Batcher(engine, limits.max_batch_tokens, metrics)
     options = [("grpc.max_receive_message_length", limits.max_message_bytes),
                ("grpc.max_send_message_length", -1)]
     server = grpc.aio.server(options=options)

@@ -1,0 +1,46 @@
+"""Prometheus metrics (prometheus-client), one registry per server so several can share a process."""
+
+from __future__ import annotations
+
+import prometheus_client as prom
+
+LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = prom.CollectorRegistry()
+        r = self.registry
+        self.requests = prom.Counter(
+            "bertstream_requests", "Requests (stream messages count one each) by RPC and status",
+            ["rpc", "code"], registry=r)
+        self.texts = prom.Counter(
+            "bertstream_texts", "Texts received by RPC and status", ["rpc", "code"], registry=r)
+        self.tokens = prom.Counter(
+            "bertstream_tokens", "Real tokens embedded ([CLS]/[SEP] included)", registry=r)
+        self.truncated = prom.Counter(
+            "bertstream_truncated_texts", "Texts cut to the max input length", registry=r)
+        self.latency = prom.Histogram(
+            "bertstream_request_latency_seconds", "Request latency, arrival to response, by RPC",
+            ["rpc"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = prom.Gauge(
+            "bertstream_queue_texts", "Texts waiting for a forward pass", registry=r)
+        self.queue_wait = prom.Histogram(
+            "bertstream_queue_wait_seconds", "Time a text waited before its forward pass started",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_rows = prom.Histogram(
+            "bertstream_batch_size", "Texts per forward pass", buckets=ROW_BUCKETS, registry=r)
+        self.batch_tokens = prom.Histogram(
+            "bertstream_batch_tokens", "Padded tokens per forward pass (rows x longest)",
+            buckets=TOKEN_BUCKETS, registry=r)
+        self.forward_seconds = prom.Histogram(
+            "bertstream_forward_seconds", "Forward pass time per batch",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.model = prom.Info("bertstream_model", "The model being served", registry=r)
+
+    def serve_http(self, port: int, host: str = "127.0.0.1"):
+        """Expose /metrics on host:port; returns the HTTP server (shutdown() stops it)."""
+        server, _thread = prom.start_http_server(port, addr=host, registry=self.registry)
+        return server

@@ -1,0 +1,132 @@
+"""Operations: Prometheus metrics, usage figures, logs, and the `bertstream serve` command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from bertstream.client import Client
+
+
+@pytest.fixture(scope="module")
+def metrics_url(server):
+    http = server.batcher.metrics.serve_http(0)
+    yield f"http://127.0.0.1:{http.server_port}/metrics"
+    http.shutdown()
+
+
+def scrape(url: str) -> dict[tuple, float]:
+    """Every sample as {(name, sorted label items): value}."""
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples, name, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_count_calls(client, metrics_url):
+    before = scrape(metrics_url)
+    texts = ["one text", "two texts here", "and a third"]
+    for _ in range(3):
+        client.embed(texts)
+    list(client.stream(texts * 4, batch_size=4))  # 3 stream messages of 4 texts
+    after = scrape(metrics_url)
+    delta = lambda name, **labels: value(after, name, **labels) - value(before, name, **labels)  # noqa: E731
+    assert delta("bertstream_requests_total", rpc="Embed", code="OK") == 3
+    assert delta("bertstream_texts_total", rpc="Embed", code="OK") == 9
+    assert delta("bertstream_requests_total", rpc="EmbedStream", code="OK") == 3
+    assert delta("bertstream_texts_total", rpc="EmbedStream", code="OK") == 12
+    assert delta("bertstream_request_latency_seconds_count", rpc="Embed") == 3
+    tokens = sum(len(t) for t in client.tokenize(texts))
+    assert delta("bertstream_tokens_total") == 3 * tokens + 4 * tokens
+    assert delta("bertstream_batch_size_sum") == 21  # every text went through one forward pass
+    assert delta("bertstream_batch_size_count") >= 4
+    assert delta("bertstream_forward_seconds_count") == delta("bertstream_batch_size_count")
+    assert delta("bertstream_queue_wait_seconds_count") == 21
+    assert value(after, "bertstream_queue_texts") == 0  # all done, nothing waiting
+    info = value(after, "bertstream_model_info", model=client.info()["model"], device="cpu",
+                 dtype="float32", max_length="256")
+    assert info == 1
+
+
+def test_failing_request_moves_error_counter(client, metrics_url):
+    before = scrape(metrics_url)
+    with pytest.raises(grpc.RpcError):
+        client.embed(["x"], layers=(12,))
+    after = scrape(metrics_url)
+    key = dict(rpc="Embed", code="INVALID_ARGUMENT")
+    assert value(after, "bertstream_requests_total", **key) - \
+        value(before, "bertstream_requests_total", **key) == 1
+
+
+def test_usage_is_plausible(client, corpus):
+    texts = list(corpus[:40])
+    client.embed(texts)
+    usage = client.last_usage
+    assert usage.tokens == sum(len(t) for t in client.tokenize(texts))
+    assert usage.truncated_items == 0
+    assert 0 <= usage.queue_ns < 60e9 and 0 < usage.compute_ns < 60e9
+
+
+def test_json_log_lines_carry_fields():
+    from bertstream.server.cli import LogFormatter
+
+    record = logging.LogRecord("bertstream", logging.INFO, __file__, 1, "serving", None, None)
+    record.fields = {"model": "m", "port": 5}
+    line = json.loads(LogFormatter(as_json=True).format(record))
+    assert line["message"] == "serving" and line["model"] == "m" and line["port"] == 5
+    text = LogFormatter(as_json=False).format(record)
+    assert text.endswith("serving model=m port=5")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_command_logs_serves_and_stops():
+    """`bertstream serve` as a user runs it: JSON start line, metrics endpoint, SIGTERM stop."""
+    port, metrics_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bertstream.server.cli", "serve", "--port", str(port),
+         "--metrics-port", str(metrics_port), "--log-format", "json", "--device", "cpu"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        lines = []
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            line = process.stderr.readline()
+            if line.startswith("{"):
+                lines.append(json.loads(line))
+                if lines[-1]["message"] == "serving":
+                    break
+        start = lines[-1]
+        assert start["message"] == "serving" and start["device"] == "cpu"
+        assert start["address"] == f"127.0.0.1:{port}" and start["max_batch_tokens"] == 1024
+        assert start["dtype"] == "float32" and "max_texts_per_request" in start
+        with Client(f"127.0.0.1:{port}", timeout=60) as client:
+            assert client.embed(["hello"]).shape == (1, 384)
+        samples = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
+        assert value(samples, "bertstream_requests_total", rpc="Embed", code="OK") == 1
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        rest = [json.loads(line) for line in process.stderr.read().splitlines()
+                if line.startswith("{")]
+        assert [line["message"] for line in rest][-2:] == ["stopping", "stopped"]
+    finally:
+        process.kill()
+        process.wait()
