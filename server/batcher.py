@@ -189,14 +189,30 @@ class Batcher:
                 metrics.queue_wait.observe((start - item.job.enqueued_ns) / 1e9)
             metrics.batch_rows.observe(len(batch))
             metrics.batch_tokens.observe(len(batch) * batch[-1].length)  # sorted: last is longest
-            try:
-                hidden, lengths = self.engine.forward([it.job.ids[it.index] for it in batch])
-            except Exception as exc:  # the batch fails, the server lives on
-                log.exception("forward pass failed on a batch of %d texts", len(batch))
-                hidden, lengths = exc, None
+            for part, hidden, lengths in self._forward_splitting(batch):
+                self._forwarded.put((part, hidden, lengths, start))
             metrics.forward_seconds.observe((time.perf_counter_ns() - start) / 1e9)
-            self._forwarded.put((batch, hidden, lengths, start))
         self._forwarded.put(None)
+
+    def _forward_splitting(self, batch: list[_Item]):
+        """Run the forward pass; if it fails (out of memory on a big batch, say), retry each half,
+        down to single texts. Yields (texts, hidden states, lengths); for a text that fails on its
+        own, the exception in place of the hidden states. The server lives on either way."""
+        try:
+            hidden, lengths = self.engine.forward([item.job.ids[item.index] for item in batch])
+        except Exception as exc:
+            self.engine.free_cache()
+            if len(batch) == 1:
+                log.error("forward pass failed on one text", exc_info=exc)
+                yield batch, exc, None
+                return
+            log.warning("forward pass failed on %d texts (%s: %s); retrying in halves",
+                        len(batch), type(exc).__name__, exc)
+            middle = len(batch) // 2
+            yield from self._forward_splitting(batch[:middle])
+            yield from self._forward_splitting(batch[middle:])
+            return
+        yield batch, hidden, lengths
 
     # ------------------------------------------------------------------ pooling thread
 
@@ -209,10 +225,11 @@ class Batcher:
                 self._pool_batch(batch, hidden, lengths)
                 error = None
             except Exception as exc:
-                if not isinstance(exc, EmbedError):
+                if hidden is not exc:  # forward failures were logged where they happened
                     log.exception("pooling failed on a batch of %d texts", len(batch))
-                error = exc if isinstance(exc, EmbedError) else EmbedError(
-                    ErrorKind.INTERNAL, f"computing embeddings failed: {type(exc).__name__}: {exc}")
+                which = f"texts[{batch[0].index}]: " if len(batch) == 1 else ""
+                error = EmbedError(ErrorKind.INTERNAL, f"{which}computing embeddings failed: "
+                                                       f"{type(exc).__name__}: {exc}")
             elapsed = time.perf_counter_ns() - start
             del hidden  # free the layers before the next batch arrives
             for job in {item.job for item in batch}:

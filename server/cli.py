@@ -36,6 +36,19 @@ def serve_parser(subparsers) -> None:
     p.add_argument("--max-message-bytes", type=int, default=64 * 2**20)
     p.add_argument("--stream-window", type=int, default=64,
                    help="stream messages read ahead of their responses (per stream)")
+    p.add_argument("--max-queue-texts", type=int, default=100_000,
+                   help="texts accepted and not yet answered; beyond it Embed gets "
+                        "RESOURCE_EXHAUSTED and streams wait")
+    p.add_argument("--tls-cert", help="server certificate (PEM): serve TLS")
+    p.add_argument("--tls-key", help="server private key (PEM)")
+    p.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to: "
+                                           "mutual TLS, clients without one are refused")
+    p.add_argument("--auth-token-file",
+                   help="file of bearer tokens, one per line: calls must send "
+                        "'authorization: Bearer <token>' or get UNAUTHENTICATED")
+    p.add_argument("--auth-health", choices=("open", "closed"), default="open",
+                   help="with --auth-token-file: may health checks come without a token "
+                        "(default open, for probes)")
     p.add_argument("--threads", type=int, default=None, help="torch and kernel threads (default: cores)")
     p.add_argument("--grace", type=float, default=10.0,
                    help="seconds calls in flight get to finish at shutdown")
@@ -68,8 +81,17 @@ class LogFormatter(logging.Formatter):
 
 async def serve(args) -> None:
     from bertstream.server.engine import Engine
-    from bertstream.server.service import Limits, start_server
+    from bertstream.server.security import read_tokens
+    from bertstream.server.service import Limits, Security, start_server
 
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+    security = Security(
+        auth_tokens=tuple(read_tokens(args.auth_token_file)) if args.auth_token_file else (),
+        health_open=args.auth_health == "open", tls_cert=args.tls_cert, tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca)
     engine = Engine(args.model, device=args.device, dtype=args.dtype, max_length=args.max_length,
                     threads=args.threads)
     limits = Limits(
@@ -78,14 +100,19 @@ async def serve(args) -> None:
         max_batch_tokens=args.max_batch_tokens or DEFAULT_BATCH_TOKENS[engine.device.type],
         max_message_bytes=args.max_message_bytes,
         stream_window=args.stream_window,
+        max_queue_texts=args.max_queue_texts,
     )
-    server, port, batcher = await start_server(engine, limits, args.host, args.port)
+    running = await start_server(engine, limits, args.host, args.port, security)
+    port = running.port
     metrics_http = None
     if args.metrics_port is not None:
-        metrics_http = batcher.metrics.serve_http(args.metrics_port, args.host)
+        metrics_http = running.batcher.metrics.serve_http(args.metrics_port, args.host)
     log.info("serving", extra={"fields": {
         "model": engine.model_name, "device": str(engine.device), "dtype": engine.dtype,
         "address": f"{args.host}:{port}", "max_length": engine.max_length,
+        "tls": "mutual" if args.tls_client_ca else bool(args.tls_cert),
+        "auth": f"{len(security.auth_tokens)} token(s), health {args.auth_health}"
+        if security.auth_tokens else "off",
         "metrics": f"{args.host}:{args.metrics_port}" if metrics_http else "off",
         **vars(limits)}})
     stop = asyncio.Event()
@@ -96,8 +123,7 @@ async def serve(args) -> None:
         await stop.wait()
     finally:
         log.info("stopping", extra={"fields": {"grace_s": args.grace}})
-        await server.stop(args.grace)
-        batcher.close()
+        await running.stop(args.grace)
         if metrics_http:
             metrics_http.shutdown()
         log.info("stopped", extra={"fields": {"address": f"{args.host}:{port}"}})

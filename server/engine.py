@@ -152,6 +152,11 @@ class Engine:
                              output_hidden_states=True)
         return out.hidden_states, lengths
 
+    def free_cache(self) -> None:
+        """Give cached device memory back after a failed forward pass (CUDA out of memory)."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def pool(self, hidden_states, lengths: np.ndarray, rows: np.ndarray,
              options: EmbedOptions) -> np.ndarray:
         """Pool `rows` of a forward pass as `options` say: (len(rows), width) float32, or for

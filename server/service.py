@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -23,6 +24,7 @@ from bertstream.server.batcher import Batcher, Job, JobResult
 from bertstream.server.engine import Engine
 from bertstream.server.errors import EmbedError, ErrorKind
 from bertstream.server.metrics import Metrics
+from bertstream.server.security import TokenAuthInterceptor, server_credentials
 
 log = logging.getLogger("bertstream.service")
 
@@ -55,6 +57,68 @@ class Limits:
     max_batch_tokens: int = 2048
     max_message_bytes: int = 64 * 2**20
     stream_window: int = 64  # stream messages read ahead of their responses
+    max_queue_texts: int = 100_000  # texts accepted and not yet answered, all callers together
+
+
+@dataclass(frozen=True)
+class Security:
+    auth_tokens: tuple[bytes, ...] = ()  # empty: no authentication
+    health_open: bool = True  # health checks need no token (for probes)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # set: mutual TLS
+
+
+class _Undecodable:
+    def __init__(self, error: Exception):
+        self.message = f"the message is not a valid protobuf request: {error}"
+
+
+class DecodeErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Bytes that do not parse as the request message (bad wire format, invalid UTF-8 in a
+    string) get INVALID_ARGUMENT, instead of gRPC's UNKNOWN and a logged traceback. A stream is
+    ended by such a message: it has no request_id to answer."""
+
+    PREFIX = f"/{SERVICE_NAME}/"
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(self.PREFIX):
+            return handler
+        parse = handler.request_deserializer
+
+        def tolerant(data: bytes):
+            try:
+                return parse(data)
+            except DecodeError as error:
+                return _Undecodable(error)
+
+        async def refuse(undecodable: _Undecodable, context):
+            log.info("request failed", extra={"fields": {"kind": "invalid",
+                                                         "error": undecodable.message}})
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, undecodable.message)
+
+        if handler.unary_unary:
+            async def unary(request, context):
+                if isinstance(request, _Undecodable):
+                    await refuse(request, context)
+                return await handler.unary_unary(request, context)
+            return grpc.unary_unary_rpc_method_handler(
+                unary, request_deserializer=tolerant,
+                response_serializer=handler.response_serializer)
+        if handler.stream_stream:
+            async def stream(request_iterator, context):
+                async def checked():
+                    async for request in request_iterator:
+                        if isinstance(request, _Undecodable):
+                            await refuse(request, context)
+                        yield request
+                async for response in handler.stream_stream(checked(), context):
+                    yield response
+            return grpc.stream_stream_rpc_method_handler(
+                stream, request_deserializer=tolerant,
+                response_serializer=handler.response_serializer)
+        return handler
 
 
 def enum_name(table: dict, value: int, field: str) -> str:
@@ -70,6 +134,8 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         self.batcher = batcher
         self.limits = limits
         self.metrics = batcher.metrics
+        self._queued_texts = 0  # admitted and not yet answered
+        self._queue_space = asyncio.Condition()
         # Tokenizing a big message takes milliseconds; keep it off the event loop.
         self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bertstream-tok")
 
@@ -88,7 +154,28 @@ class EmbedderService(pb_grpc.EmbedderServicer):
                     f"texts[{i}]: {len(text)} characters, over the limit of "
                     f"{self.limits.max_chars_per_text} (max_chars_per_text)")
 
-    async def _embed(self, request: pb.EmbedRequest) -> pb.EmbedResponse:
+    async def _admit(self, texts: int, wait: bool) -> None:
+        """Take room for `texts` in the queue. When it is full, a unary call fails at once
+        (RESOURCE_EXHAUSTED) and a stream message waits, so its stream stops being read and gRPC
+        flow control slows the sender. A request alone in an empty queue is always admitted."""
+        limit = self.limits.max_queue_texts
+        def has_room():
+            return not self._queued_texts or self._queued_texts + texts <= limit
+        if not has_room():
+            if not wait:
+                raise EmbedError.overloaded(
+                    f"queue full: {self._queued_texts} texts waiting, limit {limit} "
+                    f"(max_queue_texts); retry later")
+            async with self._queue_space:
+                await self._queue_space.wait_for(has_room)
+        self._queued_texts += texts
+
+    async def _release(self, texts: int) -> None:
+        self._queued_texts -= texts
+        async with self._queue_space:
+            self._queue_space.notify_all()
+
+    async def _embed(self, request: pb.EmbedRequest, streaming: bool) -> pb.EmbedResponse:
         """Validate, tokenize, queue, await, convert. Raises EmbedError."""
         self._check_texts(request.texts)
         options = self.engine.options(
@@ -110,12 +197,15 @@ class EmbedderService(pb_grpc.EmbedderServicer):
             loop.call_soon_threadsafe(_settle, done, result)
 
         job = Job(tokens.ids, options, dtype, on_done, truncated_items=sum(tokens.truncated))
-        self.batcher.submit(job)
+        await self._admit(len(job.ids), wait=streaming)
         try:
+            self.batcher.submit(job)
             result = await done
-        except asyncio.CancelledError:
-            job.cancelled = True  # the batcher drops its queued texts
+        except asyncio.CancelledError:  # the caller went away or its deadline passed
+            job.cancelled = True  # the batcher drops its texts still queued
             raise
+        finally:
+            await self._release(len(job.ids))
         if isinstance(result, EmbedError):
             raise result
         self.metrics.tokens.inc(result.usage.tokens)
@@ -126,7 +216,7 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         """_embed, counted and timed by RPC and outcome (once per request, success or not)."""
         started, code = time.perf_counter(), "OK"
         try:
-            return await self._embed(request)
+            return await self._embed(request, streaming=rpc == "EmbedStream")
         except EmbedError as error:
             code = STATUS_CODES[error.kind].name
             raise
@@ -201,7 +291,8 @@ class EmbedderService(pb_grpc.EmbedderServicer):
                              max_chars_per_text=limits.max_chars_per_text,
                              max_batch_tokens=limits.max_batch_tokens,
                              max_message_bytes=limits.max_message_bytes,
-                             stream_window=limits.stream_window))
+                             stream_window=limits.stream_window,
+                             max_queue_texts=limits.max_queue_texts))
 
 
 async def warm_up(batcher: Batcher, engine: Engine) -> None:
@@ -238,20 +329,36 @@ def to_response(request_id: str, result: JobResult) -> pb.EmbedResponse:
                        queue_ns=usage.queue_ns, compute_ns=usage.compute_ns))
 
 
-async def start_server(engine: Engine, limits: Limits, host: str = "127.0.0.1",
-                       port: int = 50051) -> tuple[grpc.aio.Server, int, Batcher]:
-    """Start serving; returns the server, the bound port (useful with port 0) and the batcher
-    (batcher.metrics holds the server's Prometheus registry).
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    batcher: Batcher
+    health: health.aio.HealthServicer
 
-    Health says NOT_SERVING until one warm-up forward pass has run.
-    """
+    async def stop(self, grace: float) -> None:
+        """Health NOT_SERVING, refuse new calls, give calls in flight `grace` seconds, then
+        finish the batcher's work and stop its threads."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await asyncio.get_running_loop().run_in_executor(None, self.batcher.close)
+
+
+async def start_server(engine: Engine, limits: Limits, host: str = "127.0.0.1", port: int = 50051,
+                       security: Security = Security()) -> RunningServer:
+    """Start serving (port 0: any free port, see .port). Health says NOT_SERVING until one
+    warm-up text has gone through the model. batcher.metrics holds the Prometheus registry."""
     metrics = Metrics()
     metrics.model.info({"model": engine.model_name, "device": str(engine.device),
                         "dtype": engine.dtype, "max_length": str(engine.max_length)})
     batcher = Batcher(engine, limits.max_batch_tokens, metrics)
+    interceptors = [DecodeErrorInterceptor()]
+    if security.auth_tokens:  # runs first: the unauthenticated never reach anything else
+        interceptors.insert(0, TokenAuthInterceptor(list(security.auth_tokens),
+                                                    security.health_open))
     options = [("grpc.max_receive_message_length", limits.max_message_bytes),
                ("grpc.max_send_message_length", -1)]
-    server = grpc.aio.server(options=options)
+    server = grpc.aio.server(options=options, interceptors=interceptors)
     pb_grpc.add_EmbedderServicer_to_server(EmbedderService(engine, batcher, limits), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -260,11 +367,16 @@ async def start_server(engine: Engine, limits: Limits, host: str = "127.0.0.1",
          reflection.SERVICE_NAME), server)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    if security.tls_cert:
+        bound = server.add_secure_port(address, server_credentials(
+            security.tls_cert, security.tls_key, security.tls_client_ca))
+    else:
+        bound = server.add_insecure_port(address)
     if not bound:
-        raise OSError(f"could not listen on {host}:{port}")
+        raise OSError(f"could not listen on {address}")
     await server.start()
     await warm_up(batcher, engine)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, bound, batcher
+    return RunningServer(server, bound, batcher, health_servicer)

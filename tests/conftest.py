@@ -19,19 +19,20 @@ TEST_LIMITS = dict(max_texts_per_request=500, max_chars_per_text=20_000, max_bat
 class ServerThread:
     """A server with its own event loop on a background thread."""
 
-    def __init__(self, engine, limits):
+    def __init__(self, engine, limits, **start_options):
         from bertstream.server.service import start_server
 
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        self.server, self.port, self.batcher = asyncio.run_coroutine_threadsafe(
-            start_server(engine, limits, "127.0.0.1", 0), self.loop).result(timeout=120)
+        self.running = asyncio.run_coroutine_threadsafe(
+            start_server(engine, limits, "127.0.0.1", 0, **start_options),
+            self.loop).result(timeout=120)
+        self.port, self.batcher = self.running.port, self.running.batcher
         self.target = f"127.0.0.1:{self.port}"
 
-    def stop(self):
-        asyncio.run_coroutine_threadsafe(self.server.stop(5), self.loop).result(timeout=30)
-        self.batcher.close()
+    def stop(self, grace: float = 5):
+        asyncio.run_coroutine_threadsafe(self.running.stop(grace), self.loop).result(timeout=60)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
 

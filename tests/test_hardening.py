@@ -1,0 +1,392 @@
+"""Security, limits, overload, cancellation, shutdown and injected faults, against real servers."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from bertstream.client import Client, decode_tensor
+from bertstream.proto import embedder_pb2 as pb
+from bertstream.proto import embedder_pb2_grpc as pb_grpc
+from bertstream.server.service import Limits, Security
+from tests.conftest import TEST_LIMITS, ServerThread
+
+# ---------------------------------------------------------------- certificates made here
+
+
+def _certificate(subject: str, key, issuer_name=None, issuer_key=None, ca=False, server=False):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer_name or name)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if server:
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False)
+    return builder.sign(issuer_key or key, hashes.SHA256())
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, as files."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    folder = tmp_path_factory.mktemp("pki")
+    names = ("ca", "server", "client", "stranger")
+    keys = {name: ec.generate_private_key(ec.SECP256R1()) for name in names}
+    ca = _certificate("bertstream test CA", keys["ca"], ca=True)
+    certs = {"ca": ca,
+             "server": _certificate("localhost", keys["server"], ca.subject, keys["ca"],
+                                    server=True),
+             "client": _certificate("a client", keys["client"], ca.subject, keys["ca"]),
+             "stranger": _certificate("a stranger", keys["stranger"])}  # self-signed
+    paths = {}
+    for name, cert in certs.items():
+        paths[f"{name}.crt"] = folder / f"{name}.crt"
+        paths[f"{name}.crt"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        paths[f"{name}.key"] = folder / f"{name}.key"
+        paths[f"{name}.key"].write_bytes(keys[name].private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+    return {name: str(path) for name, path in paths.items()}
+
+
+def _server(engine, **limits_and_start):
+    limits = {**TEST_LIMITS, **{k: v for k, v in limits_and_start.items() if k in
+                                Limits.__dataclass_fields__}}
+    start = {k: v for k, v in limits_and_start.items() if k not in Limits.__dataclass_fields__}
+    return ServerThread(engine, Limits(**limits), **start)
+
+
+def _code(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code()
+
+
+# ---------------------------------------------------------------- TLS, mTLS, tokens
+
+def test_tls_and_token_auth(engine, pki):
+    security = Security(auth_tokens=(b"s3cret-token", b"second-token"), tls_cert=pki["server.crt"],
+                        tls_key=pki["server.key"])
+    server = _server(engine, security=security)
+    try:
+        with Client(server.target, token="s3cret-token", tls_ca=pki["ca.crt"], timeout=30) as c:
+            assert c.embed(["over TLS"]).shape == (1, 384)
+        with Client(server.target, token="second-token", tls_ca=pki["ca.crt"], timeout=30) as c:
+            assert len(list(c.stream(["a", "b", "c"], batch_size=1))) == 3
+        for token in (None, "wrong", "s3cret-toke", "s3cret-token-and-more"):
+            with Client(server.target, token=token, tls_ca=pki["ca.crt"], timeout=30) as c:
+                assert _code(lambda: c.embed(["x"])) == grpc.StatusCode.UNAUTHENTICATED
+                assert _code(lambda: list(c.stream(["x"]))) == grpc.StatusCode.UNAUTHENTICATED
+                assert _code(lambda: c.info()) == grpc.StatusCode.UNAUTHENTICATED
+        # Health stays open for probes (the default), without a token.
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        from bertstream.client import make_channel
+        with make_channel(server.target, tls_ca=pki["ca.crt"]) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                               timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        # A plaintext client cannot talk to a TLS server.
+        with Client(server.target, token="s3cret-token", timeout=10) as c:
+            assert _code(lambda: c.embed(["x"])) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop()
+
+
+def test_health_can_require_the_token(engine):
+    server = _server(engine, security=Security(auth_tokens=(b"t",), health_open=False))
+    try:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        with grpc.insecure_channel(server.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            assert _code(lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=10)) == \
+                grpc.StatusCode.UNAUTHENTICATED
+            reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=10,
+                               metadata=(("authorization", "Bearer t"),))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop()
+
+
+def test_mutual_tls_refuses_a_client_without_certificate(engine, pki):
+    security = Security(tls_cert=pki["server.crt"], tls_key=pki["server.key"],
+                        tls_client_ca=pki["ca.crt"])
+    server = _server(engine, security=security)
+    try:
+        with Client(server.target, tls_ca=pki["ca.crt"], tls_cert=pki["client.crt"],
+                    tls_key=pki["client.key"], timeout=30) as c:
+            assert c.embed(["mutual"]).shape == (1, 384)
+        with Client(server.target, tls_ca=pki["ca.crt"], timeout=10) as c:
+            assert _code(lambda: c.embed(["x"])) == grpc.StatusCode.UNAVAILABLE
+        # A certificate that the client CA did not sign is refused too.
+        with Client(server.target, tls_ca=pki["ca.crt"], tls_cert=pki["stranger.crt"],
+                    tls_key=pki["stranger.key"], timeout=10) as c:
+            assert _code(lambda: c.embed(["x"])) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------- overload and limits
+
+def test_overload_rejects_surplus_unary_and_completes_accepted(engine, corpus):
+    server = _server(engine, max_queue_texts=8)
+    texts = [list(corpus[i * 4:(i + 1) * 4]) for i in range(40)]
+    try:
+        with Client(server.target, timeout=120) as client:
+            expected = [client.embed(t) for t in texts]  # one at a time: always admitted
+
+            def call(i):
+                try:
+                    return i, client.embed(texts[i])
+                except grpc.RpcError as error:
+                    return i, error
+
+            with ThreadPoolExecutor(max_workers=40) as pool:
+                results = list(pool.map(call, range(40)))
+        rejected = [r for _, r in results if isinstance(r, grpc.RpcError)]
+        accepted = [(i, r) for i, r in results if not isinstance(r, grpc.RpcError)]
+        assert rejected and accepted
+        for error in rejected:
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_queue_texts" in error.details()
+        for i, vectors in accepted:
+            np.testing.assert_allclose(vectors, expected[i], atol=1e-4)
+        # Streams wait for room instead of failing.
+        with Client(server.target, timeout=120) as client:
+            parts = list(client.stream([t for chunk in texts for t in chunk], batch_size=4,
+                                       window=40))
+        np.testing.assert_allclose(np.concatenate(parts), np.concatenate(expected), atol=1e-4)
+    finally:
+        server.stop()
+
+
+def test_message_size_limit_names_it(engine):
+    server = _server(engine, max_message_bytes=10_000)
+    try:
+        with Client(server.target, timeout=30) as client:
+            with pytest.raises(grpc.RpcError) as info:
+                client.embed(["x" * 20_000])
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "larger than max" in info.value.details()
+            assert client.embed(["small is fine"]).shape == (1, 384)
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------- cancellation
+
+def queue_gauge(server) -> float:
+    return server.batcher.metrics.registry.get_sample_value("bertstream_queue_texts")
+
+
+def forwarded_texts(server) -> float:
+    return server.batcher.metrics.registry.get_sample_value("bertstream_batch_size_sum")
+
+
+def stream_messages(server, code: str) -> float:
+    return server.batcher.metrics.registry.get_sample_value(
+        "bertstream_requests_total", {"rpc": "EmbedStream", "code": code}) or 0.0
+
+
+def test_cancelled_stream_empties_the_queue(server, corpus):
+    texts = [corpus[i % len(corpus)] for i in range(10_000)]
+    before = {"done": forwarded_texts(server), "ok": stream_messages(server, "OK"),
+              "cancelled": stream_messages(server, "CANCELLED")}
+    with Client(server.target, timeout=300) as client:
+        stream = client.stream(iter(texts), batch_size=100, window=50)
+        for _ in range(3):
+            next(stream)
+        stream.close()  # cancels the call with ~50 messages still in flight
+    deadline = time.time() + 60
+    while queue_gauge(server) and time.time() < deadline:
+        time.sleep(0.1)
+    assert queue_gauge(server) == 0
+    time.sleep(1)  # a batch that had started still finishes; then nothing more
+    done = forwarded_texts(server) - before["done"]
+    answered = stream_messages(server, "OK") - before["ok"]
+    cancelled = stream_messages(server, "CANCELLED") - before["cancelled"]
+    assert answered >= 3 and cancelled >= 1
+    sent = 100 * (answered + cancelled)
+    # Work of the cancelled messages still queued was dropped, not computed.
+    assert done < sent, f"{done} texts computed of {sent} sent"
+    with Client(server.target, timeout=30) as client:
+        assert client.embed(["the server still answers"]).shape == (1, 384)
+
+
+def test_expired_deadline_drops_queued_work(server, corpus):
+    texts = list(corpus[:400])
+    with Client(server.target, timeout=0.05) as client:
+        assert _code(lambda: client.embed(texts)) == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.time() + 60
+    while queue_gauge(server) and time.time() < deadline:
+        time.sleep(0.1)
+    assert queue_gauge(server) == 0
+
+
+# ---------------------------------------------------------------- injected forward failures
+
+class FaultyEngine:
+    """The real engine, but a forward pass over more than `max_rows` texts raises (like running
+    out of memory), and so does any batch holding the token of `poison`."""
+
+    def __init__(self, engine, max_rows: int, poison: str):
+        self._engine = engine
+        self.max_rows = max_rows
+        self.poison_id = engine.tokenizer.convert_tokens_to_ids(poison)
+        self.calls = []
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def forward(self, ids):
+        self.calls.append(len(ids))
+        if len(ids) > self.max_rows:
+            raise RuntimeError(f"out of memory (injected): {len(ids)} rows")
+        if any(self.poison_id in row for row in ids):
+            raise RuntimeError("injected failure on a poisoned text")
+        return self._engine.forward(ids)
+
+
+def test_forward_failures_split_and_retry_then_fail_only_the_bad_item(engine, client, corpus):
+    faulty = FaultyEngine(engine, max_rows=3, poison="poison")
+    server = _server(faulty)
+    texts = list(corpus[:10])
+    try:
+        with Client(server.target, timeout=60) as c:
+            faulty.calls.clear()
+            np.testing.assert_allclose(c.embed(texts), client.embed(texts), atol=1e-4)
+            assert max(faulty.calls) == 10 and faulty.calls.count(10) == 1  # failed, then halves
+            with grpc.insecure_channel(server.target) as channel:
+                stub = pb_grpc.EmbedderStub(channel)
+                requests = [pb.EmbedRequest(request_id="good-1", texts=["fine", "also fine"]),
+                            pb.EmbedRequest(request_id="bad", texts=["ok", "a poison pill"]),
+                            pb.EmbedRequest(request_id="good-2", texts=["still fine"])]
+                responses = list(stub.EmbedStream(iter(requests), timeout=60))
+            assert [r.request_id for r in responses] == ["good-1", "bad", "good-2"]
+            assert responses[1].error.code == grpc.StatusCode.INTERNAL.value[0]
+            assert "texts[1]" in responses[1].error.message
+            assert "injected failure" in responses[1].error.message
+            np.testing.assert_allclose(decode_tensor(responses[2].embeddings),
+                                       client.embed(["still fine"]), atol=1e-4)
+            assert c.embed(["the server lives on"]).shape == (1, 384)
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------- fuzz
+
+any_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=40) | st.sampled_from(
+    ["", "\x00", "\u202e", "a" * 3000, " " * 50, "\t\n\r"])
+requests = st.builds(
+    pb.EmbedRequest,
+    request_id=st.text(max_size=10),
+    texts=st.one_of(st.lists(any_text, max_size=8), st.lists(any_text, min_size=480, max_size=520),
+                    st.builds(lambda n: ["w"] * n, st.integers(0, 10_000))),
+    pooling=st.integers(-3, 8), layers=st.lists(st.integers(-10, 10), max_size=3),
+    layer_combine=st.integers(-1, 4), normalize=st.booleans(), dtype=st.integers(-1, 7),
+    truncate=st.booleans())
+CLEAR_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
+FUZZ_COUNT = {"requests": 0, "raw": 0}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(request=requests)
+def test_fuzzed_requests_get_a_result_or_a_clear_status(server, request):
+    FUZZ_COUNT["requests"] += 1
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.EmbedderStub(channel)
+        try:
+            response = stub.Embed(request, timeout=120)
+        except grpc.RpcError as error:
+            assert error.code() in CLEAR_CODES, (error.code(), error.details())
+            assert error.details()
+        else:
+            assert response.embeddings.data
+            assert response.embeddings.shape[0] in (len(request.texts), sum(response.lengths))
+        assert stub.Embed(pb.EmbedRequest(texts=["normal"]), timeout=60).embeddings.shape == [1, 384]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(payload=st.binary(max_size=300) | st.just(b"\x12\x03\xff\xfe\xfd"))  # invalid UTF-8 text
+def test_malformed_bytes_get_a_status_and_the_server_lives_on(server, payload):
+    FUZZ_COUNT["raw"] += 1
+    with grpc.insecure_channel(server.target) as channel:
+        raw = channel.unary_unary("/bertstream.v1.Embedder/Embed")  # bytes in, bytes out
+        try:
+            reply = pb.EmbedResponse.FromString(raw(payload, timeout=60))
+            assert reply.embeddings.data
+        except grpc.RpcError as error:
+            assert error.code() in CLEAR_CODES, (error.code(), error.details())
+            assert error.details()
+        stub = pb_grpc.EmbedderStub(channel)
+        assert stub.Embed(pb.EmbedRequest(texts=["normal"]), timeout=60).embeddings.shape == [1, 384]
+
+
+# ---------------------------------------------------------------- shutdown
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_stream_in_flight_at_sigterm_receives_every_response(corpus):
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bertstream.server.cli", "serve", "--port", str(port),
+         "--device", "cpu", "--grace", "60", "--log-level", "WARNING"],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    texts = list(corpus[:600])
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=60) as client:
+            deadline = time.time() + 120
+            while True:
+                try:
+                    client.info()
+                    break
+                except grpc.RpcError:
+                    assert time.time() < deadline, "server did not start"
+                    time.sleep(0.3)
+            received = []
+            for i, part in enumerate(client.stream(texts, batch_size=20, window=30)):
+                received.append(part)
+                if i == 0:
+                    process.send_signal(signal.SIGTERM)
+        assert sum(len(p) for p in received) == len(texts)
+        assert process.wait(timeout=60) == 0
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_malformed_message_in_a_stream_ends_it_with_invalid_argument(server):
+    with grpc.insecure_channel(server.target) as channel:
+        raw = channel.stream_stream("/bertstream.v1.Embedder/EmbedStream")
+        good = pb.EmbedRequest(request_id="a", texts=["fine"]).SerializeToString()
+        replies = raw(iter([good, b"\x12\x03\xff\xfe\xfd"]), timeout=60)
+        with pytest.raises(grpc.RpcError) as info:
+            list(replies)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid protobuf request" in info.value.details()
