@@ -9,6 +9,8 @@ import logging
 import signal
 import sys
 
+from bertstream.client.cli import embed_parser
+
 log = logging.getLogger("bertstream")
 
 # Measured (BENCHMARKS.md): on the CPU, small batches keep activations in cache; 1024 tokens was
@@ -138,10 +140,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bertstream", description="BERT embeddings over gRPC")
     subparsers = parser.add_subparsers(dest="command", required=True)
     serve_parser(subparsers)
+    embed_parser(subparsers)
     args = parser.parse_args(argv)
     handler = logging.StreamHandler()
     handler.setFormatter(LogFormatter(as_json=getattr(args, "log_format", "text") == "json"))
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    logging.basicConfig(level=getattr(args, "log_level", "WARNING").upper(), handlers=[handler])
     try:
         return args.func(args)
     except (OSError, ValueError) as exc:

@@ -1,0 +1,149 @@
+"""The asyncio client (grpc.aio): the methods of Client, awaited."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterable, AsyncIterator, Iterable, Sequence
+
+import grpc
+import numpy as np
+
+from bertstream.client.core import (Usage, batches, build_request, check_combine_strategy,
+                                    combine_tokens, decode_response, make_channel)
+from bertstream.client.sync import info_of, tokens_of
+from bertstream.proto import embedder_pb2 as pb
+from bertstream.proto import embedder_pb2_grpc as pb_grpc
+
+
+class AsyncClient:
+    """`async with AsyncClient(target) as client: vectors = await client.embed(texts)`.
+
+    Same targets, token and TLS options as Client. Create it inside the event loop it is used on.
+    """
+
+    def __init__(self, target: str | Sequence[str] = "127.0.0.1:50051", *,
+                 timeout: float | None = None, token: str | None = None,
+                 channel: grpc.aio.Channel | None = None, **tls):
+        self._channel = channel or make_channel(target, aio=True, **tls)
+        self._stub = pb_grpc.EmbedderStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._replicas = not isinstance(target, str) and len(target) > 1
+        self.timeout = timeout
+        self.last_usage: Usage | None = None
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _embed(self, request: pb.EmbedRequest):
+        response = await self._stub.Embed(request, timeout=self.timeout, metadata=self._metadata)
+        self.last_usage = Usage.of(response)
+        return decode_response(response)
+
+    async def embed(self, texts: Sequence[str], pooling: str = "mean",
+                    layers: Sequence[int] = (-1,), layer_combine: str = "concat",
+                    normalize: bool = False, dtype: str = "float32", truncate: bool = True):
+        if pooling == "none":
+            raise ValueError("pooling 'none' is token-level: use embed_tokens()")
+        return await self._embed(build_request(texts, pooling=pooling, layers=layers,
+                                               layer_combine=layer_combine, normalize=normalize,
+                                               dtype=dtype, truncate=truncate))
+
+    async def embed_tokens(self, texts: Sequence[str], layers: Sequence[int] = (-1,),
+                           layer_combine: str = "concat", normalize: bool = False,
+                           truncate: bool = True) -> list[np.ndarray]:
+        return await self._embed(build_request(texts, pooling="none", layers=layers,
+                                               layer_combine=layer_combine, normalize=normalize,
+                                               truncate=truncate))
+
+    async def stream(self, texts: Iterable[str] | AsyncIterable[str], batch_size: int = 64,
+                     window: int = 32, spread: bool | None = None,
+                     **options) -> AsyncIterator:
+        """As Client.stream, for a plain or an async iterable of texts."""
+        if window < 1:
+            raise ValueError("window must be >= 1")
+        requests = _requests(texts, batch_size, options)
+        if self._replicas if spread is None else spread:
+            results = self._spread(requests, window)
+        else:
+            results = self._one_stream(requests, window)
+        async for result in results:
+            yield result
+
+    async def _one_stream(self, requests, window: int):
+        slots = asyncio.Semaphore(window)
+
+        async def paced():
+            async for request in requests:
+                await slots.acquire()
+                yield request
+
+        call = self._stub.EmbedStream(paced(), timeout=self.timeout, metadata=self._metadata)
+        try:
+            async for response in call:
+                slots.release()
+                self.last_usage = Usage.of(response)
+                yield decode_response(response)
+        finally:
+            call.cancel()
+
+    async def _spread(self, requests, window: int):
+        in_flight: list[asyncio.Task] = []
+        try:
+            async for request in requests:
+                in_flight.append(asyncio.ensure_future(self._stub.Embed(
+                    request, timeout=self.timeout, metadata=self._metadata)))
+                if len(in_flight) >= window:
+                    yield self._settle(await in_flight.pop(0))
+            while in_flight:
+                yield self._settle(await in_flight.pop(0))
+        finally:
+            for task in in_flight:
+                task.cancel()
+
+    def _settle(self, response):
+        self.last_usage = Usage.of(response)
+        return decode_response(response)
+
+    async def tokenize(self, texts: Sequence[str], truncate: bool = True) -> list[list[dict]]:
+        return tokens_of(await self._stub.Tokenize(
+            pb.TokenizeRequest(texts=list(texts), truncate=truncate), timeout=self.timeout,
+            metadata=self._metadata))
+
+    async def info(self) -> dict:
+        return info_of(await self._stub.Info(pb.InfoRequest(), timeout=self.timeout,
+                                             metadata=self._metadata))
+
+    async def encode_sentences(self, text_list: Sequence[str], combine_strategy=None,
+                               batch_size: int = 32):
+        """As Client.encode_sentences."""
+        check_combine_strategy(combine_strategy)
+        texts = list(text_list)
+        if combine_strategy in ("mean", "max"):
+            parts = [await self.embed(batch, combine_strategy)
+                     for batch in batches(texts, batch_size)]
+            return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+        tokens = [row for batch in batches(texts, batch_size)
+                  for row in await self.embed_tokens(batch)]
+        return tokens if combine_strategy is None else combine_tokens(tokens, combine_strategy)
+
+
+async def _requests(texts, batch_size: int, options: dict):
+    """EmbedRequests of batch_size texts from a plain or an async iterable, lazily."""
+    if not hasattr(texts, "__aiter__"):
+        for number, batch in enumerate(batches(texts, batch_size)):
+            yield build_request(batch, str(number), **options)
+        return
+    batch, number = [], 0
+    async for text in texts:
+        batch.append(text)
+        if len(batch) == batch_size:
+            yield build_request(batch, str(number), **options)
+            batch, number = [], number + 1
+    if batch:
+        yield build_request(batch, str(number), **options)

@@ -1,0 +1,134 @@
+"""`bertstream embed INPUT -o OUTPUT`: a corpus through one or more servers, resumably."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+
+import grpc
+
+from bertstream.client.core import EmbedStreamError
+from bertstream.client.corpus_io import (InputError, count_texts, input_format, open_writer,
+                                         read_texts)
+from bertstream.client.sync import Client
+
+
+def embed_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "embed", help="embed a corpus into .npy or .parquet",
+        description="Embed every text of INPUT through bertstream server(s) into OUTPUT, one "
+                    "row per text, in input order.")
+    p.add_argument("input", help="text file (one text per line), .jsonl, .parquet, or - (stdin)")
+    p.add_argument("-o", "--output", required=True, help=".npy (float32) or .parquet (id, embedding)")
+    p.add_argument("--server", nargs="+", default=["127.0.0.1:50051"], metavar="HOST:PORT",
+                   help="one or more replicas (work spreads over all), or a dns:/// target")
+    p.add_argument("--input-format", choices=("text", "jsonl", "parquet"),
+                   help="default: from the file name (.jsonl/.ndjson, .parquet, else text)")
+    p.add_argument("--field", default="text", help="JSON Lines field / Parquet column (default text)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run: skip the rows OUTPUT already holds")
+    p.add_argument("--pooling", choices=("mean", "max", "cls", "mean_max"), default="mean")
+    p.add_argument("--layers", type=int, nargs="+", default=[-1])
+    p.add_argument("--layer-combine", choices=("concat", "mean"), default="concat")
+    p.add_argument("--normalize", action="store_true", help="L2-normalise each vector")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="wire precision (output is float32 either way)")
+    p.add_argument("--no-truncate", dest="truncate", action="store_false",
+                   help="fail on texts over the model's length instead of cutting them")
+    p.add_argument("--batch-size", type=int, default=64, help="texts per message")
+    p.add_argument("--window", type=int, default=32, help="messages in flight")
+    p.add_argument("--token", help="bearer token (or set BERTSTREAM_TOKEN)")
+    p.add_argument("--tls-ca", help="CA to trust (PEM): connect with TLS")
+    p.add_argument("--tls-cert", help="client certificate (PEM), for mutual TLS")
+    p.add_argument("--tls-key", help="client key (PEM), for mutual TLS")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=run_embed)
+
+
+def run_embed(args) -> int:
+    """Exit status: 0 done, 1 server or output trouble, 2 bad input, 130 interrupted."""
+    started = time.perf_counter()
+    token = args.token or os.environ.get("BERTSTREAM_TOKEN")
+    fmt = input_format(args.input, args.input_format)
+    writer = None
+    try:
+        writer = open_writer(args.output, args.resume)
+        done = writer.rows
+        total = count_texts(args.input, fmt)
+        texts = itertools.islice(read_texts(args.input, fmt, args.field), done, None)
+        options = dict(pooling=args.pooling, layers=args.layers, layer_combine=args.layer_combine,
+                       normalize=args.normalize, dtype=args.dtype, truncate=args.truncate)
+        tokens = 0
+        with Client(args.server if len(args.server) > 1 else args.server[0], token=token,
+                    tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key) as client, \
+                _progress(args.progress, total, done) as bar:
+            for vectors in client.stream(texts, args.batch_size, args.window, **options):
+                writer.append(vectors)
+                tokens += client.last_usage.tokens
+                if bar is not None:
+                    bar.update(len(vectors))
+                    bar.set_postfix_str(f"{tokens / (time.perf_counter() - started):,.0f} tokens/s",
+                                        refresh=False)
+        writer.close()
+        seconds = time.perf_counter() - started
+        embedded = writer.rows - done
+        print(f"embedded {embedded:,} texts ({tokens:,} tokens) in {seconds:.1f} s: "
+              f"{embedded / seconds:,.0f} texts/s, {tokens / seconds:,.0f} tokens/s -> "
+              f"{args.output} ({writer.rows:,} rows)", file=sys.stderr)
+        return 0
+    except InputError as exc:
+        return _fail(f"input: {exc}", 2)
+    except KeyboardInterrupt:
+        _commit(writer)
+        return _fail(f"interrupted with {writer.rows if writer else 0:,} rows written; "
+                     f"run again with --resume to continue", 130)
+    except (grpc.RpcError, EmbedStreamError) as exc:
+        _commit(writer)
+        code = exc.code() if isinstance(exc, grpc.RpcError) else exc.code
+        details = exc.details() if isinstance(exc, grpc.RpcError) else exc.message
+        hint = " (is it running?)" if code == grpc.StatusCode.UNAVAILABLE else ""
+        return _fail(f"server {' '.join(args.server)}: {code.name}: {details}{hint}; "
+                     f"{writer.rows if writer else 0:,} rows written, --resume continues", 1)
+    except OSError as exc:
+        return _fail(f"{exc}", 1)
+
+
+def _commit(writer) -> None:
+    if writer is not None:
+        writer.flush()
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"bertstream embed: {message}", file=sys.stderr)
+    return status
+
+
+class _NoBar:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _progress(enabled: bool, total: int | None, done: int):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, unit=" texts", unit_scale=True, dynamic_ncols=True,
+                file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="bertstream")
+    embed_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""What the blocking and the asyncio clients share: requests, decoding, channels, result shapes."""
+
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import grpc
+import numpy as np
+
+from bertstream.proto import embedder_pb2 as pb
+
+POOLINGS = {"mean": pb.POOLING_MEAN, "max": pb.POOLING_MAX, "cls": pb.POOLING_CLS,
+            "mean_max": pb.POOLING_MEAN_MAX, "none": pb.POOLING_NONE}
+COMBINES = {"concat": pb.LAYER_COMBINE_CONCAT, "mean": pb.LAYER_COMBINE_MEAN}
+DTYPES = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16,
+          "bfloat16": pb.DTYPE_BFLOAT16, "int8": pb.DTYPE_INT8, "binary": pb.DTYPE_BINARY}
+STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+# Spread calls over every address a target has (several replicas, or a DNS name with many
+# records), and let gRPC itself retry a call that failed with UNAVAILABLE (a replica went away)
+# on another one. Streams are retried only before their first response (gRPC's rule).
+SERVICE_CONFIG = json.dumps({
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [{
+        "name": [{"service": "bertstream.v1.Embedder"}],
+        "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "2s",
+                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
+    }],
+})
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
+                   ("grpc.service_config", SERVICE_CONFIG), ("grpc.enable_retries", 1)]
+
+
+class Int8Embeddings(NamedTuple):
+    q: np.ndarray       # int8 (n, width)
+    scales: np.ndarray  # float32 (n,)
+
+    def dequantize(self) -> np.ndarray:
+        return self.q.astype(np.float32) * self.scales[:, None]
+
+
+@dataclass(frozen=True)
+class Usage:
+    tokens: int
+    truncated_items: int
+    queue_ns: int
+    compute_ns: int
+
+    @classmethod
+    def of(cls, response: pb.EmbedResponse) -> "Usage":
+        u = response.usage
+        return cls(u.tokens, u.truncated_items, u.queue_ns, u.compute_ns)
+
+
+class EmbedStreamError(RuntimeError):
+    """A stream message the server answered with an error (the stream itself went on)."""
+
+    def __init__(self, request_id: str, code: grpc.StatusCode, message: str):
+        super().__init__(f"request {request_id!r}: {code.name}: {message}")
+        self.request_id, self.code, self.message = request_id, code, message
+
+
+def decode_tensor(tensor: pb.Tensor):
+    """A wire Tensor -> numpy: float32 for the float dtypes, Int8Embeddings for int8, packed
+    uint8 sign bits (n, ceil(width / 8)) for binary."""
+    shape = tuple(tensor.shape)
+    if tensor.dtype in (pb.DTYPE_FLOAT32, pb.DTYPE_UNSPECIFIED):
+        return np.frombuffer(tensor.data, dtype="<f4").reshape(shape).astype(np.float32)
+    if tensor.dtype == pb.DTYPE_FLOAT16:
+        return np.frombuffer(tensor.data, dtype="<f2").reshape(shape).astype(np.float32)
+    if tensor.dtype == pb.DTYPE_BFLOAT16:
+        bits = np.frombuffer(tensor.data, dtype="<u2").reshape(shape)
+        return (bits.astype(np.uint32) << 16).view(np.float32)
+    if tensor.dtype == pb.DTYPE_INT8:
+        q = np.frombuffer(tensor.data, dtype=np.int8).reshape(shape)
+        return Int8Embeddings(q, np.asarray(tensor.scales, dtype=np.float32))
+    if tensor.dtype == pb.DTYPE_BINARY:
+        rows, width = shape
+        return np.frombuffer(tensor.data, dtype=np.uint8).reshape(rows, (width + 7) // 8)
+    raise ValueError(f"unknown tensor dtype {tensor.dtype}")
+
+
+def decode_response(response: pb.EmbedResponse):
+    """The result a response carries: an array per decode_tensor, or for token-level output a
+    list of (tokens, width) arrays. A stream message's error raises EmbedStreamError."""
+    if response.HasField("error"):
+        raise EmbedStreamError(response.request_id,
+                               STATUS_BY_NUMBER.get(response.error.code, grpc.StatusCode.UNKNOWN),
+                               response.error.message)
+    result = decode_tensor(response.embeddings)
+    return split_tokens(result, response.lengths) if response.lengths else result
+
+
+def split_tokens(vectors: np.ndarray, lengths: Sequence[int]) -> list[np.ndarray]:
+    return np.split(vectors, np.cumsum(lengths)[:-1]) if len(lengths) else []
+
+
+def _choice(table: dict, value: str, name: str) -> int:
+    try:
+        return table[value]
+    except KeyError:
+        raise ValueError(f"{name} must be one of {tuple(table)}, got {value!r}") from None
+
+
+def build_request(texts: Sequence[str], request_id: str = "", *, pooling: str = "mean",
+                  layers: Sequence[int] = (-1,), layer_combine: str = "concat",
+                  normalize: bool = False, dtype: str = "float32",
+                  truncate: bool = True) -> pb.EmbedRequest:
+    if isinstance(texts, str):
+        raise TypeError("texts must be a sequence of strings, not one string")
+    return pb.EmbedRequest(
+        request_id=request_id, texts=list(texts), pooling=_choice(POOLINGS, pooling, "pooling"),
+        layers=list(layers), layer_combine=_choice(COMBINES, layer_combine, "layer_combine"),
+        normalize=normalize, dtype=_choice(DTYPES, dtype, "dtype"), truncate=truncate)
+
+
+def batches(texts, batch_size: int):
+    """Lists of batch_size texts from any iterable, lazily."""
+    if isinstance(texts, str):
+        raise TypeError("texts must be an iterable of strings, not one string")
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    batch = []
+    for text in texts:
+        batch.append(text)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# ---------------------------------------------------------------------- channels
+
+def channel_target(target: str | Sequence[str]) -> str:
+    """A gRPC target string. Several "host:port" targets become one static address list
+    ("ipv4:a:p,b:q"), which the round_robin policy spreads calls over."""
+    if isinstance(target, str):
+        return target
+    targets = list(target)
+    if len(targets) == 1:
+        return targets[0]
+    addresses, families = [], set()
+    for item in targets:
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"target {item!r}: expected host:port")
+        for family, _, _, _, sockaddr in socket.getaddrinfo(host.strip("[]"), int(port),
+                                                            type=socket.SOCK_STREAM):
+            families.add(family)
+            ip = sockaddr[0]
+            addresses.append(f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}")
+            break
+    if len(families) > 1:
+        raise ValueError("targets mix IPv4 and IPv6 addresses; use one family")
+    scheme = "ipv6" if families == {socket.AF_INET6} else "ipv4"
+    return f"{scheme}:{','.join(addresses)}"
+
+
+def _read(value):
+    """PEM material given as bytes, or as the path of a file holding it."""
+    if value is None or isinstance(value, bytes):
+        return value
+    with open(value, "rb") as file:
+        return file.read()
+
+
+def channel_credentials(tls: bool = False, tls_ca=None, tls_cert=None, tls_key=None):
+    """None for plaintext, else TLS credentials. tls_ca: the CA to trust (default: the system's);
+    tls_cert + tls_key: this client's certificate, for mutual TLS."""
+    if not (tls or tls_ca or tls_cert or tls_key):
+        return None
+    if bool(tls_cert) != bool(tls_key):
+        raise ValueError("tls_cert and tls_key go together")
+    return grpc.ssl_channel_credentials(root_certificates=_read(tls_ca),
+                                        private_key=_read(tls_key),
+                                        certificate_chain=_read(tls_cert))
+
+
+def channel_options(tls_server_name: str | None = None) -> list:
+    options = list(CHANNEL_OPTIONS)
+    if tls_server_name:
+        options.append(("grpc.ssl_target_name_override", tls_server_name))
+    return options
+
+
+def make_channel(target, *, tls: bool = False, tls_ca=None, tls_cert=None, tls_key=None,
+                 tls_server_name: str | None = None, aio: bool = False):
+    """A blocking (or, aio=True, asyncio) channel to one target or several replicas."""
+    module = grpc.aio if aio else grpc
+    credentials = channel_credentials(tls, tls_ca, tls_cert, tls_key)
+    options = channel_options(tls_server_name)
+    if credentials is None:
+        return module.insecure_channel(channel_target(target), options=options)
+    return module.secure_channel(channel_target(target), credentials, options=options)
+
+
+# ---------------------------------------------------------------------- simpletransformers shapes
+
+def check_combine_strategy(strategy) -> None:
+    if strategy is None or strategy in ("mean", "max", "concat") or (
+            isinstance(strategy, int) and not isinstance(strategy, bool)):
+        return
+    raise ValueError("combine_strategy must be None, 'mean', 'max', 'concat' or an int, "
+                     f"got {strategy!r}")
+
+
+def combine_tokens(tokens: list[np.ndarray], strategy):
+    """Token-level results -> encode_sentences' shape for "concat" or an int token index."""
+    if strategy == "concat":
+        longest = max((len(t) for t in tokens), default=0)
+        hidden = tokens[0].shape[1] if tokens else 0
+        out = np.zeros((len(tokens), longest, hidden), dtype=np.float32)
+        for row, t in zip(out, tokens):
+            row[:len(t)] = t
+        return out.reshape(len(tokens), longest * hidden)
+    for i, t in enumerate(tokens):
+        if not -len(t) <= strategy < len(t):
+            raise IndexError(f"token index {strategy} is out of range for text {i} "
+                             f"({len(t)} tokens)")
+    return np.stack([t[strategy] for t in tokens]) if tokens else np.zeros((0, 0), np.float32)
+
+
+def pad_tokens(tokens: list[np.ndarray]) -> np.ndarray:
+    """(n, longest, hidden), zeros after each text's tokens."""
+    if not tokens:
+        return np.zeros((0, 0, 0), dtype=np.float32)
+    longest = max(len(t) for t in tokens)
+    return combine_tokens(tokens, "concat").reshape(len(tokens), longest, -1)

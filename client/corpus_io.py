@@ -1,0 +1,234 @@
+"""Reading corpora and writing embeddings incrementally, resumably, for `bertstream embed`.
+
+Writers commit rows in order and can say how many rows a previous, interrupted run committed, so a
+resumed run skips exactly those inputs: no row twice, none missing.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+
+class InputError(Exception):
+    """The input cannot be read as asked; the message says where and why."""
+
+
+# ---------------------------------------------------------------------- input
+
+def input_format(path: str, declared: str | None) -> str:
+    if declared:
+        return declared
+    suffix = Path(path).suffix.lower()
+    return {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}.get(suffix, "text")
+
+
+def count_texts(path: str, fmt: str) -> int | None:
+    """How many texts the input holds (for the progress bar); None for standard input."""
+    if path == "-":
+        return None
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    with open(path, "rb") as file:
+        return sum(1 for line in file if fmt == "text" or line.strip())
+
+
+def read_texts(path: str, fmt: str, field: str = "text") -> Iterator[str]:
+    """Texts one at a time: a line of a text file, `field` of a JSON Lines record, or the
+    `field` column of a Parquet file. "-" reads standard input (text or JSON Lines)."""
+    if not os.path.exists(path) and path != "-":
+        raise InputError(f"{path}: no such file")
+    if fmt == "parquet":
+        yield from _parquet_texts(path, field)
+        return
+    stream = sys.stdin if path == "-" else open(path, encoding="utf-8", newline="")
+    try:
+        for number, line in enumerate(stream, 1):
+            line = line.rstrip("\r\n")
+            if fmt == "text":
+                yield line
+            elif line.strip():
+                yield _json_field(path, number, line, field)
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    finally:
+        if stream is not sys.stdin:
+            stream.close()
+
+
+def _json_field(path: str, number: int, line: str, field: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}:{number}: not JSON ({exc.msg})") from None
+    if not isinstance(record, dict) or field not in record:
+        raise InputError(f"{path}:{number}: no field {field!r} (use --field)")
+    if not isinstance(record[field], str):
+        raise InputError(f"{path}:{number}: field {field!r} is not a string")
+    return record[field]
+
+
+def _parquet_texts(path: str, column: str) -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        file = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{path}: not a Parquet file ({exc})") from None
+    if column not in file.schema_arrow.names:
+        raise InputError(f"{path}: no column {column!r} (columns: {file.schema_arrow.names}; "
+                         f"use --field)")
+    for batch in file.iter_batches(columns=[column]):
+        for text in batch.column(0).to_pylist():
+            if not isinstance(text, str):
+                raise InputError(f"{path}: column {column!r} holds a non-string value {text!r}")
+            yield text
+
+
+# ---------------------------------------------------------------------- output
+
+def open_writer(path: str, resume: bool):
+    if Path(path).suffix.lower() == ".parquet":
+        return ParquetWriter(path, resume)
+    if Path(path).suffix.lower() == ".npy":
+        return NpyWriter(path, resume)
+    raise InputError(f"{path}: output must end in .npy or .parquet")
+
+
+class NpyWriter:
+    """A float32 .npy grown row by row. Its header is rewritten after every append, so the file
+    is always a valid array of the rows committed so far; bytes past them (a write cut short)
+    are dropped on resume."""
+
+    HEADER_BYTES = 128  # fixed, so the header can be rewritten in place as the row count grows
+
+    def __init__(self, path: str, resume: bool):
+        self.path = path
+        self.rows, self.width = 0, None
+        if resume and os.path.exists(path):
+            self.rows, self.width = self._committed()
+            self._file = open(path, "r+b")
+            self._file.truncate(self.HEADER_BYTES + self.rows * self.width * 4)
+            self._file.seek(0, os.SEEK_END)
+        else:
+            self._file = open(path, "wb")
+
+    def _committed(self) -> tuple[int, int]:
+        with open(self.path, "rb") as file:
+            preamble = file.read(10)
+            if preamble[:6] != b"\x93NUMPY":
+                raise InputError(f"{self.path}: not a .npy file; cannot resume into it")
+            header = ast.literal_eval(file.read(int.from_bytes(preamble[8:10], "little"))
+                                      .decode("latin1"))
+        if header.get("descr") != "<f4" or len(header.get("shape", ())) != 2:
+            raise InputError(f"{self.path}: not a 2-d float32 array; cannot resume into it")
+        rows, width = header["shape"]
+        return rows, width
+
+    def _write_header(self) -> None:
+        header = repr({"descr": "<f4", "fortran_order": False, "shape": (self.rows, self.width)})
+        header = header.ljust(self.HEADER_BYTES - 10 - 1) + "\n"
+        self._file.seek(0)
+        self._file.write(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little")
+                         + header.encode("latin1"))
+        self._file.seek(0, os.SEEK_END)
+
+    def append(self, vectors: np.ndarray) -> None:
+        if self.width is None:
+            self.width = vectors.shape[1]
+            self._write_header()
+        elif vectors.shape[1] != self.width:
+            raise InputError(f"{self.path}: holds vectors of width {self.width}, these are "
+                             f"{vectors.shape[1]} wide (other options than the first run?)")
+        self._file.write(np.ascontiguousarray(vectors, dtype="<f4").tobytes())
+        self._file.flush()
+        self.rows += len(vectors)
+        self._write_header()  # commit: only now do the rows count
+        self._file.flush()
+
+    def flush(self) -> None:
+        """Every appended row is committed already."""
+
+    def close(self) -> None:
+        if self.width is None:  # nothing embedded: still leave a valid (empty) array
+            self.width = 0
+            self._write_header()
+        self._file.close()
+
+
+class ParquetWriter:
+    """Parquet with columns id (row number, int64) and embedding (list of float32).
+
+    Rows are committed as complete part files in OUTPUT.parts/ (written whole, then renamed), so
+    an interrupted run leaves only complete parts; close() joins them into OUTPUT."""
+
+    PART_ROWS = 8192
+
+    def __init__(self, path: str, resume: bool):
+        import pyarrow.parquet as pq
+
+        self.path = path
+        self.parts = Path(path + ".parts")
+        self._pending: list[np.ndarray] = []
+        if not resume:
+            for old in self.parts.glob("*") if self.parts.exists() else ():
+                old.unlink()
+        self.parts.mkdir(exist_ok=True)
+        if resume and os.path.exists(path):  # a finished file: continue from it as part 0
+            os.replace(path, self.parts / self._part_name(0))
+        self.rows = sum(pq.ParquetFile(part).metadata.num_rows for part in self._part_files())
+
+    @staticmethod
+    def _part_name(first_row: int) -> str:
+        return f"part-{first_row:015d}.parquet"
+
+    def _part_files(self) -> list[Path]:
+        return sorted(self.parts.glob("part-*.parquet"))
+
+    def append(self, vectors: np.ndarray) -> None:
+        self._pending.append(np.asarray(vectors, dtype=np.float32))
+        if sum(len(p) for p in self._pending) >= self.PART_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit the rows appended so far as a part file."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self._pending:
+            return
+        vectors = np.concatenate(self._pending)
+        self._pending = []
+        table = pa.table({
+            "id": pa.array(np.arange(self.rows, self.rows + len(vectors)), pa.int64()),
+            "embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array(vectors.reshape(-1)), vectors.shape[1]),
+        })
+        temporary = self.parts / (self._part_name(self.rows) + ".tmp")
+        pq.write_table(table, temporary)
+        os.replace(temporary, self.parts / self._part_name(self.rows))
+        self.rows += len(vectors)
+
+    def close(self) -> None:
+        import pyarrow.parquet as pq
+
+        self.flush()
+        parts = self._part_files()
+        if parts:
+            schema = pq.ParquetFile(parts[0]).schema_arrow
+            with pq.ParquetWriter(self.path + ".tmp", schema) as out:
+                for part in parts:
+                    out.write_table(pq.read_table(part))
+            os.replace(self.path + ".tmp", self.path)
+        for part in parts:
+            part.unlink()
+        self.parts.rmdir()

@@ -1,0 +1,180 @@
+"""The blocking client."""
+
+from __future__ import annotations
+
+import collections
+import threading
+from typing import Iterable, Iterator, Sequence
+
+import grpc
+import numpy as np
+
+from bertstream.client.core import (Usage, batches, build_request, check_combine_strategy,
+                                    combine_tokens, decode_response, make_channel)
+from bertstream.proto import embedder_pb2 as pb
+from bertstream.proto import embedder_pb2_grpc as pb_grpc
+
+
+class Client:
+    """A blocking client.
+
+    target: "host:port", any gRPC target string ("dns:///name:port" with many addresses), or a
+    list of "host:port" replicas; calls are spread over all addresses (round robin) and a call
+    failed by a vanished replica is retried on another. token: sent as
+    `authorization: Bearer <token>`. TLS: tls=True, tls_ca, tls_cert, tls_key (see make_channel).
+    """
+
+    def __init__(self, target: str | Sequence[str] = "127.0.0.1:50051", *,
+                 timeout: float | None = None, token: str | None = None,
+                 channel: grpc.Channel | None = None, **tls):
+        self._channel = channel or make_channel(target, **tls)
+        self._stub = pb_grpc.EmbedderStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._replicas = not isinstance(target, str) and len(target) > 1
+        self.timeout = timeout
+        self.last_usage: Usage | None = None  # usage of the latest response received
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _embed(self, request: pb.EmbedRequest):
+        response = self._stub.Embed(request, timeout=self.timeout, metadata=self._metadata)
+        self.last_usage = Usage.of(response)
+        return decode_response(response)
+
+    def embed(self, texts: Sequence[str], pooling: str = "mean", layers: Sequence[int] = (-1,),
+              layer_combine: str = "concat", normalize: bool = False, dtype: str = "float32",
+              truncate: bool = True):
+        """One vector per text: float32 (n, width) for the float dtypes; Int8Embeddings for int8;
+        packed sign bits uint8 (n, ceil(width / 8)) for binary."""
+        if pooling == "none":
+            raise ValueError("pooling 'none' is token-level: use embed_tokens()")
+        return self._embed(build_request(texts, pooling=pooling, layers=layers,
+                                         layer_combine=layer_combine, normalize=normalize,
+                                         dtype=dtype, truncate=truncate))
+
+    def embed_tokens(self, texts: Sequence[str], layers: Sequence[int] = (-1,),
+                     layer_combine: str = "concat", normalize: bool = False,
+                     truncate: bool = True) -> list[np.ndarray]:
+        """Token-level vectors: one (tokens, width) float32 array per text, exactly its own
+        tokens ([CLS] and [SEP] included); `tokenize` gives the matching strings and offsets."""
+        return self._embed(build_request(texts, pooling="none", layers=layers,
+                                         layer_combine=layer_combine, normalize=normalize,
+                                         truncate=truncate))
+
+    def stream(self, texts: Iterable[str], batch_size: int = 64, window: int = 32,
+               spread: bool | None = None, **options) -> Iterator:
+        """Embed any iterable of texts with bounded memory: messages of batch_size texts, at most
+        `window` in flight; yields one result per message, in input order (what `embed` returns
+        for those texts, or with pooling="none" a list of token arrays).
+
+        One EmbedStream carries them; with spread (default: when several replicas were given),
+        each message is its own call instead, so they spread over every replica and a message
+        whose replica dies is retried on another. A message the server rejects raises
+        EmbedStreamError (stream) or grpc.RpcError (spread).
+        """
+        if window < 1:
+            raise ValueError("window must be >= 1")
+        requests = (build_request(batch, str(number), **options)
+                    for number, batch in enumerate(batches(texts, batch_size)))
+        if self._replicas if spread is None else spread:
+            return self._spread(requests, window)
+        return self._one_stream(requests, window)
+
+    def _one_stream(self, requests, window: int):
+        slots = threading.Semaphore(window)
+        stop = threading.Event()
+
+        def paced():
+            for request in requests:
+                while not slots.acquire(timeout=0.1):  # wait for a response to free a slot
+                    if stop.is_set():
+                        return
+                if stop.is_set():
+                    return
+                yield request
+
+        responses = self._stub.EmbedStream(paced(), timeout=self.timeout, metadata=self._metadata)
+        try:
+            for response in responses:
+                slots.release()
+                self.last_usage = Usage.of(response)
+                yield decode_response(response)
+        finally:
+            stop.set()
+            responses.cancel()
+
+    def _spread(self, requests, window: int):
+        in_flight = collections.deque()
+        try:
+            for request in requests:
+                in_flight.append(self._stub.Embed.future(request, timeout=self.timeout,
+                                                         metadata=self._metadata))
+                if len(in_flight) >= window:
+                    yield self._settle(in_flight.popleft())
+            while in_flight:
+                yield self._settle(in_flight.popleft())
+        finally:
+            for future in in_flight:
+                future.cancel()
+
+    def _settle(self, future):
+        response = future.result()
+        self.last_usage = Usage.of(response)
+        return decode_response(response)
+
+    def tokenize(self, texts: Sequence[str], truncate: bool = True) -> list[list[dict]]:
+        """Per text, its tokens as dicts: id, text (token string), start, end (character offsets;
+        special tokens have start == end == 0)."""
+        response = self._stub.Tokenize(pb.TokenizeRequest(texts=list(texts), truncate=truncate),
+                                       timeout=self.timeout, metadata=self._metadata)
+        return tokens_of(response)
+
+    def info(self) -> dict:
+        return info_of(self._stub.Info(pb.InfoRequest(), timeout=self.timeout,
+                                       metadata=self._metadata))
+
+    def encode_sentences(self, text_list: Sequence[str], combine_strategy=None,
+                         batch_size: int = 32):
+        """simpletransformers' `RepresentationModel.encode_sentences`, with masked semantics.
+
+        combine_strategy:
+          None     one (tokens, hidden) array per text, exactly its own tokens. simpletransformers
+                   returns a padded array and fails when batches pad to different lengths.
+          "mean"   masked mean (n, hidden): padding never counts, so a text's vector does not
+                   depend on its batch. simpletransformers averages padding positions in.
+          "max"    masked max (n, hidden) (not in simpletransformers).
+          "concat" (n, L * hidden), L = the longest text of the whole list; each text's token
+                   vectors in order, then zeros (simpletransformers pads with the model's outputs
+                   at [PAD] positions, and only within one batch).
+          int i    the i-th real token of each text; negative counts from its last real token
+                   ([SEP] for -1). simpletransformers picks a [PAD] position for short texts.
+        The model's own tokenizer settings (e.g. lower-casing) apply; its last hidden layer is used.
+        """
+        check_combine_strategy(combine_strategy)
+        texts = list(text_list)
+        if combine_strategy in ("mean", "max"):
+            parts = [self.embed(batch, combine_strategy) for batch in batches(texts, batch_size)]
+            return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+        tokens = [row for batch in batches(texts, batch_size) for row in self.embed_tokens(batch)]
+        return tokens if combine_strategy is None else combine_tokens(tokens, combine_strategy)
+
+
+def tokens_of(response: pb.TokenizeResponse) -> list[list[dict]]:
+    return [[{"id": t.id, "text": t.text, "start": t.start, "end": t.end} for t in text.tokens]
+            for text in response.texts]
+
+
+def info_of(response: pb.InfoResponse) -> dict:
+    return {
+        "model": response.model, "hidden_size": response.hidden_size,
+        "num_layers": response.num_layers, "max_input_tokens": response.max_input_tokens,
+        "device": response.device, "dtype": response.dtype,
+        "limits": {field.name: value for field, value in response.limits.ListFields()},
+    }
