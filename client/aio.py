@@ -8,7 +8,7 @@ from typing import AsyncIterable, AsyncIterator, Iterable, Sequence
 import grpc
 import numpy as np
 
-from bertstream.client.core import (Usage, batches, build_request, check_combine_strategy,
+from bertstream.client.core import (SEND_ATTEMPTS, Usage, batches, build_request, check_combine_strategy,
                                     combine_tokens, decode_response, make_channel)
 from bertstream.client.sync import info_of, tokens_of
 from bertstream.proto import embedder_pb2 as pb
@@ -93,20 +93,31 @@ class AsyncClient:
             call.cancel()
 
     async def _spread(self, requests, window: int):
-        in_flight: list[asyncio.Task] = []
+        in_flight: list[tuple[pb.EmbedRequest, asyncio.Task]] = []
         try:
             async for request in requests:
-                in_flight.append(asyncio.ensure_future(self._stub.Embed(
-                    request, timeout=self.timeout, metadata=self._metadata)))
+                in_flight.append((request, self._send(request)))
                 if len(in_flight) >= window:
-                    yield self._settle(await in_flight.pop(0))
+                    yield await self._settle(*in_flight.pop(0))
             while in_flight:
-                yield self._settle(await in_flight.pop(0))
+                yield await self._settle(*in_flight.pop(0))
         finally:
-            for task in in_flight:
+            for _, task in in_flight:
                 task.cancel()
 
-    def _settle(self, response):
+    def _send(self, request: pb.EmbedRequest) -> asyncio.Task:
+        return asyncio.ensure_future(self._stub.Embed(request, timeout=self.timeout,
+                                                      metadata=self._metadata))
+
+    async def _settle(self, request: pb.EmbedRequest, task: asyncio.Task):
+        for attempt in range(1, SEND_ATTEMPTS + 1):
+            try:
+                response = await task
+                break
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == SEND_ATTEMPTS:
+                    raise
+                task = self._send(request)  # its replica went away: another one takes it
         self.last_usage = Usage.of(response)
         return decode_response(response)
 

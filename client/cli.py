@@ -44,6 +44,8 @@ def embed_parser(subparsers) -> None:
     p.add_argument("--tls-ca", help="CA to trust (PEM): connect with TLS")
     p.add_argument("--tls-cert", help="client certificate (PEM), for mutual TLS")
     p.add_argument("--tls-key", help="client key (PEM), for mutual TLS")
+    p.add_argument("--commit-rows", type=int, default=8192,
+                   help=".parquet: rows per committed part (what an interruption can cost)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=run_embed)
 
@@ -55,7 +57,7 @@ def run_embed(args) -> int:
     fmt = input_format(args.input, args.input_format)
     writer = None
     try:
-        writer = open_writer(args.output, args.resume)
+        writer = open_writer(args.output, args.resume, args.commit_rows)
         done = writer.rows
         total = count_texts(args.input, fmt)
         texts = itertools.islice(read_texts(args.input, fmt, args.field), done, None)

@@ -30,6 +30,9 @@ SERVICE_CONFIG = json.dumps({
                         "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
     }],
 })
+# A message sent to a replica that then died is sent again this many times in all (the server
+# computes it from scratch, so a retry can neither lose nor duplicate a row).
+SEND_ATTEMPTS = 5
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
                    ("grpc.service_config", SERVICE_CONFIG), ("grpc.enable_retries", 1)]
 

@@ -29,8 +29,14 @@ def input_format(path: str, declared: str | None) -> str:
     return {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}.get(suffix, "text")
 
 
+def _require(path: str) -> None:
+    if path != "-" and not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+
+
 def count_texts(path: str, fmt: str) -> int | None:
     """How many texts the input holds (for the progress bar); None for standard input."""
+    _require(path)
     if path == "-":
         return None
     if fmt == "parquet":
@@ -44,8 +50,7 @@ def count_texts(path: str, fmt: str) -> int | None:
 def read_texts(path: str, fmt: str, field: str = "text") -> Iterator[str]:
     """Texts one at a time: a line of a text file, `field` of a JSON Lines record, or the
     `field` column of a Parquet file. "-" reads standard input (text or JSON Lines)."""
-    if not os.path.exists(path) and path != "-":
-        raise InputError(f"{path}: no such file")
+    _require(path)
     if fmt == "parquet":
         yield from _parquet_texts(path, field)
         return
@@ -96,9 +101,9 @@ def _parquet_texts(path: str, column: str) -> Iterator[str]:
 
 # ---------------------------------------------------------------------- output
 
-def open_writer(path: str, resume: bool):
+def open_writer(path: str, resume: bool, commit_rows: int = 8192):
     if Path(path).suffix.lower() == ".parquet":
-        return ParquetWriter(path, resume)
+        return ParquetWriter(path, resume, commit_rows)
     if Path(path).suffix.lower() == ".npy":
         return NpyWriter(path, resume)
     raise InputError(f"{path}: output must end in .npy or .parquet")
@@ -171,12 +176,11 @@ class ParquetWriter:
     Rows are committed as complete part files in OUTPUT.parts/ (written whole, then renamed), so
     an interrupted run leaves only complete parts; close() joins them into OUTPUT."""
 
-    PART_ROWS = 8192
-
-    def __init__(self, path: str, resume: bool):
+    def __init__(self, path: str, resume: bool, commit_rows: int = 8192):
         import pyarrow.parquet as pq
 
         self.path = path
+        self.commit_rows = commit_rows
         self.parts = Path(path + ".parts")
         self._pending: list[np.ndarray] = []
         if not resume:
@@ -196,7 +200,7 @@ class ParquetWriter:
 
     def append(self, vectors: np.ndarray) -> None:
         self._pending.append(np.asarray(vectors, dtype=np.float32))
-        if sum(len(p) for p in self._pending) >= self.PART_ROWS:
+        if sum(len(p) for p in self._pending) >= self.commit_rows:
             self.flush()
 
     def flush(self) -> None:

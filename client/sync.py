@@ -9,7 +9,7 @@ from typing import Iterable, Iterator, Sequence
 import grpc
 import numpy as np
 
-from bertstream.client.core import (Usage, batches, build_request, check_combine_strategy,
+from bertstream.client.core import (SEND_ATTEMPTS, Usage, batches, build_request, check_combine_strategy,
                                     combine_tokens, decode_response, make_channel)
 from bertstream.proto import embedder_pb2 as pb
 from bertstream.proto import embedder_pb2_grpc as pb_grpc
@@ -90,15 +90,19 @@ class Client:
     def _one_stream(self, requests, window: int):
         slots = threading.Semaphore(window)
         stop = threading.Event()
+        failures = []  # from reading the texts, which runs on gRPC's sending thread
 
         def paced():
-            for request in requests:
-                while not slots.acquire(timeout=0.1):  # wait for a response to free a slot
+            try:
+                for request in requests:
+                    while not slots.acquire(timeout=0.1):  # wait for a response to free a slot
+                        if stop.is_set():
+                            return
                     if stop.is_set():
                         return
-                if stop.is_set():
-                    return
-                yield request
+                    yield request
+            except Exception as exc:  # end the stream cleanly; the caller gets exc after the
+                failures.append(exc)  # answers to what was sent before it
 
         responses = self._stub.EmbedStream(paced(), timeout=self.timeout, metadata=self._metadata)
         try:
@@ -109,23 +113,34 @@ class Client:
         finally:
             stop.set()
             responses.cancel()
+        if failures:
+            raise failures[0]
 
     def _spread(self, requests, window: int):
         in_flight = collections.deque()
         try:
             for request in requests:
-                in_flight.append(self._stub.Embed.future(request, timeout=self.timeout,
-                                                         metadata=self._metadata))
+                in_flight.append((request, self._send(request)))
                 if len(in_flight) >= window:
-                    yield self._settle(in_flight.popleft())
+                    yield self._settle(*in_flight.popleft())
             while in_flight:
-                yield self._settle(in_flight.popleft())
+                yield self._settle(*in_flight.popleft())
         finally:
-            for future in in_flight:
+            for _, future in in_flight:
                 future.cancel()
 
-    def _settle(self, future):
-        response = future.result()
+    def _send(self, request: pb.EmbedRequest):
+        return self._stub.Embed.future(request, timeout=self.timeout, metadata=self._metadata)
+
+    def _settle(self, request: pb.EmbedRequest, future):
+        for attempt in range(1, SEND_ATTEMPTS + 1):
+            try:
+                response = future.result()
+                break
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == SEND_ATTEMPTS:
+                    raise
+                future = self._send(request)  # its replica went away: another one takes it
         self.last_usage = Usage.of(response)
         return decode_response(response)
 

@@ -1,0 +1,283 @@
+"""Corpus-scale client: `bertstream embed`, resume, replicas, AsyncClient, the simpletransformers
+drop-in."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+
+from bertstream.client import AsyncClient, Client, RepresentationModel
+from bertstream.client.cli import main as embed_main
+
+
+def run_cli(*args) -> int:
+    return embed_main(["embed", *map(str, args), "--no-progress"])
+
+
+def read_output(path) -> np.ndarray:
+    if str(path).endswith(".npy"):
+        return np.load(path)
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    assert table.column("id").to_pylist() == list(range(table.num_rows))
+    return np.array(table.column("embedding").to_pylist(), dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def texts(corpus):
+    return list(corpus[:150]) + ["", "  leading spaces", "ünïcödé ✓"]
+
+
+@pytest.fixture(scope="module")
+def expected(client, texts):
+    return client.embed(texts)
+
+
+# ---------------------------------------------------------------- formats
+
+@pytest.mark.parametrize("output", ["out.npy", "out.parquet"])
+@pytest.mark.parametrize("fmt", ["text", "jsonl", "parquet"])
+def test_every_input_and_output_format(server, tmp_path, texts, expected, fmt, output):
+    if fmt == "text":
+        source = tmp_path / "in.txt"
+        source.write_text("\n".join(texts) + "\n", encoding="utf-8")
+        extra = []
+    elif fmt == "jsonl":
+        source = tmp_path / "in.jsonl"
+        source.write_text("\n".join(json.dumps({"body": t, "n": i}) for i, t in enumerate(texts)),
+                          encoding="utf-8")
+        extra = ["--field", "body"]
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        source = tmp_path / "in.parquet"
+        pq.write_table(pa.table({"doc": texts}), source, row_group_size=40)
+        extra = ["--field", "doc"]
+    assert run_cli(source, "-o", tmp_path / output, "--server", server.target,
+                   "--batch-size", 16, *extra) == 0
+    np.testing.assert_allclose(read_output(tmp_path / output), expected, atol=1e-4)
+
+
+def test_standard_input_and_options(server, tmp_path, texts, client):
+    process = subprocess.run(
+        [sys.executable, "-m", "bertstream.server.cli", "embed", "-", "-o", tmp_path / "s.npy",
+         "--server", server.target, "--normalize", "--pooling", "max", "--layers", "2", "-1"],
+        input="\n".join(texts[:20]), text=True, capture_output=True, timeout=120)
+    assert process.returncode == 0, process.stderr
+    assert "embedded 20 texts" in process.stderr and "tokens/s" in process.stderr
+    np.testing.assert_allclose(
+        np.load(tmp_path / "s.npy"),
+        client.embed(texts[:20], pooling="max", layers=(2, -1), normalize=True), atol=1e-4)
+
+
+@pytest.mark.parametrize("setup, message, status", [
+    (lambda d: (d / "missing.txt", []), "no such file", 2),
+    (lambda d: ((d / "bad.jsonl").write_text('{"text": "ok"}\nnot json\n') and d / "bad.jsonl",
+                []), "bad.jsonl:2: not JSON", 2),
+    (lambda d: ((d / "f.jsonl").write_text('{"other": "x"}\n') and d / "f.jsonl", []),
+     "no field 'text'", 2),
+    (lambda d: ((d / "x.txt").write_text("a\n") and d / "x.txt", ["-o", d / "out.csv"]),
+     "must end in .npy or .parquet", 2),
+    (lambda d: ((d / "y.txt").write_text("a\n") and d / "y.txt", ["--server", "127.0.0.1:1"]),
+     "UNAVAILABLE", 1),
+])
+def test_errors_are_one_line_and_nonzero(server, tmp_path, setup, message, status, capsys):
+    source, extra = setup(tmp_path)
+    args = [source, "-o", tmp_path / "out.npy", *extra]
+    if "--server" not in extra:
+        args += ["--server", server.target]
+    assert run_cli(*args) == status
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- resume
+
+@pytest.mark.parametrize("output", ["r.npy", "r.parquet"])
+def test_resume_after_kill_equals_uninterrupted_run(server, tmp_path, corpus, output):
+    texts = [corpus[i % len(corpus)] for i in range(1500)]
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    whole = tmp_path / ("whole" + output[1:])
+    assert run_cli(source, "-o", whole, "--server", server.target) == 0
+    target = tmp_path / output
+    command = [sys.executable, "-m", "bertstream.server.cli", "embed", str(source), "-o",
+               str(target), "--server", server.target, "--batch-size", "32", "--window", "4",
+               "--no-progress"]
+    if output.endswith(".parquet"):
+        command += ["--commit-rows", "100"]  # small parts, so the kill lands between commits
+    process = subprocess.Popen(command, stderr=subprocess.PIPE)
+    time.sleep(random.uniform(2.0, 4.0))
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert run_cli(source, "-o", target, "--server", server.target, "--resume") == 0
+    resumed, uninterrupted = read_output(target), read_output(whole)
+    assert resumed.shape == uninterrupted.shape == (1500, 384)
+    np.testing.assert_allclose(resumed, uninterrupted, atol=1e-4)
+
+
+def test_resume_of_a_finished_file_adds_nothing(server, tmp_path, texts):
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(texts[:40]) + "\n", encoding="utf-8")
+    out = tmp_path / "o.npy"
+    assert run_cli(source, "-o", out, "--server", server.target) == 0
+    first = np.load(out)
+    assert run_cli(source, "-o", out, "--server", server.target, "--resume") == 0
+    np.testing.assert_array_equal(np.load(out), first)
+
+
+# ---------------------------------------------------------------- replicas
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _served(metrics_port: int) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read()
+    return sum(s.value for family in text_string_to_metric_families(text.decode())
+               for s in family.samples
+               if s.name == "bertstream_texts_total" and s.labels.get("code") == "OK")
+
+
+def test_three_replicas_share_work_and_survive_one_dying(tmp_path, corpus, client):
+    replicas = []
+    for _ in range(3):
+        port, metrics = _free_port(), _free_port()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bertstream.server.cli", "serve", "--port", str(port),
+             "--metrics-port", str(metrics), "--device", "cpu", "--threads", "1",
+             "--log-level", "WARNING"], env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        replicas.append((process, f"127.0.0.1:{port}", metrics))
+    try:
+        for _, target, _ in replicas:
+            with Client(target, timeout=5) as probe:
+                deadline = time.time() + 180
+                while True:
+                    try:
+                        probe.info()
+                        break
+                    except grpc.RpcError:
+                        assert time.time() < deadline, "replica did not start"
+                        time.sleep(0.5)
+        texts = [corpus[i % len(corpus)] for i in range(1200)]
+        expected = client.embed(texts[:200])
+        results = []
+        with Client([target for _, target, _ in replicas], timeout=120) as spread:
+            for i, part in enumerate(spread.stream(texts, batch_size=20, window=9)):
+                results.append(part)
+                if i == 10:  # every replica has had work by now; kill one mid-job
+                    assert all(_served(metrics) > 0 for _, _, metrics in replicas)
+                    replicas[0][0].send_signal(signal.SIGKILL)
+        vectors = np.concatenate(results)
+        assert vectors.shape == (1200, 384)  # nothing lost, nothing duplicated
+        # Rows are in input order, whichever replica computed them, before or after the kill.
+        np.testing.assert_allclose(vectors[:200], expected, atol=1e-4)
+        np.testing.assert_allclose(vectors[1000:1100], client.embed(texts[1000:1100]), atol=1e-4)
+    finally:
+        for process, _, _ in replicas:
+            process.kill()
+            process.wait()
+
+
+# ---------------------------------------------------------------- asyncio client
+
+def test_async_client_matches_blocking_client(server, client, texts):
+    async def main():
+        async with AsyncClient(server.target, timeout=120) as aclient:
+            vectors = await aclient.embed(texts[:10], normalize=True)
+            tokens = await aclient.embed_tokens(texts[:3])
+            parts = [p async for p in aclient.stream(texts, batch_size=25, window=3)]
+
+            async def agen():
+                for t in texts[:30]:
+                    yield t
+            async_parts = [p async for p in aclient.stream(agen(), batch_size=7)]
+            spread = [p async for p in aclient.stream(texts[:30], batch_size=7, spread=True)]
+            info = await aclient.info()
+            pieces = await aclient.tokenize(["hello world"])
+            concat = await aclient.encode_sentences(texts[:4], combine_strategy="concat")
+            return vectors, tokens, parts, async_parts, spread, info, pieces, concat
+
+    vectors, tokens, parts, async_parts, spread, info, pieces, concat = asyncio.run(main())
+    np.testing.assert_allclose(vectors, client.embed(texts[:10], normalize=True), atol=1e-5)
+    for got, want in zip(tokens, client.embed_tokens(texts[:3])):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(np.concatenate(parts), client.embed(texts), atol=1e-4)
+    np.testing.assert_allclose(np.concatenate(async_parts), client.embed(texts[:30]), atol=1e-4)
+    np.testing.assert_allclose(np.concatenate(spread), client.embed(texts[:30]), atol=1e-4)
+    assert info == client.info() and pieces == client.tokenize(["hello world"])
+    np.testing.assert_allclose(concat, client.encode_sentences(texts[:4], "concat"), atol=1e-5)
+
+
+# ---------------------------------------------------------------- simpletransformers drop-in
+
+SENTENCES = ["This is a sample sentence.", "Another sentence for embedding.",
+             "The quick brown fox jumps over the lazy dog.", "Hi"]
+
+
+@pytest.fixture(scope="module")
+def simpletransformers_model():
+    representation = pytest.importorskip("simpletransformers.language_representation")
+    from bertstream.server.engine import default_model_path
+
+    # do_lower_case set to match this uncased model (simpletransformers' default False would
+    # override the tokenizer and feed [UNK] for capitalised words).
+    return representation.RepresentationModel("bert", default_model_path(), use_cuda=False,
+                                              args={"do_lower_case": True})
+
+
+@pytest.fixture(scope="module")
+def drop_in(server):
+    return RepresentationModel("bert", "all-MiniLM-L6-v2", use_cuda=False, target=server.target)
+
+
+@pytest.mark.parametrize("strategy", [None, "mean", "concat", 0, -1, 2])
+def test_drop_in_has_simpletransformers_shapes(simpletransformers_model, drop_in, strategy):
+    theirs = simpletransformers_model.encode_sentences(SENTENCES, combine_strategy=strategy,
+                                                       batch_size=32)
+    ours = drop_in.encode_sentences(SENTENCES, combine_strategy=strategy, batch_size=32)
+    assert ours.shape == theirs.shape and ours.dtype == np.float32
+
+
+def test_drop_in_equals_simpletransformers_where_it_is_right(simpletransformers_model, drop_in):
+    st = simpletransformers_model.encode_sentences
+    np.testing.assert_allclose(drop_in.encode_sentences(SENTENCES, 0), st(SENTENCES, 0),
+                               atol=1e-4)
+    alone = np.concatenate([st([s], "mean", batch_size=1) for s in SENTENCES])
+    ours = drop_in.encode_sentences(SENTENCES, "mean")
+    np.testing.assert_allclose(ours, alone, atol=1e-4)
+    # ... and masked where it is not: its batched mean averages [PAD] positions into "Hi".
+    batched = st(SENTENCES, "mean", batch_size=4)
+    short = SENTENCES.index("Hi")
+    cos = batched[short] @ ours[short] / np.linalg.norm(batched[short]) / np.linalg.norm(ours[short])
+    assert cos < 0.99
+    np.testing.assert_allclose(batched[2], ours[2], atol=1e-4)  # the longest: no padding
+    # index -1: theirs is a [PAD] position for every shorter text, ours each text's [SEP]
+    tokens = drop_in.client.embed_tokens(SENTENCES)
+    np.testing.assert_allclose(drop_in.encode_sentences(SENTENCES, -1),
+                               np.stack([t[-1] for t in tokens]), atol=1e-5)
+
+
+def test_drop_in_reads_target_from_environment(server, monkeypatch):
+    monkeypatch.setenv("BERTSTREAM_TARGET", server.target)
+    model = RepresentationModel("bert", "all-MiniLM-L6-v2")
+    assert model.target == server.target
+    assert model.encode_sentences(["x"], combine_strategy="mean").shape == (1, 384)
