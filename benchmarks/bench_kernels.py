@@ -68,8 +68,8 @@ def main():
     rng = np.random.default_rng(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
           f"{ext.default_threads()} kernel threads, {'cold' if args.cold else 'warm'} caches\n")
-    print(f"| shape | method | ms | GB/s (real tokens) | x torch mean |")
-    print(f"|---|---|---:|---:|---:|")
+    print("| shape | method | ms | GB/s (real tokens) | x torch mean |")
+    print("|---|---|---:|---:|---:|")
     for shape in [(64, 256, 384), (32, 512, 768)]:
         batch, seq, hidden_size = shape
         hidden = rng.standard_normal(shape, dtype=np.float32)

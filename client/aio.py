@@ -8,7 +8,7 @@ from typing import AsyncIterable, AsyncIterator, Iterable, Sequence
 import grpc
 import numpy as np
 
-from bertstream.client.core import (SEND_ATTEMPTS, Usage, batches, build_request, check_combine_strategy,
+from bertstream.client.core import (SEND_ATTEMPTS, Usage, batches, send_again, build_request, check_combine_strategy,
                                     combine_tokens, decode_response, make_channel)
 from bertstream.client.sync import info_of, tokens_of
 from bertstream.proto import embedder_pb2 as pb
@@ -115,7 +115,7 @@ class AsyncClient:
                 response = await task
                 break
             except grpc.RpcError as error:
-                if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == SEND_ATTEMPTS:
+                if not send_again(error, attempt):
                     raise
                 task = self._send(request)  # its replica went away: another one takes it
         self.last_usage = Usage.of(response)

@@ -30,9 +30,15 @@ SERVICE_CONFIG = json.dumps({
                         "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
     }],
 })
-# A message sent to a replica that then died is sent again this many times in all (the server
+# A message sent to a replica that then died is sent again, this many times in all (the server
 # computes it from scratch, so a retry can neither lose nor duplicate a row).
 SEND_ATTEMPTS = 5
+
+
+def send_again(error: grpc.RpcError, attempt: int) -> bool:
+    """Whether a spread message that failed on its `attempt`-th send goes out once more: only
+    when its replica went away (UNAVAILABLE), SEND_ATTEMPTS sends in all."""
+    return error.code() == grpc.StatusCode.UNAVAILABLE and attempt < SEND_ATTEMPTS
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
                    ("grpc.service_config", SERVICE_CONFIG), ("grpc.enable_retries", 1)]
 

@@ -9,7 +9,7 @@ from typing import Iterable, Iterator, Sequence
 import grpc
 import numpy as np
 
-from bertstream.client.core import (SEND_ATTEMPTS, Usage, batches, build_request, check_combine_strategy,
+from bertstream.client.core import (SEND_ATTEMPTS, Usage, batches, send_again, build_request, check_combine_strategy,
                                     combine_tokens, decode_response, make_channel)
 from bertstream.proto import embedder_pb2 as pb
 from bertstream.proto import embedder_pb2_grpc as pb_grpc
@@ -138,7 +138,7 @@ class Client:
                 response = future.result()
                 break
             except grpc.RpcError as error:
-                if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == SEND_ATTEMPTS:
+                if not send_again(error, attempt):
                     raise
                 future = self._send(request)  # its replica went away: another one takes it
         self.last_usage = Usage.of(response)

@@ -15,7 +15,6 @@ row's mean and max NaN; +inf gives +inf; +inf and -inf in one mean give NaN); se
 from __future__ import annotations
 
 import os
-from typing import Sequence
 
 import numpy as np
 

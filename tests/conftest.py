@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
@@ -35,6 +39,36 @@ class ServerThread:
         asyncio.run_coroutine_threadsafe(self.running.stop(grace), self.loop).result(timeout=60)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_process(*args: str, **popen) -> tuple[subprocess.Popen, str]:
+    """`bertstream serve` as a user runs it, on a free port; returns once it answers Info."""
+    import grpc
+
+    from bertstream.client import Client
+
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bertstream.server.cli", "serve", "--port", str(port),
+         "--device", "cpu", *args], env={**os.environ, "HF_HUB_OFFLINE": "1"}, **popen)
+    target = f"127.0.0.1:{port}"
+    with Client(target, timeout=5) as probe:
+        deadline = time.time() + 180
+        while True:
+            try:
+                probe.info()
+                return process, target
+            except grpc.RpcError:
+                if time.time() > deadline or process.poll() is not None:
+                    process.kill()
+                    raise RuntimeError(f"bertstream serve {' '.join(args)} did not start")
+                time.sleep(0.3)
 
 
 @pytest.fixture(scope="session")

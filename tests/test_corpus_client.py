@@ -5,21 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
-import grpc
 import numpy as np
 import pytest
 
 from bertstream.client import AsyncClient, Client, RepresentationModel
 from bertstream.client.cli import main as embed_main
+from tests.conftest import free_port, serve_process
 
 
 def run_cli(*args) -> int:
@@ -142,12 +140,6 @@ def test_resume_of_a_finished_file_adds_nothing(server, tmp_path, texts):
 
 # ---------------------------------------------------------------- replicas
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _served(metrics_port: int) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -159,33 +151,24 @@ def _served(metrics_port: int) -> float:
 
 def test_three_replicas_share_work_and_survive_one_dying(tmp_path, corpus, client):
     replicas = []
-    for _ in range(3):
-        port, metrics = _free_port(), _free_port()
-        process = subprocess.Popen(
-            [sys.executable, "-m", "bertstream.server.cli", "serve", "--port", str(port),
-             "--metrics-port", str(metrics), "--device", "cpu", "--threads", "1",
-             "--log-level", "WARNING"], env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        replicas.append((process, f"127.0.0.1:{port}", metrics))
     try:
-        for _, target, _ in replicas:
-            with Client(target, timeout=5) as probe:
-                deadline = time.time() + 180
-                while True:
-                    try:
-                        probe.info()
-                        break
-                    except grpc.RpcError:
-                        assert time.time() < deadline, "replica did not start"
-                        time.sleep(0.5)
+        for _ in range(3):
+            metrics = free_port()
+            process, target = serve_process("--metrics-port", str(metrics), "--threads", "1",
+                                            "--log-level", "WARNING")
+            replicas.append((process, target, metrics))
         texts = [corpus[i % len(corpus)] for i in range(1200)]
         expected = client.embed(texts[:200])
-        results = []
+        results, killed_at = [], None
         with Client([target for _, target, _ in replicas], timeout=120) as spread:
             for i, part in enumerate(spread.stream(texts, batch_size=20, window=9)):
                 results.append(part)
-                if i == 10:  # every replica has had work by now; kill one mid-job
-                    assert all(_served(metrics) > 0 for _, _, metrics in replicas)
+                # Once every replica has served (round robin reaches each as it connects),
+                # kill one mid-job.
+                if killed_at is None and all(_served(m) > 0 for _, _, m in replicas):
                     replicas[0][0].send_signal(signal.SIGKILL)
+                    killed_at = i
+        assert killed_at is not None and killed_at < 50, "not every replica received work"
         vectors = np.concatenate(results)
         assert vectors.shape == (1200, 384)  # nothing lost, nothing duplicated
         # Rows are in input order, whichever replica computed them, before or after the kill.

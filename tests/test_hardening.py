@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,7 +17,7 @@ from bertstream.client import Client, decode_tensor
 from bertstream.proto import embedder_pb2 as pb
 from bertstream.proto import embedder_pb2_grpc as pb_grpc
 from bertstream.server.service import Limits, Security
-from tests.conftest import TEST_LIMITS, ServerThread
+from tests.conftest import TEST_LIMITS, ServerThread, serve_process
 
 # ---------------------------------------------------------------- certificates made here
 
@@ -352,29 +347,11 @@ def test_malformed_bytes_get_a_status_and_the_server_lives_on(server, payload):
 
 # ---------------------------------------------------------------- shutdown
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_stream_in_flight_at_sigterm_receives_every_response(corpus):
-    port = _free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bertstream.server.cli", "serve", "--port", str(port),
-         "--device", "cpu", "--grace", "60", "--log-level", "WARNING"],
-        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    process, target = serve_process("--grace", "60", "--log-level", "WARNING")
     texts = list(corpus[:600])
     try:
-        with Client(f"127.0.0.1:{port}", timeout=60) as client:
-            deadline = time.time() + 120
-            while True:
-                try:
-                    client.info()
-                    break
-                except grpc.RpcError:
-                    assert time.time() < deadline, "server did not start"
-                    time.sleep(0.3)
+        with Client(target, timeout=60) as client:
             received = []
             for i, part in enumerate(client.stream(texts, batch_size=20, window=30)):
                 received.append(part)

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bertstream.client import Client
+from tests.conftest import free_port
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +90,6 @@ def test_json_log_lines_carry_fields():
     assert line["message"] == "serving" and line["model"] == "m" and line["port"] == 5
     text = LogFormatter(as_json=False).format(record)
     assert text.endswith("serving model=m port=5")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_serve_command_logs_serves_and_stops():

@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 import pytest
 
-from bertstream.client import Client, EmbedStreamError, Int8Embeddings, decode_tensor
+from bertstream.client import EmbedStreamError, Int8Embeddings, decode_tensor
 from bertstream.proto import embedder_pb2 as pb
 from bertstream.proto import embedder_pb2_grpc as pb_grpc
 
