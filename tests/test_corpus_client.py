@@ -105,8 +105,11 @@ def test_errors_are_one_line_and_nonzero(server, tmp_path, setup, message, statu
 
 # ---------------------------------------------------------------- resume
 
-@pytest.mark.parametrize("output", ["r.npy", "r.parquet"])
-def test_resume_after_kill_equals_uninterrupted_run(server, tmp_path, corpus, output):
+@pytest.mark.parametrize("output, stop", [("r.npy", signal.SIGKILL),
+                                          ("r.parquet", signal.SIGKILL),
+                                          ("r.npy", signal.SIGINT)])  # Ctrl-C
+def test_resume_after_interruption_equals_uninterrupted_run(server, tmp_path, corpus, output,
+                                                            stop):
     texts = [corpus[i % len(corpus)] for i in range(1500)]
     source = tmp_path / "in.txt"
     source.write_text("\n".join(texts) + "\n", encoding="utf-8")
@@ -118,10 +121,13 @@ def test_resume_after_kill_equals_uninterrupted_run(server, tmp_path, corpus, ou
                "--no-progress"]
     if output.endswith(".parquet"):
         command += ["--commit-rows", "100"]  # small parts, so the kill lands between commits
-    process = subprocess.Popen(command, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     time.sleep(random.uniform(2.0, 4.0))
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.send_signal(stop)
+    _, err = process.communicate(timeout=60)
+    if stop == signal.SIGINT:
+        assert process.returncode == 130, err
+        assert "interrupted with" in err and "--resume" in err and "Traceback" not in err
     assert run_cli(source, "-o", target, "--server", server.target, "--resume") == 0
     resumed, uninterrupted = read_output(target), read_output(whole)
     assert resumed.shape == uninterrupted.shape == (1500, 384)
