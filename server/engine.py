@@ -7,7 +7,6 @@ what goes into a forward pass; the engine runs it and pools with the bertstream.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +15,6 @@ import torch
 
 from bertstream import ext
 from bertstream.server.errors import EmbedError
-
-log = logging.getLogger("bertstream.engine")
 
 POOLINGS = ("mean", "max", "cls", "mean_max", "none")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -39,10 +36,6 @@ class EmbedOptions:
     layers: tuple[int, ...] = (-1,)  # resolved to 0..N by Engine.options()
     layer_combine: str = "concat"  # ext.LAYER_COMBINES
     normalize: bool = False
-
-    def width(self, hidden_size: int) -> int:
-        layers = 1 if self.layer_combine == "mean" else len(self.layers)
-        return hidden_size * layers * (2 if self.pooling == "mean_max" else 1)
 
 
 @dataclass
