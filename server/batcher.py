@@ -29,9 +29,6 @@ from bertstream.server.metrics import Metrics
 
 log = logging.getLogger("bertstream.batcher")
 
-WIRE_DTYPES = ("float32", "float16", "bfloat16", "int8", "binary")
-
-
 @dataclass
 class Usage:
     tokens: int = 0

@@ -8,7 +8,6 @@ import enum
 class ErrorKind(enum.Enum):
     INVALID = "invalid"          # the request is wrong: the caller must change it
     OVERLOADED = "overloaded"    # a limit on load was hit: try again later
-    UNAVAILABLE = "unavailable"  # the server cannot serve now (shutting down, not ready)
     INTERNAL = "internal"        # the server failed on a valid request
 
 
@@ -27,7 +26,3 @@ class EmbedError(Exception):
     @classmethod
     def overloaded(cls, message: str) -> "EmbedError":
         return cls(ErrorKind.OVERLOADED, message)
-
-    @classmethod
-    def unavailable(cls, message: str) -> "EmbedError":
-        return cls(ErrorKind.UNAVAILABLE, message)

@@ -12,6 +12,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -33,7 +34,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Embedder"].full_name
 STATUS_CODES = {
     ErrorKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
     ErrorKind.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 
@@ -175,6 +175,14 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         async with self._queue_space:
             self._queue_space.notify_all()
 
+    async def _tokenize(self, request, details: bool = False):
+        texts = list(request.texts)
+        truncate = request.truncate if request.HasField("truncate") else True
+        if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:  # microseconds: not worth a thread hop
+            return self.engine.tokenize(texts, truncate, details)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tokenize_pool, self.engine.tokenize, texts, truncate, details)
+
     async def _embed(self, request: pb.EmbedRequest, streaming: bool) -> pb.EmbedResponse:
         """Validate, tokenize, queue, await, convert. Raises EmbedError."""
         self._check_texts(request.texts)
@@ -182,20 +190,8 @@ class EmbedderService(pb_grpc.EmbedderServicer):
             enum_name(POOLING_NAMES, request.pooling, "pooling"), request.layers,
             enum_name(COMBINE_NAMES, request.layer_combine, "layer_combine"), request.normalize)
         dtype = enum_name(DTYPE_NAMES, request.dtype, "dtype")
-        truncate = request.truncate if request.HasField("truncate") else True
-        loop = asyncio.get_running_loop()
-        texts = list(request.texts)
-        if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:  # microseconds: not worth a thread hop
-            tokens = self.engine.tokenize(texts, truncate)
-        else:
-            tokens = await loop.run_in_executor(self._tokenize_pool, self.engine.tokenize, texts,
-                                                truncate)
-
-        done: asyncio.Future = loop.create_future()
-
-        def on_done(result):  # called on the pooling thread
-            loop.call_soon_threadsafe(_settle, done, result)
-
+        tokens = await self._tokenize(request)
+        done, on_done = completion()
         job = Job(tokens.ids, options, dtype, on_done, truncated_items=sum(tokens.truncated))
         await self._admit(len(job.ids), wait=streaming)
         try:
@@ -269,10 +265,7 @@ class EmbedderService(pb_grpc.EmbedderServicer):
     async def Tokenize(self, request, context):
         try:
             self._check_texts(request.texts)
-            truncate = request.truncate if request.HasField("truncate") else True
-            tokens = await asyncio.get_running_loop().run_in_executor(
-                self._tokenize_pool, lambda: self.engine.tokenize(list(request.texts), truncate,
-                                                                  details=True))
+            tokens = await self._tokenize(request, details=True)
         except EmbedError as error:
             await abort(context, error)
         return pb.TokenizeResponse(texts=[
@@ -297,19 +290,25 @@ class EmbedderService(pb_grpc.EmbedderServicer):
 
 async def warm_up(batcher: Batcher, engine: Engine) -> None:
     """One text through the whole path (on the forward thread, like every forward pass)."""
-    loop = asyncio.get_running_loop()
-    done = loop.create_future()
+    done, on_done = completion()
     options = engine.options("mean", (), "concat", False)
-    batcher.submit(Job(engine.tokenize(["warm-up"]).ids, options, "float32",
-                       lambda result: loop.call_soon_threadsafe(_settle, done, result)))
+    batcher.submit(Job(engine.tokenize(["warm-up"]).ids, options, "float32", on_done))
     result = await done
     if isinstance(result, EmbedError):
         raise RuntimeError(f"warm-up failed: {result.message}")
 
 
-def _settle(future: asyncio.Future, result) -> None:
-    if not future.done():  # the caller may have gone
-        future.set_result(result)
+def completion() -> tuple[asyncio.Future, Callable]:
+    """A future on the running loop, and the Job.on_done callback (called on the batcher's
+    pooling thread) that settles it with the job's result."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def settle(result) -> None:
+        if not done.done():  # the caller may have gone
+            done.set_result(result)
+
+    return done, lambda result: loop.call_soon_threadsafe(settle, result)
 
 
 async def abort(context, error: EmbedError):
