@@ -56,12 +56,14 @@ def free_port() -> int:
 
 
 class Server:
+    extra: list[str] = []  # more `serve` flags (probes)
+
     def __init__(self, dtype: str, device: str, batch_tokens: int):
         self.port = free_port()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bertstream.server.cli", "serve", "--port", str(self.port),
              "--dtype", dtype, "--device", device, "--max-batch-tokens", str(batch_tokens),
-             "--log-level", "WARNING"],
+             "--log-level", "WARNING", *self.extra],
             env={**os.environ, "HF_HUB_OFFLINE": "1"})
         self.target = f"127.0.0.1:{self.port}"
         deadline = time.time() + 180

@@ -187,16 +187,27 @@ class Batcher:
             metrics.batch_rows.observe(len(batch))
             metrics.batch_tokens.observe(len(batch) * batch[-1].length)  # sorted: last is longest
             for part, hidden, lengths in self._forward_splitting(batch):
-                self._forwarded.put((part, hidden, lengths, start))
-            metrics.forward_seconds.observe((time.perf_counter_ns() - start) / 1e9)
+                if self._pooling_thread_idle() and not self._pool and self._jobs.empty():
+                    # Nothing waits for the next forward pass: pool here, and save the caller
+                    # a wake-up of the pooling thread (unary latency).
+                    self._complete(part, hidden, lengths, start)
+                else:
+                    self._forwarded.put((part, hidden, lengths, start))
         self._forwarded.put(None)
+
+    def _pooling_thread_idle(self) -> bool:
+        # Only this thread puts work there, so once the pooling thread has finished all of it, it
+        # stays idle until this thread puts more: the jobs it touched are ours to touch.
+        return self._forwarded.unfinished_tasks == 0
 
     def _forward_splitting(self, batch: list[_Item]):
         """Run the forward pass; if it fails (out of memory on a big batch, say), retry each half,
         down to single texts. Yields (texts, hidden states, lengths); for a text that fails on its
         own, the exception in place of the hidden states. The server lives on either way."""
         try:
+            started = time.perf_counter()
             hidden, lengths = self.engine.forward([item.job.ids[item.index] for item in batch])
+            self.metrics.forward_seconds.observe(time.perf_counter() - started)
         except Exception as exc:
             self.engine.free_cache()
             if len(batch) == 1:
@@ -215,25 +226,29 @@ class Batcher:
 
     def _pool_loop(self):
         while (work := self._forwarded.get()) is not None:
-            batch, hidden, lengths, start = work
-            try:
-                if isinstance(hidden, Exception):
-                    raise hidden
-                self._pool_batch(batch, hidden, lengths)
-                error = None
-            except Exception as exc:
-                if hidden is not exc:  # forward failures were logged where they happened
-                    log.exception("pooling failed on a batch of %d texts", len(batch))
-                which = f"texts[{batch[0].index}]: " if len(batch) == 1 else ""
-                error = EmbedError(ErrorKind.INTERNAL, f"{which}computing embeddings failed: "
-                                                       f"{type(exc).__name__}: {exc}")
-            elapsed = time.perf_counter_ns() - start
-            del hidden  # free the layers before the next batch arrives
-            for job in {item.job for item in batch}:
-                job.usage.queue_ns = max(job.usage.queue_ns, start - job.enqueued_ns)
-                job.usage.compute_ns += elapsed
-            for item in batch:
-                self._text_done(item, error)
+            self._complete(*work)
+            del work  # free the layers before the next batch arrives
+            self._forwarded.task_done()
+
+    def _complete(self, batch: list[_Item], hidden, lengths: np.ndarray, start: int) -> None:
+        """Pool a forwarded batch and settle the jobs whose last text it held."""
+        try:
+            if isinstance(hidden, Exception):
+                raise hidden
+            self._pool_batch(batch, hidden, lengths)
+            error = None
+        except Exception as exc:
+            if hidden is not exc:  # forward failures were logged where they happened
+                log.exception("pooling failed on a batch of %d texts", len(batch))
+            which = f"texts[{batch[0].index}]: " if len(batch) == 1 else ""
+            error = EmbedError(ErrorKind.INTERNAL, f"{which}computing embeddings failed: "
+                                                   f"{type(exc).__name__}: {exc}")
+        elapsed = time.perf_counter_ns() - start
+        for job in {item.job for item in batch}:
+            job.usage.queue_ns = max(job.usage.queue_ns, start - job.enqueued_ns)
+            job.usage.compute_ns += elapsed
+        for item in batch:
+            self._text_done(item, error)
 
     def _pool_batch(self, batch: list[_Item], hidden, lengths: np.ndarray) -> None:
         by_options: dict[EmbedOptions, list[int]] = {}
