@@ -1,8 +1,10 @@
 """Served throughput against in-process baselines, in one run: the five targets of the throughput issue.
 
-    python benchmarks/bench_throughput.py [--texts 1000] [--long-texts 100000] [--device cpu]
+    python benchmarks/bench_throughput.py [--texts 1000] [--long-texts 100000] [--rounds 5]
+        [--device cpu] [--soak-only]
 
-Throughputs are medians of 3 rounds; the in-process loop and the server alternate.
+Every round runs each compared thing once, back to back (both servers stay up, idle when not
+measured); the table gives the median of the per-round ratios and their range.
 1. one EmbedStream (bundled client) vs an in-process loop with the same precision, max length and
    batching (tokenizer + AutoModel forward + masked mean), float32 and bfloat16;
 2. vs sentence-transformers `encode` (float32, its defaults);
@@ -38,7 +40,7 @@ from bertstream.server.cli import DEFAULT_BATCH_TOKENS as BATCH_TOKENS  # noqa: 
 from bertstream.server.engine import default_model_path  # noqa: E402
 
 MAX_LENGTH = 256
-ROUNDS = 3
+ROUNDS = 5
 
 
 def rss_mb(pid: int) -> float:
@@ -183,10 +185,30 @@ def soak(server: Server, corpus, n_texts: int, dtype: str, row) -> None:
         "0.9-1.1")
 
 
+def measure_round(texts, st, sides, short) -> dict:
+    """One round: every compared thing once, back to back, so each ratio compares runs made
+    under the same machine conditions."""
+    times = {"st": timed(lambda: st.encode(texts))}
+    for dtype, (baseline, server) in sides.items():
+        times[dtype, "local"] = timed(lambda: baseline.embed(texts))
+        times[dtype, "one"] = timed(lambda: stream_all(server.target, texts))
+        times[dtype, "four"] = concurrent_streams(server.target, texts, 4)
+        times[dtype, "unary"] = unary_latency(server.target, short)
+        times[dtype, "local unary"] = inprocess_latency(baseline, short)
+    return times
+
+
+def spread(values, fmt: str, unit: str = "") -> str:
+    """Median, and the range over rounds: `fmt` formats one number."""
+    low, mid, high = (fmt.format(v) for v in (min(values), statistics.median(values), max(values)))
+    return f"{mid}{unit} ({low} to {high})"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--texts", type=int, default=1000, help="corpus paragraphs (0 = all)")
     parser.add_argument("--long-texts", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--soak-only", action="store_true",
                         help="only the long stream (target 5), float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -198,11 +220,10 @@ def main():
     torch.set_num_threads(ext.default_threads())
     print(f"{len(texts)} texts, device {device}, max length {MAX_LENGTH}, "
           f"batch budget {batch_tokens} tokens, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads\n")
-    rows = []
+          f"{torch.get_num_threads()} threads, {args.rounds} rounds; ratios are medians of "
+          f"per-round ratios (range over rounds in brackets)\n")
 
     def row(name, value, target):
-        rows.append((name, value, target))
         print(f"| {name} | {value} | {target} |", flush=True)
 
     print("| measure | value | target |\n|---|---|---|")
@@ -217,53 +238,60 @@ def main():
 
     st = SentenceTransformer(default_model_path(), device=device)
     st.encode(texts[:64])
-    st_rate = len(texts) / statistics.median(timed(lambda: st.encode(texts)) for _ in range(ROUNDS))
-    row("sentence-transformers encode, float32", f"{st_rate:.1f} texts/s", "")
-    del st
-
     precisions = ("float32", "bfloat16") if device == "cpu" else ("float16", "bfloat16")
-    for dtype in precisions:
-        baseline = InProcess(dtype, device, batch_tokens)
-        baseline.embed(texts[:64])
-        server = Server(dtype, device, batch_tokens)
-        try:
-            stream_all(server.target, texts[:128])
-            # Alternate the two, ROUNDS times, and take medians: the machine is noisy.
-            local_times, served_times = [], []
-            for _ in range(ROUNDS):
-                local_times.append(timed(lambda: baseline.embed(texts)))
-                served_times.append(timed(lambda: stream_all(server.target, texts)))
-            base_rate = len(texts) / statistics.median(local_times)
-            one = len(texts) / statistics.median(served_times)
-            four = len(texts) / statistics.median(
-                concurrent_streams(server.target, texts, 4) for _ in range(ROUNDS))
-            row(f"in-process loop, {dtype}", f"{base_rate:.1f} texts/s", "")
-            row(f"1. served, one stream, {dtype}", f"{one:.1f} texts/s = {one / base_rate:.2f}x "
-                f"in-process", ">= 0.95x")
-            row(f"2. served {dtype} vs sentence-transformers float32", f"{one / st_rate:.2f}x",
-                ">= 1.5x" if dtype == "float32" else ">= 3x (bfloat16)")
-            row(f"3. four streams, {dtype}", f"{four:.1f} texts/s = {four / one:.2f}x one stream",
-                ">= 0.95x")
-            short = "The quick brown fox jumps over the lazy dog."
-            served_p50 = unary_latency(server.target, short)
-            local_p50 = inprocess_latency(baseline, short)
-            row(f"4. unary p50, one short text, {dtype}",
-                f"{served_p50 * 1e3:.2f} ms vs {local_p50 * 1e3:.2f} ms in-process "
-                f"(+{(served_p50 - local_p50) * 1e3:.2f} ms)", "within 2 ms")
-            if dtype == "bfloat16":
-                with Client(server.target, timeout=600) as client:
-                    low = client.embed(texts)
-            else:
-                with Client(server.target, timeout=600) as client:
-                    full = client.embed(texts)
-            if dtype == precisions[0] and args.long_texts:
-                soak(server, corpus, args.long_texts, dtype, row)
-        finally:
-            server.stop()
-        del baseline
-    if device == "cpu":
+    sides = {}
+    short = "The quick brown fox jumps over the lazy dog."
+    try:
+        for dtype in precisions:
+            baseline = InProcess(dtype, device, batch_tokens)
+            baseline.embed(texts[:64])
+            sides[dtype] = (baseline, Server(dtype, device, batch_tokens))
+            stream_all(sides[dtype][1].target, texts[:128])
+        rounds = [measure_round(texts, st, sides, short) for _ in range(args.rounds)]
+        rate = len(texts)
+        row("sentence-transformers encode, float32",
+            spread([rate / r["st"] for r in rounds], "{:.1f}", " texts/s"), "")
+        for dtype in precisions:
+            def took(r, what):
+                return r[what] if what == "st" else r[dtype, what]
+
+            def speedup(fast, slow):
+                return [took(r, slow) / took(r, fast) for r in rounds]
+
+            row(f"in-process loop, {dtype}",
+                spread([rate / r[dtype, "local"] for r in rounds], "{:.1f}", " texts/s"), "")
+            row(f"1. served, one stream, {dtype}: x in-process",
+                spread(speedup("one", "local"), "{:.2f}", "x"), ">= 0.95x")
+            row(f"2. served {dtype}: x sentence-transformers float32",
+                spread(speedup("one", "st"), "{:.2f}", "x"),
+                ">= 3x (bfloat16)" if dtype == "bfloat16" else ">= 1.5x")
+            row(f"3. four streams, {dtype}: x one stream",
+                spread(speedup("four", "one"), "{:.2f}", "x"), ">= 0.95x")
+            row(f"4. unary p50, one short text, {dtype}: served - in-process",
+                spread([(r[dtype, "unary"] - r[dtype, "local unary"]) * 1e3 for r in rounds],
+                       "{:+.2f}", " ms") + "; served "
+                + spread([r[dtype, "unary"] * 1e3 for r in rounds], "{:.2f}", " ms"),
+                "within 2 ms")
+        vectors = {}
+        for dtype in precisions:
+            with Client(sides[dtype][1].target, timeout=600) as client:
+                vectors[dtype] = client.embed(texts)
+        low, full = vectors["bfloat16"], vectors[precisions[0]]
         cos = (low * full).sum(1) / np.linalg.norm(low, axis=1) / np.linalg.norm(full, axis=1)
-        row("bfloat16 vs float32 cosine, min over texts", f"{cos.min():.5f}", ">= 0.9995")
+        row(f"bfloat16 vs {precisions[0]} cosine, min over texts", f"{cos.min():.5f}",
+            ">= 0.9995")
+        if args.long_texts:
+            _, server = sides.pop(precisions[0])
+            for _, other in sides.values():
+                other.stop()  # the soak runs alone
+            sides.clear()
+            try:
+                soak(server, corpus, args.long_texts, precisions[0], row)
+            finally:
+                server.stop()
+    finally:
+        for _, server in sides.values():
+            server.stop()
 
 
 if __name__ == "__main__":

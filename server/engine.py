@@ -120,8 +120,10 @@ class Engine:
             # encode_batch hands even one text to its thread pool and back (~100 us, and a
             # core taken from the forward pass); a few short texts are quicker one by one.
             encodings = [self._truncating.encode(text) for text in texts]
-        else:
+        elif details:
             encodings = self._truncating.encode_batch(texts)
+        else:  # no character offsets: ~20% less tokenizer CPU taken from the forward pass
+            encodings = self._truncating.encode_batch_fast(texts)
         truncated = [bool(e.overflowing) for e in encodings]
         if not truncate and any(truncated):
             i = truncated.index(True)

@@ -78,10 +78,21 @@ class DecodeErrorInterceptor(grpc.aio.ServerInterceptor):
 
     PREFIX = f"/{SERVICE_NAME}/"
 
+    def __init__(self):
+        self._wrapped = {}  # method -> (its handler, the tolerant one): built once, not per call
+
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(self.PREFIX):
+        method = handler_call_details.method
+        if handler is None or not method.startswith(self.PREFIX):
             return handler
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = self._wrapped[method] = (handler, self._tolerant(handler))
+        return cached[1]
+
+    @staticmethod
+    def _tolerant(handler):
         parse = handler.request_deserializer
 
         def tolerant(data: bytes):

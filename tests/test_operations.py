@@ -33,12 +33,25 @@ def scrape(url: str) -> dict[tuple, float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+def scrape_settled(url: str) -> dict[tuple, float]:
+    """A scrape once the server is idle: nothing queued and no counter moving, so work left in
+    flight by an earlier test (on the shared server) is not counted as this test's."""
+    previous = scrape(url)
+    for _ in range(100):
+        time.sleep(0.05)
+        current = scrape(url)
+        if current == previous and value(current, "bertstream_queue_texts") == 0:
+            return current
+        previous = current
+    raise AssertionError("the server did not settle")
+
+
 def value(samples, name, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def test_metrics_count_calls(client, metrics_url):
-    before = scrape(metrics_url)
+    before = scrape_settled(metrics_url)
     texts = ["one text", "two texts here", "and a third"]
     for _ in range(3):
         client.embed(texts)
@@ -63,7 +76,7 @@ def test_metrics_count_calls(client, metrics_url):
 
 
 def test_failing_request_moves_error_counter(client, metrics_url):
-    before = scrape(metrics_url)
+    before = scrape_settled(metrics_url)
     with pytest.raises(grpc.RpcError):
         client.embed(["x"], layers=(12,))
     after = scrape(metrics_url)
