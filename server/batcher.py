@@ -1,12 +1,17 @@
-"""One queue for every caller; batches by token budget; forward pass and pooling overlapped.
+"""One queue for every caller; batches by token budget; forward passes run side by side.
 
-Two threads own the work:
-  forward thread   moves everything queued into a pool kept sorted by length, cuts the pool into
-                   runs that fit the token budget (rows x longest), and runs the forward pass on
-                   the run that holds the oldest text. Every batch holds the oldest text, so none
-                   starves; the whole backlog is sorted, so little is padded.
-  pooling thread   pools and packs a finished batch while the next forward pass runs, and completes
-                   the jobs whose last text it held.
+Everything queued waits in one pool kept sorted by length. Forward workers (threads) each take the
+next batch: the pool is cut into runs that fit the token budget (rows x longest), greedily from
+the shortest as an offline loop over sorted texts would, and a worker takes the run that holds the
+oldest text. Every batch holds the oldest text, so none starves; the whole backlog is sorted, so
+little is padded. A worker pools and packs its own batch, and settles the jobs whose last text it
+held.
+
+On the CPU each worker computes on its share of the cores (one each by default): two forward
+passes on one core each outrun one pass on two cores by 8-19% here (no OpenMP barriers, and the
+tokenizer and gRPC threads take a core from one pass, not from a whole team). A worker alone
+with a single batch (one unary call on an idle server) uses every core: latency. On a GPU, two
+workers overlap one batch's host work with the other's device work. See BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -56,8 +60,8 @@ class JobResult:
 
 @dataclass(eq=False)
 class Job:
-    """One request's texts on their way through the batcher. Touched by one thread at a time:
-    the forward thread reads ids/cancelled, the pooling thread fills the outputs."""
+    """One request's texts on their way through the batcher. Its texts may go through several
+    workers' batches: the outputs are filled under the batcher's lock."""
 
     ids: list[list[int]]
     options: EmbedOptions
@@ -107,15 +111,16 @@ class Batcher:
         self.engine = engine
         self.max_batch_tokens = max_batch_tokens
         self.metrics = metrics or Metrics()
-        self._jobs: queue.Queue[Job | None] = queue.Queue()
-        self._pool: list[_Item] = []  # sorted by length; only the forward thread touches it
-        self._arrivals = itertools.count()
+        self.workers = engine.forward_workers
+        self._pool: list[_Item] = []  # sorted by length; guarded by _work
+        self._work = threading.Condition()
+        self._idle = [False] * self.workers  # guarded by _work
         self._closing = False
-        self._forwarded: queue.Queue = queue.Queue(maxsize=2)  # bounded: forward runs <= 2 ahead
-        self._threads = [
-            threading.Thread(target=self._forward_loop, name="bertstream-forward", daemon=True),
-            threading.Thread(target=self._pool_loop, name="bertstream-pool", daemon=True),
-        ]
+        self._arrivals = itertools.count()
+        self._settling = threading.Lock()  # a job's texts may be in batches of several workers
+        self._threads = [threading.Thread(target=self._worker, args=(number,), daemon=True,
+                                          name=f"bertstream-forward-{number}")
+                         for number in range(self.workers)]
         for thread in self._threads:
             thread.start()
 
@@ -123,38 +128,69 @@ class Batcher:
         if not job.ids:
             raise ValueError("a job needs at least one text")
         self.metrics.queue_depth.inc(len(job.ids))
-        self._jobs.put(job)
+        with self._work:
+            for index, ids in enumerate(job.ids):
+                item = _Item(job, index, len(ids), next(self._arrivals))
+                bisect.insort(self._pool, item, key=lambda it: it.length)
+            self._work.notify_all()
 
     def close(self) -> None:
-        """Finish what was submitted, then stop both threads."""
-        self._jobs.put(None)
+        """Finish what was submitted, then stop the workers."""
+        with self._work:
+            self._closing = True
+            self._work.notify_all()
         for thread in self._threads:
             thread.join()
 
-    # ------------------------------------------------------------------ forward thread
+    # ------------------------------------------------------------------ forward workers
 
-    def _admit(self, job: Job | None) -> None:
-        if job is None:
-            self._closing = True  # close(): finish the pool, then stop
-            return
-        for index, ids in enumerate(job.ids):
-            item = _Item(job, index, len(ids), next(self._arrivals))
-            bisect.insort(self._pool, item, key=lambda it: it.length)
+    def _worker(self, number: int) -> None:
+        engine = self.engine
+        share = max(1, engine.threads // self.workers)
+        engine.set_forward_threads(share)
+        while (taken := self._next_batch(number)) is not None:
+            batch, alone = taken
+            # Worker 0 alone with the last batch queued: use every core (the latency case).
+            # Only worker 0 ever does, so the process has one OpenMP team at most.
+            wide = alone and number == 0 and share < engine.threads
+            if wide:
+                engine.set_forward_threads(engine.threads)
+            try:
+                self._run(batch, number)
+            finally:
+                if wide:
+                    engine.set_forward_threads(share)
 
-    def _next_batch(self) -> list[_Item] | None:
-        """Wait for work, admit everything queued, and cut the next batch out of the pool."""
-        while True:
-            if not self._pool and not self._closing:
-                self._admit(self._jobs.get())
-            while True:  # everything queued joins the pool, so the sort sees the whole backlog
-                try:
-                    self._admit(self._jobs.get_nowait())
-                except queue.Empty:
-                    break
+    def _next_batch(self, number: int) -> tuple[list[_Item], bool] | None:
+        """Wait for work and cut the next batch; also say whether this worker is alone: nothing
+        left queued and every other worker idle. None: closing and nothing left. Worker 0
+        takes work first (only it may use every core); the others take what it leaves."""
+        with self._work:
+            self._idle[number] = True
+            while not self._pool or (number and self._idle[0]):
+                if self._closing and not self._pool:
+                    return None
+                self._work.wait()
+            self._idle[number] = False
+            batch = self._cut_batch()
             if self._pool:
-                return self._cut_batch()
-            if self._closing:
-                return None
+                self._work.notify_all()  # more for the other workers
+            return batch, not self._pool and sum(self._idle) == self.workers - 1
+
+    def _run(self, batch: list[_Item], number: int) -> None:
+        metrics = self.metrics
+        start = time.perf_counter_ns()
+        metrics.queue_depth.dec(len(batch))
+        batch = [item for item in batch if not item.job.cancelled]  # their callers have gone
+        if not batch:
+            return
+        for item in batch:
+            metrics.queue_wait.observe((start - item.job.enqueued_ns) / 1e9)
+        metrics.batch_rows.observe(len(batch))
+        metrics.batch_tokens.observe(len(batch) * batch[-1].length)  # sorted: last is longest
+        for part, hidden, lengths in self._forward_splitting(batch):
+            self._complete(part, hidden, lengths, start, number)
+            del hidden  # free the layers before the next part
 
     def _cut_batch(self) -> list[_Item]:
         """Cut the length-sorted pool into consecutive runs that fit the budget, greedily from
@@ -172,33 +208,6 @@ class Batcher:
         batch = pool[low:high]
         del pool[low:high]
         return batch
-
-    def _forward_loop(self):
-        self.engine.claim_forward_thread()
-        metrics = self.metrics
-        while (batch := self._next_batch()) is not None:
-            start = time.perf_counter_ns()
-            metrics.queue_depth.dec(len(batch))
-            batch = [item for item in batch if not item.job.cancelled]  # their callers have gone
-            if not batch:
-                continue
-            for item in batch:
-                metrics.queue_wait.observe((start - item.job.enqueued_ns) / 1e9)
-            metrics.batch_rows.observe(len(batch))
-            metrics.batch_tokens.observe(len(batch) * batch[-1].length)  # sorted: last is longest
-            for part, hidden, lengths in self._forward_splitting(batch):
-                if self._pooling_thread_idle() and not self._pool and self._jobs.empty():
-                    # Nothing waits for the next forward pass: pool here, and save the caller
-                    # a wake-up of the pooling thread (unary latency).
-                    self._complete(part, hidden, lengths, start)
-                else:
-                    self._forwarded.put((part, hidden, lengths, start))
-        self._forwarded.put(None)
-
-    def _pooling_thread_idle(self) -> bool:
-        # Only this thread puts work there, so once the pooling thread has finished all of it, it
-        # stays idle until this thread puts more: the jobs it touched are ours to touch.
-        return self._forwarded.unfinished_tasks == 0
 
     def _forward_splitting(self, batch: list[_Item]):
         """Run the forward pass; if it fails (out of memory on a big batch, say), retry each half,
@@ -222,20 +231,13 @@ class Batcher:
             return
         yield batch, hidden, lengths
 
-    # ------------------------------------------------------------------ pooling thread
-
-    def _pool_loop(self):
-        while (work := self._forwarded.get()) is not None:
-            self._complete(*work)
-            del work  # free the layers before the next batch arrives
-            self._forwarded.task_done()
-
-    def _complete(self, batch: list[_Item], hidden, lengths: np.ndarray, start: int) -> None:
+    def _complete(self, batch: list[_Item], hidden, lengths: np.ndarray, start: int,
+                  number: int) -> None:
         """Pool a forwarded batch and settle the jobs whose last text it held."""
         try:
             if isinstance(hidden, Exception):
                 raise hidden
-            self._pool_batch(batch, hidden, lengths)
+            pooled = self._pool_batch(batch, hidden, lengths)
             error = None
         except Exception as exc:
             if hidden is not exc:  # forward failures were logged where they happened
@@ -243,43 +245,52 @@ class Batcher:
             which = f"texts[{batch[0].index}]: " if len(batch) == 1 else ""
             error = EmbedError(ErrorKind.INTERNAL, f"{which}computing embeddings failed: "
                                                    f"{type(exc).__name__}: {exc}")
+            pooled = [None] * len(batch)
         elapsed = time.perf_counter_ns() - start
-        for job in {item.job for item in batch}:
-            job.usage.queue_ns = max(job.usage.queue_ns, start - job.enqueued_ns)
-            job.usage.compute_ns += elapsed
-        for item in batch:
-            self._text_done(item, error)
+        failed, finished = [], []
+        with self._settling:
+            for job in {item.job for item in batch}:
+                job.usage.queue_ns = max(job.usage.queue_ns, start - job.enqueued_ns)
+                job.usage.compute_ns += elapsed
+            for item, vectors in zip(batch, pooled):
+                job = item.job
+                if error is not None and not job._failed:
+                    job._failed = True
+                    failed.append(job)
+                job._rows[item.index] = vectors
+                job._remaining -= 1
+                if not job._remaining and not job._failed:
+                    finished.append(job)
+        if number == 0:
+            # Worker 0 is as good as idle: the next call, sent once this one is answered, must
+            # wait for it (and all the cores), not go to a one-core worker.
+            self._idle[0] = True
+        for job in failed:
+            job.on_done(error)
+        for job in finished:  # every text is in: no other worker touches this job again
+            try:
+                job.on_done(self._finish(job))
+            except Exception as exc:  # packing failed: still answer the caller
+                log.exception("finishing a job failed")
+                job.on_done(EmbedError(ErrorKind.INTERNAL, f"packing embeddings failed: {exc}"))
 
-    def _pool_batch(self, batch: list[_Item], hidden, lengths: np.ndarray) -> None:
+    def _pool_batch(self, batch: list[_Item], hidden, lengths: np.ndarray) -> list:
+        """Each text's vector (or for pooling "none", its token vectors), in batch order."""
         by_options: dict[EmbedOptions, list[int]] = {}
         for row, item in enumerate(batch):
             by_options.setdefault(item.job.options, []).append(row)
+        pooled = [None] * len(batch)
         for options, rows in by_options.items():
             rows = np.asarray(rows)
             vectors = self.engine.pool(hidden, lengths, rows, options)
             if options.pooling == "none":
                 ends = np.cumsum(lengths[rows])
                 for row, start, end in zip(rows, ends - lengths[rows], ends):
-                    item = batch[row]
-                    item.job._rows[item.index] = vectors[start:end]
+                    pooled[row] = vectors[start:end]
             else:
                 for row, vector in zip(rows, vectors):
-                    item = batch[row]
-                    item.job._rows[item.index] = vector
-
-    def _text_done(self, item: _Item, error: EmbedError | None) -> None:
-        job = item.job
-        if error is not None and not job._failed:
-            job._failed = True
-            job.on_done(error)
-        job._remaining -= 1
-        if job._remaining or job._failed:
-            return
-        try:
-            job.on_done(self._finish(job))
-        except Exception as exc:  # packing failed: still answer the caller
-            log.exception("finishing a job failed")
-            job.on_done(EmbedError(ErrorKind.INTERNAL, f"packing embeddings failed: {exc}"))
+                    pooled[row] = vector
+        return pooled
 
     @staticmethod
     def _finish(job: Job) -> JobResult:

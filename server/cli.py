@@ -52,6 +52,9 @@ def serve_parser(subparsers) -> None:
                    help="with --auth-token-file: may health checks come without a token "
                         "(default open, for probes)")
     p.add_argument("--threads", type=int, default=None, help="torch and kernel threads (default: cores)")
+    p.add_argument("--forward-workers", type=int, default=None,
+                   help="forward passes run side by side, sharing the threads (default: one per "
+                        "thread on CPU, 2 on GPU)")
     p.add_argument("--grace", type=float, default=10.0,
                    help="seconds calls in flight get to finish at shutdown")
     p.add_argument("--metrics-port", type=int, default=None,
@@ -95,7 +98,7 @@ async def serve(args) -> None:
         health_open=args.auth_health == "open", tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca)
     engine = Engine(args.model, device=args.device, dtype=args.dtype, max_length=args.max_length,
-                    threads=args.threads)
+                    threads=args.threads, forward_workers=args.forward_workers)
     limits = Limits(
         max_texts_per_request=args.max_texts_per_request,
         max_chars_per_text=args.max_chars_per_text,
@@ -112,6 +115,7 @@ async def serve(args) -> None:
     log.info("serving", extra={"fields": {
         "model": engine.model_name, "device": str(engine.device), "dtype": engine.dtype,
         "address": f"{args.host}:{port}", "max_length": engine.max_length,
+        "threads": engine.threads, "forward_workers": engine.forward_workers,
         "tls": "mutual" if args.tls_client_ca else bool(args.tls_cert),
         "auth": f"{len(security.auth_tokens)} token(s), health {args.auth_health}"
         if security.auth_tokens else "off",

@@ -51,13 +51,14 @@ class Tokenized:
 
 class Engine:
     def __init__(self, model: str | None = None, device: str = "auto", dtype: str | None = None,
-                 max_length: int | None = None, threads: int | None = None):
+                 max_length: int | None = None, threads: int | None = None,
+                 forward_workers: int | None = None):
         from transformers import AutoModel, AutoTokenizer
 
-        # torch computes on one thread only, the batcher's forward thread, which takes all the
-        # threads (claim_forward_thread). A second OpenMP team anywhere else in the process (even
-        # an idle one, left by loading the model on this thread) made the forward pass ~25% slower
-        # on 2 cores (BENCHMARKS.md). So every other thread stays at 1 torch thread.
+        # torch computes only on the batcher's forward workers, each on its share of `threads`
+        # (set_forward_threads). A second OpenMP team anywhere else in the process (even an idle
+        # one, left by loading the model on this thread) made the forward pass ~25% slower on 2
+        # cores (BENCHMARKS.md). So every other thread stays at 1 torch thread.
         self.threads = ext.default_threads(threads)
         torch.set_num_threads(1)
 
@@ -82,6 +83,9 @@ class Engine:
         # On the CPU the forward pass owns every core: pooling (tiny beside it) stays on one thread
         # so the kernels' OpenMP workers never compete with torch's. On a GPU, use them all.
         self.pool_threads = 1 if self.device.type == "cpu" else ext.default_threads()
+        # CPU: one single-threaded worker per core (Batcher explains why). GPU: two, so one
+        # worker's host work overlaps the other's device work.
+        self.forward_workers = forward_workers or (self.threads if self.device.type == "cpu" else 2)
         # Two views of the same Rust tokenizer: one cuts at max_length (and reports overflow), one
         # does not (to report an over-long text's real length when truncation is off).
         self._truncating = self.tokenizer.backend_tokenizer
@@ -90,9 +94,10 @@ class Engine:
         self._full = type(self._truncating).from_str(self._truncating.to_str())
         self._full.no_truncation()
 
-    def claim_forward_thread(self) -> None:
-        """Called once by the thread that runs every forward pass."""
-        torch.set_num_threads(self.threads)
+    @staticmethod
+    def set_forward_threads(threads: int) -> None:
+        """The calling forward worker's torch threads (torch keeps the count per thread)."""
+        torch.set_num_threads(threads)
 
     # ------------------------------------------------------------------ validation
 
