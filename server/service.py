@@ -297,7 +297,7 @@ class EmbedderService(pb_grpc.EmbedderServicer):
 
 
 async def warm_up(batcher: Batcher, engine: Engine) -> None:
-    """One text through the whole path (on the forward thread, like every forward pass)."""
+    """One text through the whole path (on a forward worker, like every forward pass)."""
     done, on_done = completion()
     options = engine.options("mean", (), "concat", False)
     batcher.submit(Job(engine.tokenize(["warm-up"]).ids, options, "float32", on_done))
@@ -308,7 +308,7 @@ async def warm_up(batcher: Batcher, engine: Engine) -> None:
 
 def completion() -> tuple[asyncio.Future, Callable]:
     """A future on the running loop, and the Job.on_done callback (called on the batcher's
-    pooling thread) that settles it with the job's result."""
+    forward worker that finished it) that settles it with the job's result."""
     loop = asyncio.get_running_loop()
     done = loop.create_future()
 
