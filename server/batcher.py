@@ -157,6 +157,8 @@ class Batcher:
                 engine.set_forward_threads(engine.threads)
             try:
                 self._run(batch, number)
+            except Exception:  # a bug, not bad input (_run answers those): keep the worker alive
+                log.exception("forward worker %d: a batch of %d texts failed", number, len(batch))
             finally:
                 if wide:
                     engine.set_forward_threads(share)
