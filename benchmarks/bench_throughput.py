@@ -243,6 +243,7 @@ def main():
     if args.soak_only:
         server = Server("float32", device, batch_tokens)
         try:
+            stream_all(server.target, texts)  # warm, as the servers of the full run are
             soak(server, texts, args.long_texts, "float32", row)
         finally:
             server.stop()
