@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.conftest import free_port  # noqa: E402
 from tests.corpus import stdlib_paragraphs  # noqa: E402
 
 from bertstream import ext  # noqa: E402
@@ -51,22 +51,17 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
-    extra: list[str] = []  # more `serve` flags (probes)
+    """`bertstream serve` in a subprocess, ready (one text embedded) when the constructor returns.
+    flags: more `serve` flags; env: more environment (probes)."""
 
-    def __init__(self, dtype: str, device: str, batch_tokens: int):
+    def __init__(self, dtype: str, device: str, batch_tokens: int, flags=(), env=None):
         self.port = free_port()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bertstream.server.cli", "serve", "--port", str(self.port),
              "--dtype", dtype, "--device", device, "--max-batch-tokens", str(batch_tokens),
-             "--log-level", "WARNING", *self.extra],
-            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+             "--log-level", "WARNING", *flags],
+            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
         self.target = f"127.0.0.1:{self.port}"
         deadline = time.time() + 180
         while time.time() < deadline:
@@ -108,6 +103,11 @@ class InProcess:
             batch.append(i)
         if batch:
             yield [ids[j] for j in batch]
+
+    def padded_batches(self, texts) -> list[dict]:
+        """The token-budget batches of `texts`, padded as the model takes them (probes)."""
+        return [self.tokenizer.pad({"input_ids": batch}, return_tensors="pt")
+                for batch in self.batches(texts)]
 
     def embed(self, texts) -> int:
         done = 0

@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from bertstream.proto import embedder_pb2 as pb
 from bertstream.proto import embedder_pb2_grpc as pb_grpc
 from bertstream.server.batcher import Batcher, Job, JobResult
-from bertstream.server.engine import SMALL_REQUEST_CHARS, Engine
+from bertstream.server.engine import Engine
 from bertstream.server.errors import EmbedError, ErrorKind
 from bertstream.server.metrics import Metrics
 from bertstream.server.security import TokenAuthInterceptor, server_credentials
@@ -44,6 +44,9 @@ COMBINE_NAMES = {pb.LAYER_COMBINE_UNSPECIFIED: "concat", pb.LAYER_COMBINE_CONCAT
 DTYPE_NAMES = {pb.DTYPE_UNSPECIFIED: "float32", pb.DTYPE_FLOAT32: "float32",
                pb.DTYPE_FLOAT16: "float16", pb.DTYPE_BFLOAT16: "bfloat16", pb.DTYPE_INT8: "int8",
                pb.DTYPE_BINARY: "binary"}
+# Requests up to this many characters are tokenized on the event loop (tens of microseconds);
+# bigger ones on a worker thread so the loop keeps serving.
+INLINE_TOKENIZE_CHARS = 2000
 DTYPE_ENUMS = {name: number for number, name in DTYPE_NAMES.items() if number}
 
 
@@ -186,7 +189,7 @@ class EmbedderService(pb_grpc.EmbedderServicer):
     async def _tokenize(self, request, details: bool = False):
         texts = list(request.texts)
         truncate = request.truncate if request.HasField("truncate") else True
-        if sum(map(len, texts)) <= SMALL_REQUEST_CHARS:  # microseconds: not worth a thread hop
+        if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:  # microseconds: not worth a thread hop
             return self.engine.tokenize(texts, truncate, details)
         return await asyncio.get_running_loop().run_in_executor(
             self._tokenize_pool, self.engine.tokenize, texts, truncate, details)

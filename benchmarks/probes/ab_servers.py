@@ -7,21 +7,19 @@ REF is a git revision, or WORKTREE for the files as they are. Each side is the i
 package with server/ and client/ Python files taken from REF (the kernels and stubs as installed).
 """
 import argparse
-import os
 import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from tests.conftest import free_port  # noqa: E402
+from benchmarks.bench_throughput import (BATCH_TOKENS, Server, stream_all, timed,  # noqa: E402
+                                         unary_latency)
 from tests.corpus import stdlib_paragraphs  # noqa: E402
 
 import bertstream.server  # noqa: E402
-from bertstream.client import Client  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("refs", nargs=2)
@@ -51,46 +49,22 @@ def package_tree(ref: str, where: Path) -> Path:
 base = Path("/tmp/bertstream-ab")
 shutil.rmtree(base, ignore_errors=True)
 servers = {}
-for side, ref, env in zip("AB", args.refs, (args.env_a, args.env_b)):
-    path = package_tree(ref, base / side)
-    port = free_port()
-    servers[side] = (subprocess.Popen(
-        [sys.executable, "-m", "bertstream.server.cli", "serve", "--port", str(port), "--dtype",
-         args.dtype, "--log-level", "WARNING", *args.flags.split()],
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(path),
-             **dict(pair.split("=", 1) for pair in env)}, cwd=base),
-        f"127.0.0.1:{port}")
 texts = list(stdlib_paragraphs()[:args.texts])
 short = "The quick brown fox jumps over the lazy dog."
-results = {side: {"texts/s": [], "unary p50 ms": []} for side in servers}
+results = {side: {"texts/s": [], "unary p50 ms": []} for side in "AB"}
 try:
-    for side, (_, target) in servers.items():
-        deadline = time.time() + 180
-        while True:
-            try:
-                with Client(target, timeout=5) as client:
-                    client.embed([short])
-                break
-            except Exception:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.5)
+    for side, ref, env in zip("AB", args.refs, (args.env_a, args.env_b)):
+        servers[side] = Server(args.dtype, "cpu", BATCH_TOKENS["cpu"], flags=args.flags.split(),
+                               env={"PYTHONPATH": str(package_tree(ref, base / side)),
+                                    **dict(pair.split("=", 1) for pair in env)})
     for _ in range(args.rounds):
-        for side, (_, target) in servers.items():
-            with Client(target, timeout=600) as client:
-                start = time.perf_counter()
-                done = sum(len(part) for part in client.stream(texts))
-                results[side]["texts/s"].append(done / (time.perf_counter() - start))
-                times = []
-                for _ in range(100):
-                    start = time.perf_counter()
-                    client.embed([short])
-                    times.append(time.perf_counter() - start)
-                results[side]["unary p50 ms"].append(statistics.median(times) * 1e3)
+        for side, server in servers.items():
+            seconds = timed(lambda: stream_all(server.target, texts))
+            results[side]["texts/s"].append(len(texts) / seconds)
+            results[side]["unary p50 ms"].append(unary_latency(server.target, short) * 1e3)
 finally:
-    for process, _ in servers.values():
-        process.terminate()
-        process.wait()
+    for server in servers.values():
+        server.stop()
 print(f"A = {args.refs[0]} {args.env_a}, B = {args.refs[1]} {args.env_b}, {args.dtype}, {args.rounds} rounds alternating\n")
 print("| measure | A (median) | B (median) | B/A per round (median) |\n|---|---:|---:|---:|")
 for measure in ("texts/s", "unary p50 ms"):

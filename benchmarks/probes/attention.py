@@ -23,8 +23,7 @@ parser.add_argument("--dtype", default="bfloat16")
 args = parser.parse_args()
 torch.set_num_threads(2)
 base = InProcess(args.dtype, "cpu", BATCH_TOKENS["cpu"])
-batches = [base.tokenizer.pad({"input_ids": b}, return_tensors="pt")
-           for b in base.batches(stdlib_paragraphs()[:1000])]
+batches = base.padded_batches(stdlib_paragraphs()[:1000])
 models = {name: AutoModel.from_pretrained(default_model_path(), attn_implementation=name,
                                           dtype=getattr(torch, args.dtype)).eval()
           for name in ("sdpa", "eager")}

@@ -24,8 +24,7 @@ args = parser.parse_args()
 cores = ext.default_threads()
 torch.set_num_threads(1)  # as in the server: torch computes on the workers only
 base = InProcess(args.dtype, "cpu", args.budget)
-batches = [base.tokenizer.pad({"input_ids": b}, return_tensors="pt")
-           for b in base.batches(stdlib_paragraphs()[:1000])]
+batches = base.padded_batches(stdlib_paragraphs()[:1000])
 
 
 def work(part, threads):

@@ -2,6 +2,8 @@
 padded tokens), from the server's Prometheus metrics and the same counts taken in-process.
 
     python benchmarks/probes/served_gap.py [--dtype bfloat16] [--texts 1000]
+
+With several forward workers the server's forward seconds add up the workers' overlapping passes.
 """
 import argparse
 import re
@@ -54,10 +56,9 @@ class Counting(InProcess):
 
 
 metrics_port = free_port()
-Server.extra = ["--metrics-port", str(metrics_port)]
 local = Counting(args.dtype, "cpu", budget)
 local.embed(texts[:64])
-server = Server(args.dtype, "cpu", budget)
+server = Server(args.dtype, "cpu", budget, flags=["--metrics-port", str(metrics_port)])
 try:
     stream_all(server.target, texts[:128])
     rows = []

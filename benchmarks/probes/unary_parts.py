@@ -1,0 +1,62 @@
+"""Probe: the parts of a unary call's latency, each measured on its own (p50 of 100 calls).
+
+    python benchmarks/probes/unary_parts.py [--dtype bfloat16]
+
+gRPC alone (Info, which does no work) against Embed of one short text on a served model; the
+forward pass of that text on one and on all cores; tokenizing it one text at a time against
+encode_batch; and tokenizer CPU for 1,000 paragraphs, encode_batch against encode_batch_fast.
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks.bench_throughput import BATCH_TOKENS, Server, timed  # noqa: E402
+from tests.corpus import stdlib_paragraphs  # noqa: E402
+
+from bertstream import ext  # noqa: E402
+from bertstream.client import Client  # noqa: E402
+from bertstream.server.engine import Engine  # noqa: E402
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--dtype", default="bfloat16")
+args = parser.parse_args()
+short = "The quick brown fox jumps over the lazy dog."
+
+
+def p50_ms(fn, repeat=100):
+    fn()
+    return statistics.median(timed(fn) for _ in range(repeat)) * 1e3
+
+
+server = Server(args.dtype, "cpu", BATCH_TOKENS["cpu"])
+try:
+    with Client(server.target, timeout=60) as client:
+        print(f"gRPC Info (no work): {p50_ms(client.info):.2f} ms; "
+              f"Embed one short text: {p50_ms(lambda: client.embed([short])):.2f} ms")
+finally:
+    server.stop()
+
+engine = Engine(dtype=args.dtype)
+ids = engine.tokenize([short]).ids
+for threads in (ext.default_threads(), 1):
+    engine.set_forward_threads(threads)
+    print(f"forward of the short text on {threads} thread(s): "
+          f"{p50_ms(lambda: engine.forward(ids)):.2f} ms")
+tokenizer = engine._truncating
+print(f"tokenize the short text: encode {p50_ms(lambda: tokenizer.encode(short)) * 1e3:.0f} us, "
+      f"encode_batch {p50_ms(lambda: tokenizer.encode_batch([short])) * 1e3:.0f} us")
+paragraphs = stdlib_paragraphs()[:1000]
+for name in ("encode_batch", "encode_batch_fast"):
+    encode = getattr(tokenizer, name)
+    cpu = []
+    for _ in range(3):
+        start = time.process_time()
+        for i in range(0, len(paragraphs), 64):
+            encode(paragraphs[i:i + 64])
+        cpu.append(time.process_time() - start)
+    print(f"{name}, 1,000 paragraphs in messages of 64: {statistics.median(cpu):.3f} s CPU")
