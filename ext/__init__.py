@@ -20,11 +20,17 @@ import numpy as np
 
 from . import _kernels
 
-POOLING_MODES = {"mean": 0, "max": 1, "cls": 2, "mean_max": 3}
+# The kernels' pooling modes (sentence-transformers' names in brackets where they differ):
+# masked mean, max, CLS (the first pooled token), mean / sqrt(tokens) [mean_sqrt_len_tokens],
+# position-weighted mean (token t weighs t + 1) and the last real token. "mean_max" names the pair
+# ("mean", "max").
+POOLING_MODES = {"mean": 0, "max": 1, "cls": 2, "mean_sqrt_len": 3, "weightedmean": 4,
+                 "lasttoken": 5}
+MODE_ALIASES = {"mean_max": ("mean", "max")}
 LAYER_COMBINES = ("concat", "mean")
 
 __all__ = [
-    "POOLING_MODES", "LAYER_COMBINES", "default_threads", "pool", "masked_mean", "masked_max",
+    "POOLING_MODES", "MODE_ALIASES", "pool_modes", "LAYER_COMBINES", "default_threads", "pool", "masked_mean", "masked_max",
     "cls_pool", "mean_max", "gather_tokens", "l2_normalize", "pack_float16", "pack_bfloat16",
     "pack_int8", "pack_binary", "bfloat16_to_float32",
 ]
@@ -96,9 +102,10 @@ def _check_combine(layer_combine: str) -> bool:
 
 
 def _layer_args(layers: list[np.ndarray], n_threads: int):
-    """The layers' data addresses and one float32 scratch row per thread."""
+    """The layers' data addresses and one float32 scratch row per thread (room for a combined
+    token and the running sum, weighted sum and max of pooling)."""
     pointers = np.array([layer.ctypes.data for layer in layers], dtype=np.uintp)
-    scratch = np.empty((n_threads, layers[0].shape[2]), dtype=np.float32)
+    scratch = np.empty((n_threads, 4 * layers[0].shape[2]), dtype=np.float32)
     return pointers, scratch
 
 
@@ -106,27 +113,49 @@ def _combined_width(layers, combine_mean: bool) -> int:
     return layers[0].shape[2] * (1 if combine_mean else len(layers))
 
 
-def pool(hidden, lengths, mode: str = "mean", layer_combine: str = "concat", out=None,
-         n_threads: int | None = None) -> np.ndarray:
+def pool_modes(mode) -> tuple[str, ...]:
+    """A mode name, an alias ("mean_max") or a sequence of names -> the tuple of mode names."""
+    modes = (mode,) if isinstance(mode, str) else tuple(mode)
+    modes = tuple(name for m in modes for name in MODE_ALIASES.get(m, (m,)))
+    if not modes or any(m not in POOLING_MODES for m in modes):
+        raise ValueError(f"mode must be one of {tuple(POOLING_MODES) + tuple(MODE_ALIASES)} or a "
+                         f"sequence of them, got {mode!r}")
+    return modes
+
+
+def pool(hidden, lengths, mode="mean", layer_combine: str = "concat", out=None,
+         n_threads: int | None = None, starts=None) -> np.ndarray:
     """Pool the real tokens of every row.
 
     hidden: one (batch, seq, hidden) array or a sequence of such arrays (layers). Several layers
     are combined per token before pooling: "concat" (columns layer by layer) or "mean"
-    (element-wise). mode: "mean", "max", "cls" (position 0) or "mean_max" (the two concatenated).
-    Returns (batch, width) float32, width = hidden x (layers if concat) x (2 if mean_max).
+    (element-wise). mode: one of POOLING_MODES, "mean_max", or a sequence of them, written side by
+    side in that order. starts: per row, the first token pooled (default 0); tokens before it (a
+    prompt) are left out, as sentence-transformers' include_prompt=False does.
+    Returns (batch, width) float32, width = hidden x (layers if concat) x modes.
     """
-    if mode not in POOLING_MODES:
-        raise ValueError(f"mode must be one of {tuple(POOLING_MODES)}, got {mode!r}")
+    modes = pool_modes(mode)
     layers, bf16 = _as_layers(hidden)
     combine_mean = _check_combine(layer_combine)
     batch, seq, _ = layers[0].shape
     lengths = _as_lengths(lengths, batch, seq)
-    width = _combined_width(layers, combine_mean) * (2 if mode == "mean_max" else 1)
+    if starts is None:
+        starts = np.zeros(batch, dtype=np.int64)
+    else:
+        starts = np.ascontiguousarray(starts, dtype=np.int64)
+        if starts.shape != (batch,):
+            raise ValueError(f"starts: expected shape ({batch},), got {starts.shape}")
+        bad = np.flatnonzero((starts < 0) | (starts >= lengths))
+        if bad.size:
+            raise ValueError(f"starts[{bad[0]}] = {starts[bad[0]]} is outside "
+                             f"0..{lengths[bad[0]] - 1} (lengths[{bad[0]}] - 1)")
+    width = _combined_width(layers, combine_mean) * len(modes)
     out = _check_out(out, (batch, width))
     threads = default_threads(n_threads)
     pointers, scratch = _layer_args(layers, threads)
-    _kernels.pool(layers[0], pointers, combine_mean, lengths, POOLING_MODES[mode], bf16, out,
-                  scratch, threads)
+    codes = np.array([POOLING_MODES[m] for m in modes], dtype=np.intc)
+    _kernels.pool(layers[0], pointers, combine_mean, lengths, starts, codes, bf16, out, scratch,
+                  threads)
     return out
 
 

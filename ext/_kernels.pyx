@@ -63,11 +63,15 @@ ctypedef fused hidden_t:
     uint16_t
 
 # Pooling modes; the Python layer maps names to these numbers (POOLING_MODES in __init__.py).
+# Several modes pool one row in a single pass over its tokens and are written side by side, in
+# the order asked (sentence-transformers concatenates a model's modes the same way).
 cdef enum:
     MODE_MEAN = 0
     MODE_MAX = 1
     MODE_CLS = 2
-    MODE_MEAN_MAX = 3
+    MODE_MEAN_SQRT_LEN = 3
+    MODE_WEIGHTED_MEAN = 4
+    MODE_LAST_TOKEN = 5
 
 
 cdef inline float load(const hidden_t* src, Py_ssize_t i, bint bf16) noexcept nogil:
@@ -107,50 +111,80 @@ cdef inline const float* token_vector(const hidden_t** layers, Py_ssize_t n_laye
 
 
 cdef void pool_row(const hidden_t** layers, Py_ssize_t n_layers, Py_ssize_t row_offset,
-                   Py_ssize_t length, Py_ssize_t hidden, int mode, bint bf16,
-                   float* scratch, float* out) noexcept nogil:
-    """Pool one row's first `length` tokens into `out` (hidden floats; 2*hidden for MEAN_MAX)."""
-    cdef const float* tok = token_vector(layers, n_layers, row_offset, hidden, bf16, scratch)
-    cdef float* mean_out = out
-    cdef float* max_out = out + hidden if mode == MODE_MEAN_MAX else out
-    cdef bint does_mean = mode == MODE_MEAN or mode == MODE_MEAN_MAX
-    cdef bint does_max = mode == MODE_MAX or mode == MODE_MEAN_MAX
-    cdef Py_ssize_t t, h
-    cdef float v, m
-    if mode == MODE_CLS:
-        memcpy(out, tok, hidden * sizeof(float))
-        return
-    # Start from the first token rather than from 0 / -inf: no sentinel values to reason about.
-    if does_mean:
-        memcpy(mean_out, tok, hidden * sizeof(float))
-    if does_max:
-        memcpy(max_out, tok, hidden * sizeof(float))
-    for t in range(1, length):
-        tok = token_vector(layers, n_layers, row_offset + t * hidden, hidden, bf16, scratch)
-        if does_mean:
-            for h in range(hidden):
-                mean_out[h] += tok[h]
-        if does_max:
-            for h in range(hidden):
-                v = tok[h]
-                m = max_out[h]
-                # `v != v` makes NaN win and then stick (v > NaN is always false), like numpy.max.
-                max_out[h] = v if (v > m or v != v) else m
-    if does_mean:
+                   Py_ssize_t start, Py_ssize_t length, Py_ssize_t hidden, const int* modes,
+                   Py_ssize_t n_modes, bint bf16, float* scratch, float* out) noexcept nogil:
+    """Pool tokens start..length-1 of one row into `out`: one block of `hidden` floats per mode,
+    in the order of `modes`. scratch holds 4 * hidden floats: the combined token, the running
+    sum, the position-weighted sum and the running max.
+
+    Weighted mean weighs token t by t + 1 (its position counted from the row's first token,
+    prompt included), as sentence-transformers does; CLS is the first pooled token (`start`)."""
+    cdef float* total = scratch + hidden
+    cdef float* weighted = scratch + 2 * hidden
+    cdef float* peak = scratch + 3 * hidden
+    cdef bint does_sum = False, does_weighted = False, does_max = False
+    cdef Py_ssize_t k, t, h
+    cdef const float* tok
+    cdef float v, m, weight, weights = 0, count = length - start, divisor
+    cdef float* dst
+    for k in range(n_modes):
+        does_sum = does_sum or modes[k] == MODE_MEAN or modes[k] == MODE_MEAN_SQRT_LEN
+        does_weighted = does_weighted or modes[k] == MODE_WEIGHTED_MEAN
+        does_max = does_max or modes[k] == MODE_MAX
+    if does_sum or does_weighted or does_max:
+        # Start from the first token rather than from 0 / -inf: no sentinel values to reason about.
+        tok = token_vector(layers, n_layers, row_offset + start * hidden, hidden, bf16, scratch)
+        weight = start + 1
+        weights = weight
         for h in range(hidden):
-            mean_out[h] /= length
+            total[h] = tok[h]
+            weighted[h] = weight * tok[h]
+            peak[h] = tok[h]
+        for t in range(start + 1, length):
+            tok = token_vector(layers, n_layers, row_offset + t * hidden, hidden, bf16, scratch)
+            if does_sum:
+                for h in range(hidden):
+                    total[h] += tok[h]
+            if does_weighted:
+                weight = t + 1
+                weights = weights + weight
+                for h in range(hidden):
+                    weighted[h] += weight * tok[h]
+            if does_max:
+                for h in range(hidden):
+                    v = tok[h]
+                    m = peak[h]
+                    # `v != v` makes NaN win and then stick (v > NaN is always false), like numpy.max.
+                    peak[h] = v if (v > m or v != v) else m
+    for k in range(n_modes):
+        dst = out + k * hidden
+        if modes[k] == MODE_CLS or modes[k] == MODE_LAST_TOKEN:
+            t = start if modes[k] == MODE_CLS else length - 1
+            tok = token_vector(layers, n_layers, row_offset + t * hidden, hidden, bf16, scratch)
+            memcpy(dst, tok, hidden * sizeof(float))
+        elif modes[k] == MODE_MAX:
+            memcpy(dst, peak, hidden * sizeof(float))
+        elif modes[k] == MODE_WEIGHTED_MEAN:
+            for h in range(hidden):
+                dst[h] = weighted[h] / weights
+        else:
+            divisor = count if modes[k] == MODE_MEAN else sqrt(count)
+            for h in range(hidden):
+                dst[h] = total[h] / divisor
 
 
 def pool(const hidden_t[:, :, ::1] first_layer, const size_t[::1] layer_ptrs, bint combine_mean,
-         const int64_t[::1] lengths, int mode, bint bf16, float[:, ::1] out,
-         float[:, ::1] scratch, int n_threads):
-    """Pool every row. `layer_ptrs` holds the data addresses of all layers (first_layer's too), each
-    shaped like first_layer. combine_mean: average the layers per token, then pool; otherwise pool
-    each layer into its own block of columns (concatenation)."""
+         const int64_t[::1] lengths, const int64_t[::1] starts, const int[::1] modes, bint bf16,
+         float[:, ::1] out, float[:, ::1] scratch, int n_threads):
+    """Pool every row over tokens starts[b]..lengths[b]-1. `layer_ptrs` holds the data addresses
+    of all layers (first_layer's too), each shaped like first_layer. combine_mean: average the
+    layers per token, then pool; otherwise pool each layer into its own block of columns
+    (concatenation), each block holding every mode."""
     cdef Py_ssize_t batch = first_layer.shape[0], seq = first_layer.shape[1]
     cdef Py_ssize_t hidden = first_layer.shape[2]
     cdef Py_ssize_t n_layers = layer_ptrs.shape[0]
-    cdef Py_ssize_t width = hidden * (2 if mode == MODE_MEAN_MAX else 1)
+    cdef Py_ssize_t n_modes = modes.shape[0]
+    cdef Py_ssize_t width = hidden * n_modes
     cdef const hidden_t** layers = <const hidden_t**> &layer_ptrs[0]
     cdef Py_ssize_t b, layer
     cdef float* row_scratch
@@ -158,12 +192,12 @@ def pool(const hidden_t[:, :, ::1] first_layer, const size_t[::1] layer_ptrs, bi
         row_scratch = &scratch[threadid(), 0]
         for b in prange(batch, schedule='dynamic'):
             if combine_mean:
-                pool_row(layers, n_layers, b * seq * hidden, lengths[b], hidden, mode, bf16,
-                         row_scratch, &out[b, 0])
+                pool_row(layers, n_layers, b * seq * hidden, starts[b], lengths[b], hidden,
+                         &modes[0], n_modes, bf16, row_scratch, &out[b, 0])
             else:
                 for layer in range(n_layers):
-                    pool_row(layers + layer, 1, b * seq * hidden, lengths[b], hidden, mode, bf16,
-                             row_scratch, &out[b, layer * width])
+                    pool_row(layers + layer, 1, b * seq * hidden, starts[b], lengths[b], hidden,
+                             &modes[0], n_modes, bf16, row_scratch, &out[b, layer * width])
 
 
 def gather(const hidden_t[:, :, ::1] first_layer, const size_t[::1] layer_ptrs, bint combine_mean,

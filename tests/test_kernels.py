@@ -28,26 +28,31 @@ def combined_tokens(layers32, length, b, combine):
     return np.concatenate(tokens, axis=1)
 
 
-def ref_pool(layers32, lengths, mode, combine="concat"):
+def ref_pool(layers32, lengths, mode, combine="concat", starts=None):
+    """Per row: tokens starts[b]..lengths[b]-1, layers combined, every mode side by side (per
+    layer block when concatenating; pooling commutes with per-token concatenation)."""
+    modes = ext.pool_modes(mode)
+    starts = np.zeros(len(lengths), int) if starts is None else starts
     rows = []
     for b, length in enumerate(lengths):
         tokens = combined_tokens(layers32, length, b, combine).astype(np.float64)
-        if combine == "concat" and mode != "cls":
-            # Concatenation happens per token, so pooling a layer at a time gives the same; the
-            # mean_max layout is [mean | max] per layer.
-            per_layer = np.split(tokens, len(layers32), axis=1)
-            rows.append(np.concatenate([ref_pool_tokens(t, mode) for t in per_layer]))
-        else:
-            rows.append(ref_pool_tokens(tokens, mode))
+        blocks = np.split(tokens, len(layers32), axis=1) if combine == "concat" else [tokens]
+        rows.append(np.concatenate([ref_pool_tokens(block, m, starts[b])
+                                    for block in blocks for m in modes]))
     return np.array(rows, dtype=np.float32)
 
 
-def ref_pool_tokens(tokens, mode):
+def ref_pool_tokens(tokens, mode, start=0):
+    """One pooling mode over tokens[start:], positions counted from the row's first token."""
+    kept = tokens[start:]
+    positions = np.arange(start, len(tokens), dtype=np.float64) + 1
     return {
-        "mean": lambda: tokens.mean(0),
-        "max": lambda: tokens.max(0),
-        "cls": lambda: tokens[0],
-        "mean_max": lambda: np.concatenate([tokens.mean(0), tokens.max(0)]),
+        "mean": lambda: kept.mean(0),
+        "max": lambda: kept.max(0),
+        "cls": lambda: kept[0],
+        "mean_sqrt_len": lambda: kept.sum(0) / np.sqrt(len(kept)),
+        "weightedmean": lambda: (kept * positions[:, None]).sum(0) / positions.sum(),
+        "lasttoken": lambda: kept[-1],
     }[mode]()
 
 
@@ -86,28 +91,61 @@ def pooling_cases(draw):
     return (batch, seq, hidden), np.array(lengths), draw(st.integers(0, 2**32 - 1))
 
 
+# Single modes, the mean_max alias, and several modes concatenated (sentence-transformers' order).
+MODES = [*ext.POOLING_MODES, "mean_max", ("cls", "mean"), ("max", "mean_sqrt_len", "weightedmean"),
+         ("lasttoken", "mean", "cls", "max")]
+
+
 # ---------------------------------------------------------------- pooling
 
 @pytest.mark.parametrize("dtype", INPUT_DTYPES)
-@pytest.mark.parametrize("mode", list(ext.POOLING_MODES))
+@pytest.mark.parametrize("mode", MODES)
 @settings(max_examples=40, deadline=None)
-@given(case=pooling_cases(), n_threads=st.sampled_from(THREADS))
-def test_pool_matches_reference(dtype, mode, case, n_threads):
+@given(case=pooling_cases(), n_threads=st.sampled_from(THREADS), data=st.data())
+def test_pool_matches_reference(dtype, mode, case, n_threads, data):
     shape, lengths, seed = case
     rng = np.random.default_rng(seed)
     pad_value = np.uint16(0x7FC0) if dtype == "bfloat16" else np.nan  # NaN padding
     hidden = padded(make_hidden(rng, shape, dtype), lengths, pad_value)
-    width = shape[2] * (2 if mode == "mean_max" else 1)
+    # Half the cases leave a prompt out: each row's first pooled token drawn in 0..length-1.
+    starts = data.draw(st.one_of(st.none(), st.tuples(*[st.integers(0, n - 1) for n in lengths])))
+    starts = None if starts is None else np.array(starts)
+    width = shape[2] * len(ext.pool_modes(mode))
     out = poisoned((shape[0], width))
-    result = ext.pool(hidden, lengths, mode, out=out, n_threads=n_threads)
+    result = ext.pool(hidden, lengths, mode, out=out, n_threads=n_threads, starts=starts)
     assert result is out
-    expected = ref_pool([to_float32(hidden, dtype)], lengths, mode)
+    expected = ref_pool([to_float32(hidden, dtype)], lengths, mode, starts=starts)
     np.testing.assert_allclose(result, expected, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("modes", [("mean",), ("cls",), ("max",), ("lasttoken",),
+                                   ("mean_sqrt_len",), ("weightedmean",),
+                                   ("cls", "max", "mean", "mean_sqrt_len", "weightedmean",
+                                    "lasttoken")])
+@pytest.mark.parametrize("prompt_length", [0, 2])
+def test_pool_matches_sentence_transformers_pooling(modes, prompt_length):
+    """The kernels against sentence-transformers' own Pooling module, prompt left out or not."""
+    import torch
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    st_names = {"mean_sqrt_len": "mean_sqrt_len_tokens"}
+    rng = np.random.default_rng(7)
+    lengths = np.array([9, 3, 6, 4])
+    hidden = padded(make_hidden(rng, (4, 9, 16), "float32"), lengths, 0.0)
+    mask = (np.arange(9)[None, :] < lengths[:, None]).astype(np.int64)
+    module = Pooling(16, pooling_mode=tuple(st_names.get(m, m) for m in modes),
+                     include_prompt=not prompt_length)
+    features = {"token_embeddings": torch.from_numpy(hidden),
+                "attention_mask": torch.from_numpy(mask), "prompt_length": prompt_length}
+    expected = module(features)["sentence_embedding"].numpy()
+    starts = np.full(4, prompt_length)
+    np.testing.assert_allclose(ext.pool(hidden, lengths, modes, starts=starts), expected,
+                               rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", INPUT_DTYPES)
 @pytest.mark.parametrize("combine", ext.LAYER_COMBINES)
-@pytest.mark.parametrize("mode", list(ext.POOLING_MODES))
+@pytest.mark.parametrize("mode", MODES)
 @settings(max_examples=15, deadline=None)
 @given(case=pooling_cases(), n_layers=st.integers(1, 4))
 def test_pool_combines_layers(dtype, combine, mode, case, n_layers):
@@ -135,7 +173,7 @@ def test_large_shapes(shape):
     hidden = make_hidden(rng, shape, "float32")
     lengths = rng.integers(1, shape[1] + 1, size=shape[0])
     lengths[0] = shape[1]
-    for mode in ext.POOLING_MODES:
+    for mode in MODES:
         expected = ref_pool([hidden], lengths, mode)
         np.testing.assert_allclose(ext.pool(hidden, lengths, mode), expected, rtol=1e-5, atol=1e-5)
 
@@ -287,6 +325,11 @@ def _hidden():
     (lambda: ext.masked_mean(_hidden(), [1, 1], out=np.zeros((2, 3))), "out: expected"),
     (lambda: ext.masked_mean(_hidden(), [1, 1], out=np.zeros((3, 2), np.float32).T), "C-contiguous"),
     (lambda: ext.pool(_hidden(), [1, 1], "median"), "mode must be one of"),
+    (lambda: ext.pool(_hidden(), [1, 1], ()), "mode must be one of"),
+    (lambda: ext.pool(_hidden(), [1, 1], ("mean", "sum")), "mode must be one of"),
+    (lambda: ext.pool(_hidden(), [2, 3], starts=[0, 3]), "starts[1] = 3 is outside 0..2"),
+    (lambda: ext.pool(_hidden(), [2, 3], starts=[-1, 0]), "starts[0] = -1 is outside"),
+    (lambda: ext.pool(_hidden(), [2, 3], starts=[0]), "starts: expected shape (2,)"),
     (lambda: ext.pool(_hidden(), [1, 1], layer_combine="sum"), "layer_combine must be one of"),
     (lambda: ext.masked_mean(_hidden(), [1, 1], n_threads=0), "n_threads must be >= 1"),
     (lambda: ext.l2_normalize(np.zeros((2, 2))), "expected a 2-d float32 array"),
