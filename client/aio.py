@@ -8,8 +8,9 @@ from typing import AsyncIterable, AsyncIterator, Iterable, Sequence
 import grpc
 import numpy as np
 
-from bertstream.client.core import (SEND_ATTEMPTS, Usage, batches, send_again, build_request, check_combine_strategy,
-                                    combine_tokens, decode_response, make_channel)
+from bertstream.client.core import (SEND_ATTEMPTS, Usage, batches, build_request,
+                                    check_combine_strategy, combine_tokens, decode_response,
+                                    embed_request, make_channel, send_again, tokens_request)
 from bertstream.client.sync import info_of, tokens_of
 from bertstream.proto import embedder_pb2 as pb
 from bertstream.proto import embedder_pb2_grpc as pb_grpc
@@ -45,21 +46,20 @@ class AsyncClient:
         self.last_usage = Usage.of(response)
         return decode_response(response)
 
-    async def embed(self, texts: Sequence[str], pooling: str = "mean",
+    async def embed(self, texts: Sequence[str], pooling: str | None = None,
                     layers: Sequence[int] = (-1,), layer_combine: str = "concat",
-                    normalize: bool = False, dtype: str = "float32", truncate: bool = True):
-        if pooling == "none":
-            raise ValueError("pooling 'none' is token-level: use embed_tokens()")
-        return await self._embed(build_request(texts, pooling=pooling, layers=layers,
-                                               layer_combine=layer_combine, normalize=normalize,
-                                               dtype=dtype, truncate=truncate))
+                    normalize: bool | None = None, dtype: str = "float32", truncate: bool = True,
+                    prompt_name: str | None = None, prompt: str | None = None,
+                    dimensions: int | None = None):
+        """As Client.embed."""
+        return await self._embed(embed_request(texts, locals()))
 
     async def embed_tokens(self, texts: Sequence[str], layers: Sequence[int] = (-1,),
                            layer_combine: str = "concat", normalize: bool = False,
-                           truncate: bool = True) -> list[np.ndarray]:
-        return await self._embed(build_request(texts, pooling="none", layers=layers,
-                                               layer_combine=layer_combine, normalize=normalize,
-                                               truncate=truncate))
+                           truncate: bool = True, prompt_name: str | None = None,
+                           prompt: str | None = None) -> list[np.ndarray]:
+        """As Client.embed_tokens."""
+        return await self._embed(tokens_request(texts, locals()))
 
     async def stream(self, texts: Iterable[str] | AsyncIterable[str], batch_size: int = 64,
                      window: int = 32, spread: bool | None = None,
@@ -136,7 +136,7 @@ class AsyncClient:
         check_combine_strategy(combine_strategy)
         texts = list(text_list)
         if combine_strategy in ("mean", "max"):
-            parts = [await self.embed(batch, combine_strategy)
+            parts = [await self.embed(batch, combine_strategy, normalize=False)
                      for batch in batches(texts, batch_size)]
             return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
         tokens = [row for batch in batches(texts, batch_size)

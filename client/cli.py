@@ -30,10 +30,20 @@ def embed_parser(subparsers) -> None:
     p.add_argument("--field", default="text", help="JSON Lines field / Parquet column (default text)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run: skip the rows OUTPUT already holds")
-    p.add_argument("--pooling", choices=("mean", "max", "cls", "mean_max"), default="mean")
+    p.add_argument("--pooling", default=None,
+                   choices=("mean", "max", "cls", "mean_max", "mean_sqrt_len", "weightedmean",
+                            "lasttoken"),
+                   help="a raw pooling (default: the model's own pipeline: its pooling, Dense, "
+                        "Normalize and default prompt)")
     p.add_argument("--layers", type=int, nargs="+", default=[-1])
     p.add_argument("--layer-combine", choices=("concat", "mean"), default="concat")
-    p.add_argument("--normalize", action="store_true", help="L2-normalise each vector")
+    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="L2-normalise each vector, or not (default: the model's choice with its "
+                        "own pipeline, off with --pooling)")
+    p.add_argument("--prompt-name", help="one of the model's prompts, prepended to every text")
+    p.add_argument("--prompt", help="free-text prompt prepended to every text")
+    p.add_argument("--dimensions", type=int, default=None,
+                   help="keep the first N values of each vector (renormalized if normalized)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="wire precision (output is float32 either way)")
     p.add_argument("--no-truncate", dest="truncate", action="store_false",
@@ -62,7 +72,9 @@ def run_embed(args) -> int:
         total = count_texts(args.input, fmt)
         texts = itertools.islice(read_texts(args.input, fmt, args.field), done, None)
         options = dict(pooling=args.pooling, layers=args.layers, layer_combine=args.layer_combine,
-                       normalize=args.normalize, dtype=args.dtype, truncate=args.truncate)
+                       normalize=args.normalize, dtype=args.dtype, truncate=args.truncate,
+                       prompt_name=args.prompt_name, prompt=args.prompt,
+                       dimensions=args.dimensions)
         tokens = 0
         with Client(args.server if len(args.server) > 1 else args.server[0], token=token,
                     tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key) as client, \

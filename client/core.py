@@ -12,8 +12,12 @@ import numpy as np
 
 from bertstream.proto import embedder_pb2 as pb
 
-POOLINGS = {"mean": pb.POOLING_MEAN, "max": pb.POOLING_MAX, "cls": pb.POOLING_CLS,
-            "mean_max": pb.POOLING_MEAN_MAX, "none": pb.POOLING_NONE}
+# None: the model's own pipeline (pooling, Dense, Normalize, default prompt), as the server reports
+# it in info()["pipeline"]; a name: that raw pooling.
+POOLINGS = {None: pb.POOLING_UNSPECIFIED, "mean": pb.POOLING_MEAN, "max": pb.POOLING_MAX,
+            "cls": pb.POOLING_CLS, "mean_max": pb.POOLING_MEAN_MAX, "none": pb.POOLING_NONE,
+            "mean_sqrt_len": pb.POOLING_MEAN_SQRT_LEN, "weightedmean": pb.POOLING_WEIGHTED_MEAN,
+            "lasttoken": pb.POOLING_LAST_TOKEN}
 COMBINES = {"concat": pb.LAYER_COMBINE_CONCAT, "mean": pb.LAYER_COMBINE_MEAN}
 DTYPES = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16,
           "bfloat16": pb.DTYPE_BFLOAT16, "int8": pb.DTYPE_INT8, "binary": pb.DTYPE_BINARY}
@@ -114,16 +118,33 @@ def _choice(table: dict, value: str, name: str) -> int:
         raise ValueError(f"{name} must be one of {tuple(table)}, got {value!r}") from None
 
 
-def build_request(texts: Sequence[str], request_id: str = "", *, pooling: str = "mean",
+def build_request(texts: Sequence[str], request_id: str = "", *, pooling: str | None = None,
                   layers: Sequence[int] = (-1,), layer_combine: str = "concat",
-                  normalize: bool = False, dtype: str = "float32",
-                  truncate: bool = True) -> pb.EmbedRequest:
+                  normalize: bool | None = None, dtype: str = "float32", truncate: bool = True,
+                  prompt_name: str | None = None, prompt: str | None = None,
+                  dimensions: int | None = None) -> pb.EmbedRequest:
+    """pooling, normalize: None leaves them to the model (its pipeline; see Engine.options)."""
     if isinstance(texts, str):
         raise TypeError("texts must be a sequence of strings, not one string")
     return pb.EmbedRequest(
         request_id=request_id, texts=list(texts), pooling=_choice(POOLINGS, pooling, "pooling"),
         layers=list(layers), layer_combine=_choice(COMBINES, layer_combine, "layer_combine"),
-        normalize=normalize, dtype=_choice(DTYPES, dtype, "dtype"), truncate=truncate)
+        normalize=normalize, dtype=_choice(DTYPES, dtype, "dtype"), truncate=truncate,
+        prompt_name=prompt_name or "", prompt=prompt, dimensions=dimensions or 0)
+
+
+def embed_request(texts: Sequence[str], arguments: dict) -> pb.EmbedRequest:
+    """The request of Client.embed / AsyncClient.embed, from their arguments (locals())."""
+    if arguments["pooling"] == "none":
+        raise ValueError("pooling 'none' is token-level: use embed_tokens()")
+    return build_request(texts, **{k: v for k, v in arguments.items()
+                                   if k not in ("self", "texts")})
+
+
+def tokens_request(texts: Sequence[str], arguments: dict) -> pb.EmbedRequest:
+    """The request of Client.embed_tokens / AsyncClient.embed_tokens (locals())."""
+    return build_request(texts, pooling="none", **{k: v for k, v in arguments.items()
+                                                    if k not in ("self", "texts")})
 
 
 def batches(texts, batch_size: int):

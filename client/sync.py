@@ -9,8 +9,9 @@ from typing import Iterable, Iterator, Sequence
 import grpc
 import numpy as np
 
-from bertstream.client.core import (SEND_ATTEMPTS, Usage, batches, send_again, build_request, check_combine_strategy,
-                                    combine_tokens, decode_response, make_channel)
+from bertstream.client.core import (SEND_ATTEMPTS, Usage, batches, build_request,
+                                    check_combine_strategy, combine_tokens, decode_response,
+                                    embed_request, make_channel, send_again, tokens_request)
 from bertstream.proto import embedder_pb2 as pb
 from bertstream.proto import embedder_pb2_grpc as pb_grpc
 
@@ -48,25 +49,30 @@ class Client:
         self.last_usage = Usage.of(response)
         return decode_response(response)
 
-    def embed(self, texts: Sequence[str], pooling: str = "mean", layers: Sequence[int] = (-1,),
-              layer_combine: str = "concat", normalize: bool = False, dtype: str = "float32",
-              truncate: bool = True):
+    def embed(self, texts: Sequence[str], pooling: str | None = None,
+              layers: Sequence[int] = (-1,), layer_combine: str = "concat",
+              normalize: bool | None = None, dtype: str = "float32", truncate: bool = True,
+              prompt_name: str | None = None, prompt: str | None = None,
+              dimensions: int | None = None):
         """One vector per text: float32 (n, width) for the float dtypes; Int8Embeddings for int8;
-        packed sign bits uint8 (n, ceil(width / 8)) for binary."""
-        if pooling == "none":
-            raise ValueError("pooling 'none' is token-level: use embed_tokens()")
-        return self._embed(build_request(texts, pooling=pooling, layers=layers,
-                                         layer_combine=layer_combine, normalize=normalize,
-                                         dtype=dtype, truncate=truncate))
+        packed sign bits uint8 (n, ceil(width / 8)) for binary.
+
+        By default (pooling=None) the model's own embedding, what SentenceTransformer(model)
+        .encode gives: its pooling, Dense and Normalize, its default prompt. A pooling name
+        ("mean", "max", "cls", "mean_max", "mean_sqrt_len", "weightedmean", "lasttoken") gives
+        that raw pooling of `layers`, normalized only if normalize=True. prompt_name (one of the
+        model's prompts) or prompt (free text) is prepended to every text; dimensions keeps the
+        first k values (renormalized when the output is normalized)."""
+        return self._embed(embed_request(texts, locals()))
 
     def embed_tokens(self, texts: Sequence[str], layers: Sequence[int] = (-1,),
                      layer_combine: str = "concat", normalize: bool = False,
-                     truncate: bool = True) -> list[np.ndarray]:
+                     truncate: bool = True, prompt_name: str | None = None,
+                     prompt: str | None = None) -> list[np.ndarray]:
         """Token-level vectors: one (tokens, width) float32 array per text, exactly its own
-        tokens ([CLS] and [SEP] included); `tokenize` gives the matching strings and offsets."""
-        return self._embed(build_request(texts, pooling="none", layers=layers,
-                                         layer_combine=layer_combine, normalize=normalize,
-                                         truncate=truncate))
+        tokens ([CLS] and [SEP] included, a prompt's too); `tokenize` gives the matching
+        strings and offsets."""
+        return self._embed(tokens_request(texts, locals()))
 
     def stream(self, texts: Iterable[str], batch_size: int = 64, window: int = 32,
                spread: bool | None = None, **options) -> Iterator:
@@ -175,7 +181,8 @@ class Client:
         check_combine_strategy(combine_strategy)
         texts = list(text_list)
         if combine_strategy in ("mean", "max"):
-            parts = [self.embed(batch, combine_strategy) for batch in batches(texts, batch_size)]
+            parts = [self.embed(batch, combine_strategy, normalize=False)
+                     for batch in batches(texts, batch_size)]
             return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
         tokens = [row for batch in batches(texts, batch_size) for row in self.embed_tokens(batch)]
         return tokens if combine_strategy is None else combine_tokens(tokens, combine_strategy)
@@ -192,4 +199,16 @@ def info_of(response: pb.InfoResponse) -> dict:
         "num_layers": response.num_layers, "max_input_tokens": response.max_input_tokens,
         "device": response.device, "dtype": response.dtype,
         "limits": {field.name: value for field, value in response.limits.ListFields()},
+        "pipeline": pipeline_of(response.pipeline),
+    }
+
+
+def pipeline_of(pipeline: pb.Pipeline) -> dict:
+    return {
+        "source": pipeline.source, "modules": list(pipeline.modules),
+        "pooling": list(pipeline.pooling), "include_prompt": pipeline.include_prompt,
+        "dense": [{"in_features": d.in_features, "out_features": d.out_features, "bias": d.bias,
+                   "activation": d.activation} for d in pipeline.dense],
+        "normalize": pipeline.normalize, "dimensions": pipeline.dimensions,
+        "prompts": dict(pipeline.prompts), "default_prompt_name": pipeline.default_prompt_name,
     }

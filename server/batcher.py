@@ -285,7 +285,7 @@ class Batcher:
         for options, rows in by_options.items():
             rows = np.asarray(rows)
             vectors = self.engine.pool(hidden, lengths, rows, options)
-            if options.pooling == "none":
+            if options.token_level:
                 ends = np.cumsum(lengths[rows])
                 for row, start, end in zip(rows, ends - lengths[rows], ends):
                     pooled[row] = vectors[start:end]
@@ -298,7 +298,7 @@ class Batcher:
     def _finish(job: Job) -> JobResult:
         rows = [job._rows[i] for i in range(len(job.ids))]
         job._rows.clear()
-        if job.options.pooling == "none":
+        if job.options.token_level:
             vectors = np.concatenate(rows)
             lengths = [len(r) for r in rows]
         else:

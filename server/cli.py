@@ -115,6 +115,7 @@ async def serve(args) -> None:
     log.info("serving", extra={"fields": {
         "model": engine.model_name, "device": str(engine.device), "dtype": engine.dtype,
         "address": f"{args.host}:{port}", "max_length": engine.max_length,
+        "attention": engine.attention, "pipeline": describe_pipeline(engine),
         "threads": engine.threads, "forward_workers": engine.forward_workers,
         "tls": "mutual" if args.tls_client_ca else bool(args.tls_cert),
         "auth": f"{len(security.auth_tokens)} token(s), health {args.auth_health}"
@@ -133,6 +134,24 @@ async def serve(args) -> None:
         if metrics_http:
             metrics_http.shutdown()
         log.info("stopped", extra={"fields": {"address": f"{args.host}:{port}"}})
+
+
+def describe_pipeline(engine) -> str:
+    """The default pipeline in one line, e.g. 'sentence-transformers: cls -> Dense 768->256
+    (Tanh) -> normalize, width 256, prompts query, passage (default query)'."""
+    pipeline = engine.pipeline
+    parts = ["+".join(pipeline.pooling) + (" (prompt left out)" if not pipeline.include_prompt
+                                           else "")]
+    for step in pipeline.steps:
+        parts.append(f"Dense {step.in_features}->{step.out_features} "
+                     f"({step.activation_name.rsplit('.', 1)[-1]})"
+                     if hasattr(step, "weight") else "normalize")
+    line = f"{pipeline.source}: {' -> '.join(parts)}, width {engine.output_width}"
+    if pipeline.prompts:
+        line += f", prompts {', '.join(sorted(pipeline.prompts))}"
+        if pipeline.default_prompt_name:
+            line += f" (default {pipeline.default_prompt_name})"
+    return line
 
 
 def run_serve(args) -> int:

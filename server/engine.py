@@ -6,7 +6,7 @@ what goes into a forward pass; the engine runs it and pools with the bertstream.
 
 from __future__ import annotations
 
-import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +15,13 @@ import torch
 
 from bertstream import ext
 from bertstream.server.errors import EmbedError
+from bertstream.server.pipeline import NORMALIZE, Pipeline, local_model_folder, read_pipeline
 
-POOLINGS = ("mean", "max", "cls", "mean_max", "none")
+log = logging.getLogger("bertstream.engine")
+
+# Explicit poolings a request may name; "none" is token-level. The model's own pipeline is what a
+# request that names none gets (Engine.options).
+POOLINGS = ("mean", "max", "cls", "mean_max", "mean_sqrt_len", "weightedmean", "lasttoken", "none")
 DTYPES = ("float32", "float16", "bfloat16")
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -30,12 +35,24 @@ def default_model_path() -> str:
 
 @dataclass(frozen=True)
 class EmbedOptions:
-    """What to do with the hidden states of one request's texts. Validated by Engine.options()."""
+    """What to do with the hidden states of one request's texts. Built by Engine.options()."""
 
-    pooling: str = "mean"          # one of POOLINGS; "none" = token-level
+    pooling: tuple[str, ...] = ("mean",)  # ext pooling modes, side by side; () = token-level
     layers: tuple[int, ...] = (-1,)  # resolved to 0..N by Engine.options()
     layer_combine: str = "concat"  # ext.LAYER_COMBINES
-    normalize: bool = False
+    steps: tuple = ()  # after pooling: the model's Dense modules and NORMALIZE, in order
+    dimensions: int = 0  # keep the first k values (0: all); renormalized if the output is
+    prompt: str | None = None  # prepended to every text before tokenizing
+    pool_start: int = 0  # tokens left out of pooling at the start of each text (the prompt's)
+    width: int = 0  # values per vector (per token, token-level) in the response
+
+    @property
+    def token_level(self) -> bool:
+        return not self.pooling
+
+    @property
+    def normalized(self) -> bool:
+        return bool(self.steps) and self.steps[-1] is NORMALIZE
 
 
 @dataclass
@@ -50,7 +67,7 @@ class Engine:
     def __init__(self, model: str | None = None, device: str = "auto", dtype: str | None = None,
                  max_length: int | None = None, threads: int | None = None,
                  forward_workers: int | None = None):
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
 
         # torch computes only on the batcher's forward workers, each on its share of `threads`
         # (set_forward_threads). A second OpenMP team anywhere else in the process (even an idle
@@ -64,18 +81,26 @@ class Engine:
         self.dtype = dtype or ("float32" if self.device.type == "cpu" else "float16")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        local = Path(self.model_name).is_dir()
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_name, local_files_only=local)
+        folder = local_model_folder(self.model_name)
+        self.pipeline = read_pipeline(folder) if Path(folder).is_dir() else Pipeline()
+        encoder = str(Path(folder, self.pipeline.transformer_path)) if Path(folder).is_dir() \
+            else folder
+        local = Path(encoder).is_dir()
+        self.tokenizer = AutoTokenizer.from_pretrained(encoder, local_files_only=local)
         if not self.tokenizer.is_fast:
             raise ValueError(f"{self.model_name}: no fast (Rust) tokenizer; bertstream needs one")
-        self.model = AutoModel.from_pretrained(
-            self.model_name, local_files_only=local, attn_implementation="sdpa",
-            dtype=TORCH_DTYPES[self.dtype],
-        ).to(self.device).eval()
+        self.model, self.attention = load_encoder(encoder, local, TORCH_DTYPES[self.dtype])
+        self.model = self.model.to(self.device).eval()
         config = self.model.config
         self.hidden_size = int(config.hidden_size)
         self.num_layers = int(config.num_hidden_layers)
-        self.max_length = max_length or model_max_length(self.model_name, self.tokenizer, config)
+        positions = usable_positions(self.model)
+        if max_length is not None and not 2 <= max_length <= positions:
+            raise ValueError(f"--max-length {max_length} is outside 2..{positions}: this model's "
+                             f"position embeddings hold {positions} tokens")
+        self.max_length = max_length or min(
+            self.pipeline.max_seq_length or model_max_length(self.tokenizer, config), positions)
+        self.output_width = self._check_pipeline_widths()
         self.pad_id = self.tokenizer.pad_token_id or 0
         # On the CPU the forward pass owns every core: pooling (tiny beside it) stays on one thread
         # so the kernels' OpenMP workers never compete with torch's. On a GPU, use them all.
@@ -86,10 +111,24 @@ class Engine:
         # Two views of the same Rust tokenizer: one cuts at max_length (and reports overflow), one
         # does not (to report an over-long text's real length when truncation is off).
         self._truncating = self.tokenizer.backend_tokenizer
+        if self.pipeline.do_lower_case:
+            lowercase_inputs(self._truncating)
         self._truncating.no_padding()
         self._truncating.enable_truncation(self.max_length)
         self._full = type(self._truncating).from_str(self._truncating.to_str())
         self._full.no_truncation()
+        self._special_ids = set(self.tokenizer.all_special_ids)
+        self._prompt_lengths: dict[str, int] = {}
+
+    def _check_pipeline_widths(self) -> int:
+        """The width of the model's default output; its Dense modules must chain from pooling."""
+        width = self.hidden_size * len(self.pipeline.pooling)
+        for dense in self.pipeline.dense:
+            if dense.in_features != width:
+                raise ValueError(f"{self.model_name}: a Dense module takes {dense.in_features} "
+                                 f"values but receives {width}")
+            width = dense.out_features
+        return width
 
     @staticmethod
     def set_forward_threads(threads: int) -> None:
@@ -98,14 +137,24 @@ class Engine:
 
     # ------------------------------------------------------------------ validation
 
-    def options(self, pooling: str, layers, layer_combine: str, normalize: bool) -> EmbedOptions:
-        """Validate request options once, at the boundary; raise EmbedError naming the field."""
-        if pooling not in POOLINGS:
+    def options(self, pooling: str | None = None, layers=(), layer_combine: str = "concat",
+                normalize: bool | None = None, prompt_name: str | None = None,
+                prompt: str | None = None, dimensions: int = 0) -> EmbedOptions:
+        """Validate request options once, at the boundary; raise EmbedError naming the field.
+
+        pooling None is the model's pipeline (its pooling, Dense and Normalize; its default
+        prompt). An explicit pooling is the raw building block: no Dense, no default prompt,
+        prompt tokens pooled like any others, normalized only when asked."""
+        pipeline = self.pipeline
+        if pooling is not None and pooling not in POOLINGS:
             raise EmbedError.invalid(f"pooling: unknown value {pooling!r}; use one of {POOLINGS}")
         if layer_combine not in ext.LAYER_COMBINES:
             raise EmbedError.invalid(f"layer_combine: unknown value {layer_combine!r}; "
                                      f"use one of {ext.LAYER_COMBINES}")
         layers = tuple(layers) or (-1,)
+        if pooling is None and layers != (-1,):
+            raise EmbedError.invalid("layers: the model's own pipeline runs on the last layer; "
+                                     "name a pooling to use other layers")
         top = self.num_layers
         resolved = []
         for i, layer in enumerate(layers):
@@ -113,11 +162,65 @@ class Engine:
                 raise EmbedError.invalid(f"layers[{i}] = {layer} is out of range; this model has "
                                          f"layers {-(top + 1)}..{top} (0 = embeddings)")
             resolved.append(layer % (top + 1))
-        return EmbedOptions(pooling, tuple(resolved), layer_combine, bool(normalize))
+        if len(resolved) > top + 1:
+            raise EmbedError.invalid(f"layers: {len(resolved)} entries, over the {top + 1} hidden "
+                                     f"states this model has")
+        prompt = self._prompt(prompt_name, prompt, default=pooling is None)
+        if pooling is None:
+            modes, steps = pipeline.pooling, list(pipeline.steps)
+            if normalize is False:
+                steps = [step for step in steps if step is not NORMALIZE]
+            width = self.output_width
+        else:
+            modes = () if pooling == "none" else ext.pool_modes(pooling)
+            steps = []
+            per_layer = self.hidden_size * max(1, len(modes))
+            width = per_layer * (len(resolved) if layer_combine == "concat" else 1)
+        if normalize and not (steps and steps[-1] is NORMALIZE):
+            steps.append(NORMALIZE)
+        if not 0 <= dimensions <= width:
+            raise EmbedError.invalid(f"dimensions = {dimensions} is outside 0..{width}, the width "
+                                     f"of this output (0 keeps it whole)")
+        skip = self.prompt_length(prompt) if prompt and pooling is None \
+            and not pipeline.include_prompt else 0
+        return EmbedOptions(modes, tuple(resolved), layer_combine, tuple(steps), dimensions,
+                            prompt, skip, dimensions or width)
+
+    def _prompt(self, name: str | None, text: str | None, default: bool) -> str | None:
+        """The prompt text a request asks for: by name, as free text, or (default) the model's
+        default prompt. An empty prompt is no prompt, as in sentence-transformers."""
+        prompts = self.pipeline.prompts
+        if name and text is not None:
+            raise EmbedError.invalid("prompt_name and prompt: send one or the other, not both")
+        if name:
+            if name not in prompts:
+                raise EmbedError.invalid(f"prompt_name: {name!r} is not one of this model's "
+                                         f"prompts {sorted(prompts)}")
+            text = prompts[name]
+        elif text is None and default and self.pipeline.default_prompt_name:
+            text = prompts[self.pipeline.default_prompt_name]
+        if text and self.prompt_length(text) >= self.max_length - 1:
+            raise EmbedError.invalid(f"prompt: {self.prompt_length(text)} tokens leave no room "
+                                     f"for the text within the model's {self.max_length}")
+        return text or None
+
+    def prompt_length(self, prompt: str) -> int:
+        """The prompt's tokens at the start of every text, as sentence-transformers counts them:
+        the prompt alone, tokenized, without its trailing special token ([SEP])."""
+        if prompt not in self._prompt_lengths:
+            if len(self._prompt_lengths) > 1024:  # free-text prompts: keep the cache bounded
+                self._prompt_lengths.clear()
+            ids = self._truncating.encode(prompt).ids
+            self._prompt_lengths[prompt] = len(ids) - (1 if ids and ids[-1] in self._special_ids
+                                                       else 0)
+        return self._prompt_lengths[prompt]
 
     # ------------------------------------------------------------------ tokenization
 
-    def tokenize(self, texts: list[str], truncate: bool = True, details: bool = False) -> Tokenized:
+    def tokenize(self, texts: list[str], truncate: bool = True, details: bool = False,
+                 prompt: str | None = None) -> Tokenized:
+        if prompt:
+            texts = [prompt + text for text in texts]
         if details:
             encodings = self._truncating.encode_batch(texts)
         else:  # no character offsets: ~20% less tokenizer CPU taken from the forward pass
@@ -160,18 +263,31 @@ class Engine:
 
     def pool(self, hidden_states, lengths: np.ndarray, rows: np.ndarray,
              options: EmbedOptions) -> np.ndarray:
-        """Pool `rows` of a forward pass as `options` say: (len(rows), width) float32, or for
-        pooling "none" the rows' real tokens back to back (sum(lengths[rows]), width)."""
+        """Pool `rows` of a forward pass as `options` say: (len(rows), width) float32, or
+        token-level the rows' real tokens back to back (sum(lengths[rows]), width). Then the
+        steps after pooling (Dense, Normalize), then the cut to `dimensions`."""
         layers = [host_array(hidden_states[layer], rows) for layer in options.layers]
         row_lengths = lengths[rows]
-        if options.pooling == "none":
+        threads = self.pool_threads
+        if options.token_level:
             vectors = ext.gather_tokens(layers, row_lengths, options.layer_combine,
-                                        n_threads=self.pool_threads)
+                                        n_threads=threads)
         else:
+            # A prompt that merged with its text's first token can leave fewer tokens than it
+            # counted alone: pool at least the last token then.
+            starts = np.minimum(options.pool_start, row_lengths - 1) if options.pool_start \
+                else None
             vectors = ext.pool(layers, row_lengths, options.pooling, options.layer_combine,
-                               n_threads=self.pool_threads)
-        if options.normalize:
-            ext.l2_normalize(vectors, n_threads=self.pool_threads)
+                               n_threads=threads, starts=starts)
+        for step in options.steps:
+            if step is NORMALIZE:
+                ext.l2_normalize(vectors, n_threads=threads)
+            else:
+                vectors = step(vectors)
+        if options.dimensions and options.dimensions < vectors.shape[1]:
+            vectors = np.ascontiguousarray(vectors[:, :options.dimensions])
+            if options.normalized:  # the cut vector is unit length again (as OpenAI's dimensions)
+                ext.l2_normalize(vectors, n_threads=threads)
         return vectors
 
 
@@ -202,13 +318,43 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def model_max_length(model_name: str, tokenizer, config) -> int:
-    """sentence-transformers' max_seq_length when the folder has one (so MEAN matches its encode),
-    else the smaller of the tokenizer's and the position embeddings' limits."""
-    st_config = Path(model_name, "sentence_bert_config.json")
-    if st_config.is_file():
-        value = json.loads(st_config.read_text()).get("max_seq_length")
-        if value:
-            return int(value)
+def model_max_length(tokenizer, config) -> int:
+    """Without a sentence-transformers max_seq_length: the smaller of the tokenizer's and the
+    position embeddings' limits."""
     limits = [getattr(config, "max_position_embeddings", None), tokenizer.model_max_length]
     return int(min(v for v in limits if v and v < 10**6))
+
+
+def usable_positions(model) -> int:
+    """The longest input the position embeddings hold. RoBERTa, MPNet and their kind number
+    positions from padding_idx + 1, so they hold that many fewer than max_position_embeddings."""
+    positions = getattr(model.config, "max_position_embeddings", None) or 10**6
+    padding_idx = getattr(getattr(model, "embeddings", None), "padding_idx", None)
+    return positions - (padding_idx + 1 if isinstance(padding_idx, int) else 0)
+
+
+def load_encoder(folder: str, local: bool, dtype: torch.dtype):
+    """The encoder with SDPA attention where it has it, else its default; and which one it got."""
+    from transformers import AutoModel
+
+    try:
+        model = AutoModel.from_pretrained(folder, local_files_only=local,
+                                          attn_implementation="sdpa", dtype=dtype)
+    except ValueError as exc:  # no SDPA for this architecture
+        log.info("no SDPA attention (%s); using the model's default", str(exc).split("\n")[0])
+        model = AutoModel.from_pretrained(folder, local_files_only=local, dtype=dtype)
+    attention = getattr(model.config, "_attn_implementation", None) or "default"
+    log.info("attention: %s", attention)
+    return model, attention
+
+
+def lowercase_inputs(backend) -> None:
+    """Lower-case before tokenizing, as sentence-transformers' do_lower_case does: a Lowercase
+    normalizer first, unless the tokenizer's normalizers already hold one."""
+    from tokenizers import normalizers
+
+    current = backend.normalizer
+    chain = list(current) if isinstance(current, normalizers.Sequence) else \
+        [current] if current is not None else []
+    if not any(isinstance(n, normalizers.Lowercase) for n in chain):
+        backend.normalizer = normalizers.Sequence([normalizers.Lowercase(), *chain])

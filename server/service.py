@@ -37,8 +37,11 @@ STATUS_CODES = {
     ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 
-POOLING_NAMES = {pb.POOLING_UNSPECIFIED: "mean", pb.POOLING_MEAN: "mean", pb.POOLING_MAX: "max",
-                 pb.POOLING_CLS: "cls", pb.POOLING_MEAN_MAX: "mean_max", pb.POOLING_NONE: "none"}
+# POOLING_UNSPECIFIED (None) is the model's own pipeline.
+POOLING_NAMES = {pb.POOLING_UNSPECIFIED: None, pb.POOLING_MEAN: "mean", pb.POOLING_MAX: "max",
+                 pb.POOLING_CLS: "cls", pb.POOLING_MEAN_MAX: "mean_max", pb.POOLING_NONE: "none",
+                 pb.POOLING_MEAN_SQRT_LEN: "mean_sqrt_len",
+                 pb.POOLING_WEIGHTED_MEAN: "weightedmean", pb.POOLING_LAST_TOKEN: "lasttoken"}
 COMBINE_NAMES = {pb.LAYER_COMBINE_UNSPECIFIED: "concat", pb.LAYER_COMBINE_CONCAT: "concat",
                  pb.LAYER_COMBINE_MEAN: "mean"}
 DTYPE_NAMES = {pb.DTYPE_UNSPECIFIED: "float32", pb.DTYPE_FLOAT32: "float32",
@@ -186,22 +189,28 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         async with self._queue_space:
             self._queue_space.notify_all()
 
-    async def _tokenize(self, request, details: bool = False):
+    async def _tokenize(self, request, details: bool = False, prompt: str | None = None):
         texts = list(request.texts)
         truncate = request.truncate if request.HasField("truncate") else True
         if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:  # microseconds: not worth a thread hop
-            return self.engine.tokenize(texts, truncate, details)
+            return self.engine.tokenize(texts, truncate, details, prompt)
         return await asyncio.get_running_loop().run_in_executor(
-            self._tokenize_pool, self.engine.tokenize, texts, truncate, details)
+            self._tokenize_pool, self.engine.tokenize, texts, truncate, details, prompt)
+
+    def _options(self, request: pb.EmbedRequest):
+        return self.engine.options(
+            enum_name(POOLING_NAMES, request.pooling, "pooling"), request.layers,
+            enum_name(COMBINE_NAMES, request.layer_combine, "layer_combine"),
+            request.normalize if request.HasField("normalize") else None,
+            request.prompt_name or None, request.prompt if request.HasField("prompt") else None,
+            request.dimensions)
 
     async def _embed(self, request: pb.EmbedRequest, streaming: bool) -> pb.EmbedResponse:
         """Validate, tokenize, queue, await, convert. Raises EmbedError."""
         self._check_texts(request.texts)
-        options = self.engine.options(
-            enum_name(POOLING_NAMES, request.pooling, "pooling"), request.layers,
-            enum_name(COMBINE_NAMES, request.layer_combine, "layer_combine"), request.normalize)
+        options = self._options(request)
         dtype = enum_name(DTYPE_NAMES, request.dtype, "dtype")
-        tokens = await self._tokenize(request)
+        tokens = await self._tokenize(request, prompt=options.prompt)
         done, on_done = completion()
         job = Job(tokens.ids, options, dtype, on_done, truncated_items=sum(tokens.truncated))
         await self._admit(len(job.ids), wait=streaming)
@@ -296,14 +305,30 @@ class EmbedderService(pb_grpc.EmbedderServicer):
                              max_batch_tokens=limits.max_batch_tokens,
                              max_message_bytes=limits.max_message_bytes,
                              stream_window=limits.stream_window,
-                             max_queue_texts=limits.max_queue_texts))
+                             max_queue_texts=limits.max_queue_texts),
+            pipeline=pipeline_info(engine))
+
+
+def pipeline_info(engine: Engine) -> pb.Pipeline:
+    pipeline = engine.pipeline
+    return pb.Pipeline(
+        source=pipeline.source, modules=pipeline.modules, pooling=pipeline.pooling,
+        include_prompt=pipeline.include_prompt,
+        dense=[pb.DenseLayer(in_features=d.in_features, out_features=d.out_features,
+                             bias=d.bias is not None, activation=d.activation_name)
+               for d in pipeline.dense],
+        normalize=pipeline.normalizes, dimensions=engine.output_width, prompts=pipeline.prompts,
+        default_prompt_name=pipeline.default_prompt_name or "")
 
 
 async def warm_up(batcher: Batcher, engine: Engine) -> None:
-    """One text through the whole path (on a forward worker, like every forward pass)."""
+    """One text of the longest length through the whole path, the model's pipeline included (on
+    a forward worker, like every forward pass): a model that cannot take its max length fails
+    here, at start, not on a user's request."""
     done, on_done = completion()
-    options = engine.options("mean", (), "concat", False)
-    batcher.submit(Job(engine.tokenize(["warm-up"]).ids, options, "float32", on_done))
+    options = engine.options()
+    longest = engine.tokenize(["warm-up " * engine.max_length], prompt=options.prompt).ids
+    batcher.submit(Job(longest, options, "float32", on_done))
     result = await done
     if isinstance(result, EmbedError):
         raise RuntimeError(f"warm-up failed: {result.message}")
