@@ -17,11 +17,6 @@ SHORT = ["This is a sample sentence.", "Another sentence for embedding.",
          "The quick brown fox jumps over the lazy dog.", "Hi"]
 
 
-def cosine(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
-
-
 @pytest.fixture(scope="module")
 def texts(corpus):
     # Mixed lengths, including some over the 256-token limit (truncated).
@@ -51,12 +46,17 @@ def test_mean_matches_sentence_transformers(client, corpus):
 
     from bertstream.server.engine import default_model_path
 
-    texts = list(corpus[:240])
+    texts = list(corpus[:240]) + sorted(corpus, key=len)[-5:]  # the longest are truncated
     model = SentenceTransformer(default_model_path(), device="cpu")
     expected = model.encode(texts, batch_size=32, convert_to_numpy=True)
-    got = client.embed(texts)
-    assert got.shape == expected.shape == (240, 384)
-    assert cosine(got, expected).min() >= 0.9999
+    got = client.embed(texts)  # the model's pipeline: masked mean, then Normalize
+    assert got.shape == expected.shape == (245, 384)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    # An explicit mean is the raw building block: the same direction, not normalized.
+    raw = client.embed(texts, pooling="mean")
+    np.testing.assert_allclose(raw / np.linalg.norm(raw, axis=1, keepdims=True), expected,
+                               rtol=0, atol=1e-5)
+    assert np.abs(np.linalg.norm(raw, axis=1) - 1).max() > 0.1
 
 
 @pytest.mark.parametrize("pooling, layers, combine, normalize", [
@@ -215,7 +215,8 @@ def test_bad_message_in_stream_gets_error_and_stream_goes_on(server):
         stub = pb_grpc.EmbedderStub(channel)
         requests = [pb.EmbedRequest(request_id="ok-1", texts=["fine"]),
                     pb.EmbedRequest(request_id="bad", texts=[]),
-                    pb.EmbedRequest(request_id="bad-layer", texts=["x"], layers=[42]),
+                    pb.EmbedRequest(request_id="bad-layer", texts=["x"], layers=[42],
+                                    pooling=pb.POOLING_MEAN),
                     pb.EmbedRequest(request_id="ok-2", texts=["also fine", "two"])]
         responses = list(stub.EmbedStream(iter(requests), timeout=60))
     assert [r.request_id for r in responses] == ["ok-1", "bad", "bad-layer", "ok-2"]
@@ -237,8 +238,9 @@ def test_client_stream_raises_on_error_response(client):
     (dict(texts=[]), "texts: empty"),
     (dict(texts=["ok", "x" * 20_001]), "texts[1]: 20001 characters, over the limit of 20000"),
     (dict(texts=["a"] * 501), "texts: 501 texts, over the limit of 500"),
-    (dict(texts=["a"], layers=[7]), "layers[0] = 7 is out of range; this model has layers -7..6"),
-    (dict(texts=["a"], layers=[-1, -8]), "layers[1] = -8 is out of range"),
+    (dict(texts=["a"], layers=[7], pooling=pb.POOLING_MAX),
+     "layers[0] = 7 is out of range; this model has layers -7..6"),
+    (dict(texts=["a"], layers=[-1, -8], pooling=pb.POOLING_MAX), "layers[1] = -8 is out of range"),
     (dict(texts=["a"], pooling=99), "pooling: unknown enum value 99"),
     (dict(texts=["a"], layer_combine=7), "layer_combine: unknown enum value 7"),
     (dict(texts=["a"], dtype=42), "dtype: unknown enum value 42"),
@@ -272,7 +274,7 @@ def test_client_validates_before_sending(client):
 def test_encode_sentences_shapes_and_masked_semantics(client, reference):
     texts = SHORT
     mean = client.encode_sentences(texts, combine_strategy="mean", batch_size=2)
-    np.testing.assert_allclose(mean, client.embed(texts), atol=1e-5)
+    np.testing.assert_allclose(mean, client.embed(texts, pooling="mean"), atol=1e-5)
     maxed = client.encode_sentences(texts, combine_strategy="max")
     assert maxed.shape == (4, 384)
     tokens = client.encode_sentences(texts)

@@ -29,7 +29,8 @@ function decode(tensor) {
 
 function unary() {
   return new Promise((resolve, reject) => {
-    client.Embed({ request_id: "unary", texts, pooling: "POOLING_MEAN", dtype: "DTYPE_FLOAT32" },
+    client.Embed({ request_id: "unary", texts, pooling: "POOLING_MEAN", normalize: true,
+                   dtype: "DTYPE_FLOAT32" },
       (err, response) => (err ? reject(err) : resolve(decode(response.embeddings))));
   });
 }

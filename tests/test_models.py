@@ -1,0 +1,267 @@
+"""Every encoder as its authors configured it: a default Embed equals SentenceTransformer(folder).encode.
+
+Four tiny random-weight architectures (tests/tiny_models.py: BERT, RoBERTa, DistilBERT, MPNet, each
+with a different sentence-transformers pipeline) and the packaged all-MiniLM-L6-v2, each served
+over real gRPC, compared with sentence-transformers itself in float32.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import grpc
+import numpy as np
+import pytest
+
+from bertstream.client import Client
+from tests.conftest import ServerThread
+from tests.tiny_models import MAX_SEQ_LENGTH, PIPELINES, PROMPTS, build
+
+ATOL = 1e-5  # float32 agrees to ~1e-7 here; 1e-5 still catches a wrong step or token
+ARCHITECTURES = sorted(PIPELINES)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, corpus):
+    root = tmp_path_factory.mktemp("models")
+    return {name: build(name, root, corpus) for name in ARCHITECTURES}
+
+
+@pytest.fixture(scope="module")
+def probe_texts(corpus):
+    """Corpus paragraphs, one character, a text far over the max length, non-Latin scripts."""
+    longest = max(corpus, key=len)
+    assert len(longest) > 20 * MAX_SEQ_LENGTH
+    return list(corpus[:40]) + ["a", longest, "日本語の文章を埋め込む。", "Привет, мир!",
+                                "مرحبا بالعالم", "  leading and trailing spaces  "]
+
+
+class Served:
+    """One model folder: its server, a client, and sentence-transformers on the same folder."""
+
+    def __init__(self, folder):
+        from sentence_transformers import SentenceTransformer
+
+        from bertstream.server.engine import Engine
+        from bertstream.server.service import Limits
+
+        self.engine = Engine(str(folder) if folder else None, device="cpu", dtype="float32")
+        self.server = ServerThread(self.engine, Limits())
+        self.client = Client(self.server.target, timeout=120)
+        self.st = SentenceTransformer(str(folder) if folder else self.engine.model_name,
+                                      device="cpu")
+
+    def close(self):
+        self.client.close()
+        self.server.stop()
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES + ["all-MiniLM-L6-v2"])
+def served(request, folders):
+    name = request.param
+    model = Served(folders.get(name))
+    model.name = name
+    yield model
+    model.close()
+
+
+def test_default_embed_equals_sentence_transformers(served, probe_texts):
+    got = served.client.embed(probe_texts)
+    expected = served.st.encode(probe_texts, batch_size=16, convert_to_numpy=True)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL)
+    assert served.client.last_usage.truncated_items >= 1  # the long text was cut
+
+
+def test_free_text_prompt_equals_sentence_transformers(served, probe_texts):
+    got = served.client.embed(probe_texts, prompt="query: ")
+    expected = served.st.encode(probe_texts, prompt="query: ", batch_size=16,
+                                convert_to_numpy=True)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL)
+    # The prompt changes the vectors (else this test could not tell it was applied).
+    assert np.abs(got - served.client.embed(probe_texts, prompt="")).max() > 1e-3
+
+
+def test_dimensions_equal_truncate_dim_then_normalize(served, probe_texts):
+    width = served.st.get_embedding_dimension()
+    k = width // 2
+    got = served.client.embed(probe_texts, dimensions=k)
+    expected = served.st.encode(probe_texts, truncate_dim=k, batch_size=16, convert_to_numpy=True)
+    if served.engine.pipeline.normalizes:  # the model normalizes: so does its cut vector
+        expected = expected / np.linalg.norm(expected, axis=1, keepdims=True)
+    assert got.shape == (len(probe_texts), k)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL)
+
+
+def test_dimensions_over_the_width_are_refused(served):
+    width = served.st.get_embedding_dimension()
+    with pytest.raises(grpc.RpcError) as info:
+        served.client.embed(["x"], dimensions=width + 1)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"dimensions = {width + 1}" in info.value.details()
+
+
+def test_info_reports_the_pipeline(served):
+    pipeline = served.client.info()["pipeline"]
+    spec = PIPELINES.get(served.name, dict(pooling="mean", dense=None, normalize=True))
+    modes = (spec["pooling"],) if isinstance(spec["pooling"], str) else spec["pooling"]
+    names = {"mean_sqrt_len_tokens": "mean_sqrt_len"}
+    assert pipeline["source"] == "sentence-transformers"
+    assert pipeline["pooling"] == [names.get(m, m) for m in modes]
+    assert pipeline["normalize"] is spec["normalize"]
+    assert pipeline["dimensions"] == served.st.get_embedding_dimension()
+    assert [d["out_features"] for d in pipeline["dense"]] == \
+        ([spec["dense"]["out"]] if spec["dense"] else [])
+    assert pipeline["include_prompt"] is spec.get("include_prompt", True)
+    assert pipeline["default_prompt_name"] == spec.get("default_prompt", "")
+
+
+def test_normalize_false_drops_the_models_normalize(served, probe_texts):
+    """normalize=False with the model's pipeline: every module but Normalize."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules import Normalize
+
+    modules = [m for m in served.st if not isinstance(m, Normalize)]
+    unnormalized = SentenceTransformer(modules=modules, device="cpu", prompts=served.st.prompts,
+                                       default_prompt_name=served.st.default_prompt_name)
+    got = served.client.embed(probe_texts[:8], normalize=False)
+    np.testing.assert_allclose(got, unnormalized.encode(probe_texts[:8], convert_to_numpy=True),
+                               rtol=0, atol=ATOL)
+
+
+def test_explicit_pooling_is_raw_and_skips_dense(served, probe_texts):
+    """An explicit pooling: the raw masked mean of the last layer, the model's Dense and its
+    default prompt not applied, not normalized."""
+    import torch
+
+    transformer = served.st[0]
+    texts = probe_texts[:8]
+    got = served.client.embed(texts, pooling="mean")
+    rows = []
+    for text in texts:
+        features = transformer.preprocess([text])
+        with torch.inference_mode():
+            tokens = transformer(features)["token_embeddings"][0]
+        rows.append(tokens.mean(0).numpy())
+    assert got.shape == (len(texts), served.engine.hidden_size)
+    np.testing.assert_allclose(got, np.stack(rows), rtol=0, atol=ATOL)
+
+
+# ---------------------------------------------------------------- prompts by name
+
+@pytest.fixture(scope="module")
+def distilbert(folders):
+    """The model with prompts, a default prompt and include_prompt false."""
+    model = Served(folders["distilbert"])
+    yield model
+    model.close()
+
+
+def test_prompt_names_and_the_default_prompt(distilbert, probe_texts):
+    client, st = distilbert.client, distilbert.st
+    texts = probe_texts[:12]
+    for name in PROMPTS:
+        np.testing.assert_allclose(client.embed(texts, prompt_name=name),
+                                   st.encode(texts, prompt_name=name, convert_to_numpy=True),
+                                   rtol=0, atol=ATOL)
+    # The default prompt ("query") applies when none is named; an empty prompt turns it off.
+    np.testing.assert_allclose(client.embed(texts), client.embed(texts, prompt_name="query"),
+                               rtol=0, atol=0)
+    np.testing.assert_allclose(client.embed(texts, prompt=""),
+                               st.encode(texts, prompt="", convert_to_numpy=True),
+                               rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(prompt_name="nope"), "prompt_name: 'nope' is not one of this model's prompts"),
+    (dict(prompt_name="query", prompt="x: "), "send one or the other, not both"),
+    (dict(prompt="word " * MAX_SEQ_LENGTH), "leave no room for the text"),
+    (dict(layers=[1]), "name a pooling to use other layers"),
+    (dict(pooling="mean", layers=[-1] * 4), "over the 3 hidden states"),
+])
+def test_bad_prompt_and_pipeline_options_are_refused(distilbert, options, message):
+    with pytest.raises(grpc.RpcError) as info:
+        distilbert.client.embed(["text"], **options)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in info.value.details()
+
+
+def test_unknown_prompt_lists_the_valid_names(distilbert):
+    with pytest.raises(grpc.RpcError) as info:
+        distilbert.client.embed(["text"], prompt_name="nope")
+    assert all(repr(name) in info.value.details() for name in PROMPTS)
+
+
+def test_stream_and_async_client_take_the_model_options(distilbert, probe_texts):
+    import asyncio
+
+    from bertstream.client import AsyncClient
+
+    texts = probe_texts[:20]
+    expected = distilbert.client.embed(texts, prompt_name="passage", dimensions=16)
+    streamed = np.concatenate(list(distilbert.client.stream(
+        texts, batch_size=7, prompt_name="passage", dimensions=16)))
+    np.testing.assert_array_equal(streamed, expected)
+
+    async def run():
+        async with AsyncClient(distilbert.server.target) as client:
+            return await client.embed(texts, prompt_name="passage", dimensions=16)
+    np.testing.assert_array_equal(asyncio.run(run()), expected)
+
+
+# ---------------------------------------------------------------- folders without ST files, and refusals
+
+def test_plain_transformers_folder_gets_masked_mean(folders, probe_texts):
+    """The encoder's own folder (no modules.json): unnormalized masked mean, and Info says so."""
+    model = Served(folders["bert"].parent / "hf")
+    try:
+        assert model.client.info()["pipeline"]["source"] == "default"
+        np.testing.assert_array_equal(model.client.embed(probe_texts[:8]),
+                                      model.client.embed(probe_texts[:8], pooling="mean"))
+    finally:
+        model.close()
+
+
+def _serve_fails(*args: str) -> str:
+    """`bertstream serve` that must fail at start: its one-line reason on standard error."""
+    done = subprocess.run([sys.executable, "-m", "bertstream.server.cli", "serve", "--port", "0",
+                           "--device", "cpu", *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    return done.stderr
+
+
+def test_an_unimplemented_module_stops_the_server_by_name(folders, tmp_path):
+    folder = tmp_path / "with-layernorm"
+    shutil.copytree(folders["bert"], folder)
+    modules = json.loads((folder / "modules.json").read_text())
+    modules.insert(2, {"idx": 2, "name": "2", "path": "2_LayerNorm",
+                       "type": "sentence_transformers.models.LayerNorm"})
+    (folder / "modules.json").write_text(json.dumps(modules))
+    stderr = _serve_fails("--model", str(folder))
+    assert "'sentence_transformers.models.LayerNorm'" in stderr
+    assert "does not implement" in stderr
+
+
+def test_max_length_over_the_position_embeddings_is_refused_at_start(folders):
+    # RoBERTa numbers positions from padding_idx + 1: 64 usable of its 66 embeddings.
+    stderr = _serve_fails("--model", str(folders["roberta"]), "--max-length", "65")
+    assert "--max-length 65 is outside 2..64" in stderr
+
+
+def test_hub_id_finds_its_sentence_transformers_files_in_the_cache(folders, tmp_path,
+                                                                   monkeypatch):
+    """A hub id served from the local cache (no network) gets its pipeline, not masked mean."""
+    from huggingface_hub import constants
+
+    repo = tmp_path / "models--tiny--bert-cls"
+    shutil.copytree(folders["bert"], repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    from bertstream.server.engine import Engine
+
+    engine = Engine("tiny/bert-cls", device="cpu")
+    assert engine.pipeline.pooling == ("cls",) and engine.pipeline.normalizes
