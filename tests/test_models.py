@@ -36,7 +36,8 @@ def probe_texts(corpus):
     longest = max(corpus, key=len)
     assert len(longest) > 20 * MAX_SEQ_LENGTH
     return list(corpus[:40]) + ["a", longest, "日本語の文章を埋め込む。", "Привет, мир!",
-                                "مرحبا بالعالم", "  leading and trailing spaces  "]
+                                "مرحبا بالعالم", "  leading and trailing spaces  ",
+                                "CAPITALS and MiXeD Case"]
 
 
 class Served:
@@ -193,6 +194,30 @@ def test_unknown_prompt_lists_the_valid_names(distilbert):
     with pytest.raises(grpc.RpcError) as info:
         distilbert.client.embed(["text"], prompt_name="nope")
     assert all(repr(name) in info.value.details() for name in PROMPTS)
+
+
+def test_lower_casing_follows_the_model(folders):
+    """RoBERTa's tokenizer is cased; its sentence_bert_config.json says do_lower_case."""
+    model = Served(folders["roberta"])
+    try:
+        np.testing.assert_allclose(model.client.embed(["CAPITALS and MiXeD Case"]),
+                                   model.client.embed(["capitals and mixed case"]), rtol=0, atol=0)
+    finally:
+        model.close()
+
+
+def test_embed_command_takes_the_model_options(distilbert, probe_texts, tmp_path):
+    from bertstream.client.cli import main
+
+    texts = [t for t in probe_texts if "\n" not in t][:30]
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+    status = main(["embed", str(tmp_path / "in.txt"), "-o", str(tmp_path / "out.npy"),
+                   "--server", distilbert.server.target, "--prompt-name", "passage",
+                   "--dimensions", "16", "--no-progress"])
+    assert status == 0
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"),
+                               distilbert.client.embed(texts, prompt_name="passage",
+                                                       dimensions=16), rtol=0, atol=ATOL)
 
 
 def test_stream_and_async_client_take_the_model_options(distilbert, probe_texts):

@@ -17,9 +17,10 @@ PROMPTS = {"query": "query: ", "passage": "passage: "}
 PIPELINES = {
     # The BGE shape: CLS pooling, then Normalize; prompts, none by default.
     "bert": dict(pooling="cls", dense=None, normalize=True, prompts=PROMPTS),
-    # Max pooling and a Dense projection with tanh, stored as safetensors; not normalized.
+    # Max pooling and a Dense projection with tanh, stored as safetensors; not normalized; a
+    # cased tokenizer that sentence_bert_config.json says to lower-case.
     "roberta": dict(pooling="max", dense=dict(out=16, activation="Tanh", safetensors=True),
-                    normalize=False),
+                    normalize=False, do_lower_case=True),
     # Two modes concatenated, prompt tokens left out of pooling, a default prompt, the old
     # boolean Pooling config format.
     "distilbert": dict(pooling=("mean_sqrt_len_tokens", "weightedmean"), include_prompt=False,
@@ -115,6 +116,10 @@ def build(architecture: str, folder: Path, texts) -> Path:
     st_model.save(str(out), safe_serialization=safetensors)
     if spec.get("legacy_pooling_config"):
         _legacy_pooling_config(out)
+    if spec.get("do_lower_case"):
+        config = json.loads((out / "sentence_bert_config.json").read_text())
+        config["do_lower_case"] = True
+        (out / "sentence_bert_config.json").write_text(json.dumps(config, indent=2))
     return out
 
 
