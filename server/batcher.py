@@ -107,10 +107,19 @@ class _Item:
 
 
 class Batcher:
-    def __init__(self, engine: Engine, max_batch_tokens: int, metrics: Metrics | None = None):
+    # This many forward passes failing in a row (nothing succeeding between them) marks the
+    # engine unhealthy: the health service then says NOT_SERVING.
+    UNHEALTHY_AFTER_FAILURES = 5
+
+    def __init__(self, engine: Engine, max_batch_tokens: int, metrics: Metrics | None = None,
+                 on_leave: Callable[[int], None] | None = None):
+        """on_leave(n): n texts left the pool (taken into a forward pass, or dropped because
+        their caller went away); called on a forward worker's thread."""
         self.engine = engine
         self.max_batch_tokens = max_batch_tokens
         self.metrics = metrics or Metrics()
+        self.on_leave = on_leave
+        self.failures_in_a_row = 0
         self.workers = engine.forward_workers
         self._pool: list[_Item] = []  # sorted by length; guarded by _work
         self._work = threading.Condition()
@@ -134,6 +143,11 @@ class Batcher:
                 bisect.insort(self._pool, item, key=lambda it: it.length)
             self._work.notify_all()
 
+    def healthy(self) -> bool:
+        """Every forward worker alive, and the engine not failing pass after pass."""
+        return (all(thread.is_alive() for thread in self._threads)
+                and self.failures_in_a_row < self.UNHEALTHY_AFTER_FAILURES)
+
     def close(self) -> None:
         """Finish what was submitted, then stop the workers."""
         with self._work:
@@ -147,9 +161,11 @@ class Batcher:
     def _worker(self, number: int) -> None:
         engine = self.engine
         share = max(1, engine.threads // self.workers)
-        engine.set_forward_threads(share)
+        engine.init_forward_threads(share)
         while (taken := self._next_batch(number)) is not None:
             batch, alone = taken
+            if self.on_leave is not None:
+                self.on_leave(len(batch))
             # Worker 0 alone with the last batch queued: use every core (the latency case).
             # Only worker 0 ever does, so the process has one OpenMP team at most.
             wide = alone and number == 0 and share < engine.threads
@@ -175,8 +191,10 @@ class Batcher:
                 self._work.wait()
             self._idle[number] = False
             batch = self._cut_batch()
-            if self._pool:
-                self._work.notify_all()  # more for the other workers
+            if self._pool or self._closing:
+                # More for the other workers; or, closing, the pool may just have emptied: a
+                # worker that waits for worker 0 must wake to see it and stop.
+                self._work.notify_all()
             return batch, not self._pool and sum(self._idle) == self.workers - 1
 
     def _run(self, batch: list[_Item], number: int) -> None:
@@ -219,7 +237,9 @@ class Batcher:
             started = time.perf_counter()
             hidden, lengths = self.engine.forward([item.job.ids[item.index] for item in batch])
             self.metrics.forward_seconds.observe(time.perf_counter() - started)
+            self.failures_in_a_row = 0
         except Exception as exc:
+            self.failures_in_a_row += 1
             self.engine.free_cache()
             if len(batch) == 1:
                 log.error("forward pass failed on one text", exc_info=exc)
@@ -265,8 +285,11 @@ class Batcher:
                     finished.append(job)
         if number == 0:
             # Worker 0 is as good as idle: the next call, sent once this one is answered, must
-            # wait for it (and all the cores), not go to a one-core worker.
-            self._idle[0] = True
+            # wait for it (and all the cores), not go to a one-core worker. Under the lock, and
+            # told: a worker that checked _idle[0] a moment ago is waiting on it (close() too).
+            with self._work:
+                self._idle[0] = True
+                self._work.notify_all()
         for job in failed:
             job.on_done(error)
         for job in finished:  # every text is in: no other worker touches this job again

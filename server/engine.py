@@ -23,6 +23,11 @@ log = logging.getLogger("bertstream.engine")
 # request that names none gets (Engine.options).
 POOLINGS = ("mean", "max", "cls", "mean_max", "mean_sqrt_len", "weightedmean", "lasttoken", "none")
 DTYPES = ("float32", "float16", "bfloat16")
+# Characters per kept token beyond which a text is cut before tokenizing (Engine.tokenize): English
+# takes 4-5 per token, so 12 keeps every token that truncation keeps with a wide margin (and a
+# text that needs more is cut again, longer).
+CUT_CHARS_PER_TOKEN = 12
+CUT_AT = " \n\t\r"  # whitespace every tokenizer here splits words at
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -135,6 +140,15 @@ class Engine:
         """The calling forward worker's torch threads (torch keeps the count per thread)."""
         torch.set_num_threads(threads)
 
+    @staticmethod
+    def init_forward_threads(threads: int) -> None:
+        """A forward worker's first call: torch sets up a thread's OpenMP count lazily, on its
+        first parallel op, from the count the process set last, which may be the one worker 0
+        set for a lone batch on every core. Set up now (get_num_threads does it), then set ours,
+        so this thread keeps `threads` for good."""
+        torch.get_num_threads()
+        torch.set_num_threads(threads)
+
     # ------------------------------------------------------------------ validation
 
     def options(self, pooling: str | None = None, layers=(), layer_combine: str = "concat",
@@ -221,10 +235,24 @@ class Engine:
                  prompt: str | None = None) -> Tokenized:
         if prompt:
             texts = [prompt + text for text in texts]
-        if details:
-            encodings = self._truncating.encode_batch(texts)
-        else:  # no character offsets: ~20% less tokenizer CPU taken from the forward pass
-            encodings = self._truncating.encode_batch_fast(texts)
+        encode = self._truncating.encode_batch if details else \
+            self._truncating.encode_batch_fast  # no offsets: ~20% less tokenizer CPU
+        # A text far over the max length is cut at a space before tokenizing: the tokenizer would
+        # otherwise turn all of it into overflow pieces (~130 of them for 100,000 characters),
+        # the memory and time of a whole text for tokens that are thrown away. Tokens before a
+        # space do not depend on what follows it, so the kept tokens are the same. A cut text that
+        # no longer overflows (mostly spaces, say) is cut again four times longer, up to whole.
+        limit = self.max_length * CUT_CHARS_PER_TOKEN
+        cuts = {i: cut for i, text in enumerate(texts)
+                if (cut := cut_point(text, limit)) is not None}
+        encodings = encode([text[:cuts[i]] if i in cuts else text
+                            for i, text in enumerate(texts)])
+        for i in cuts:
+            longer = limit
+            while not encodings[i].overflowing and cuts[i] < len(texts[i]):
+                longer *= 4
+                cuts[i] = cut_point(texts[i], longer) or len(texts[i])
+                encodings[i] = encode([texts[i][:cuts[i]]])[0]
         truncated = [bool(e.overflowing) for e in encodings]
         if not truncate and any(truncated):
             i = truncated.index(True)
@@ -316,6 +344,15 @@ def resolve_device(device: str) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r}: CUDA is not available on this machine")
     return resolved
+
+
+def cut_point(text: str, limit: int) -> int | None:
+    """Where to cut a text longer than `limit` characters: its last whitespace before `limit`;
+    None if it is not longer or has no whitespace there."""
+    if len(text) <= limit:
+        return None
+    cut = max(text.rfind(space, 0, limit) for space in CUT_AT)
+    return cut if cut > 0 else None
 
 
 def model_max_length(tokenizer, config) -> int:

@@ -4,6 +4,7 @@ in order, and the thread policy (one core per worker under load, every core for 
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import Future
 
 import numpy as np
@@ -29,10 +30,11 @@ class RecordingEngine:
         return self._engine.forward(ids)
 
 
-def submit(batcher, engine, texts) -> Future:
+def submit(batcher, engine, texts, on_done=None) -> Future:
     done = Future()
     options = engine.options("mean", (), "concat", False)
-    batcher.submit(Job(engine.tokenize(texts).ids, options, "float32", done.set_result))
+    batcher.submit(Job(engine.tokenize(texts).ids, options, "float32",
+                       on_done or done.set_result))
     return done
 
 
@@ -81,3 +83,62 @@ def test_one_core_per_worker_under_load_every_core_for_a_lone_batch(engine, corp
     assert all(threads == 1 for name, threads, _ in under_load if name != "bertstream-forward-0")
     assert sum(threads == 1 for _, threads, _ in under_load) >= len(under_load) - 1
     assert lone == [("bertstream-forward-0", 2, 1)]
+
+
+class GatedEngine(RecordingEngine):
+    """Forward passes on worker 0 wait for `gate`, so a test can hold worker 0 mid-batch."""
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        self.gate, self.holding = threading.Event(), threading.Event()
+
+    def forward(self, ids):
+        if threading.current_thread().name == "bertstream-forward-0":
+            self.holding.set()
+            assert self.gate.wait(60)
+        return super().forward(ids)
+
+
+def test_a_workers_first_pass_keeps_one_core_while_worker_0_uses_every_core(engine):
+    """Worker 0 runs a lone batch on every core; meanwhile worker 1 runs its very first pass. Torch
+    sets a thread's count up lazily, from the count set last (worker 0's 2): worker 1 must still
+    compute on its one core."""
+    gated = GatedEngine(engine)
+    batcher = Batcher(gated, max_batch_tokens=96)
+    try:
+        lone = submit(batcher, engine, ["a lone text: worker 0 takes every core"])
+        assert gated.holding.wait(60)
+        second = submit(batcher, engine, ["worker 1's first text"])
+        for _ in range(6000):  # worker 1 takes the second text while worker 0 is held
+            if any(name == "bertstream-forward-1" for name, _, _ in gated.calls):
+                break
+            time.sleep(0.01)
+        gated.gate.set()
+        lone.result(timeout=60), second.result(timeout=60)
+    finally:
+        gated.gate.set()
+        batcher.close()
+    assert ("bertstream-forward-0", 2, 1) in gated.calls
+    assert ("bertstream-forward-1", 1, 1) in gated.calls
+
+
+def test_close_returns_when_worker_0_takes_the_last_batch_while_closing(engine):
+    """Worker 0 is between batches (answering a job) when a text arrives and close() starts:
+    worker 1 waits for worker 0 to take it, and must still see the pool empty and stop."""
+    batcher = Batcher(RecordingEngine(engine), max_batch_tokens=96)
+    answering, gate = threading.Event(), threading.Event()
+
+    def slow_answer(result):
+        answering.set()
+        gate.wait(60)
+
+    submit(batcher, engine, ["the first job"], on_done=slow_answer)
+    assert answering.wait(60)
+    last = submit(batcher, engine, ["the last job"])
+    closer = threading.Thread(target=batcher.close)
+    closer.start()
+    closer.join(0.3)
+    gate.set()
+    closer.join(30)
+    assert not closer.is_alive(), "Batcher.close() hung"
+    assert last.result(timeout=5) is not None
