@@ -43,8 +43,16 @@ def send_again(error: grpc.RpcError, attempt: int) -> bool:
     """Whether a spread message that failed on its `attempt`-th send goes out once more: only
     when its replica went away (UNAVAILABLE), SEND_ATTEMPTS sends in all."""
     return error.code() == grpc.StatusCode.UNAVAILABLE and attempt < SEND_ATTEMPTS
+# While calls are open, ping the server every KEEPALIVE_S and give up on it KEEPALIVE_TIMEOUT_S
+# later: a replica that vanishes without a TCP reset (power loss, a partition) fails its calls as
+# UNAVAILABLE within seconds, and they are sent again elsewhere, instead of stalling a corpus job
+# until the operating system gives up on the connection (many minutes).
+KEEPALIVE_S, KEEPALIVE_TIMEOUT_S = 10, 10
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
-                   ("grpc.service_config", SERVICE_CONFIG), ("grpc.enable_retries", 1)]
+                   ("grpc.service_config", SERVICE_CONFIG), ("grpc.enable_retries", 1),
+                   ("grpc.keepalive_time_ms", KEEPALIVE_S * 1000),
+                   ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
+                   ("grpc.http2.max_pings_without_data", 0)]
 
 
 class Int8Embeddings(NamedTuple):

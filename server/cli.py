@@ -39,8 +39,11 @@ def serve_parser(subparsers) -> None:
     p.add_argument("--stream-window", type=int, default=64,
                    help="stream messages read ahead of their responses (per stream)")
     p.add_argument("--max-queue-texts", type=int, default=100_000,
-                   help="texts accepted and not yet answered; beyond it Embed gets "
-                        "RESOURCE_EXHAUSTED and streams wait")
+                   help="texts admitted and waiting for a forward pass; beyond it Embed gets "
+                        "RESOURCE_EXHAUSTED and stream messages wait their turn")
+    p.add_argument("--max-response-bytes", type=int, default=64 * 2**20,
+                   help="largest response tensor; bigger requests are refused before any compute "
+                        "(default 64 MiB)")
     p.add_argument("--tls-cert", help="server certificate (PEM): serve TLS")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to: "
@@ -59,6 +62,9 @@ def serve_parser(subparsers) -> None:
                    help="seconds calls in flight get to finish at shutdown")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics on this port, at /metrics (default: off)")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address of the metrics endpoint (default 127.0.0.1: it has neither TLS "
+                        "nor auth, so it is not exposed with --host unless asked)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="json: one JSON object per line, for log shippers")
@@ -106,12 +112,13 @@ async def serve(args) -> None:
         max_message_bytes=args.max_message_bytes,
         stream_window=args.stream_window,
         max_queue_texts=args.max_queue_texts,
+        max_response_bytes=args.max_response_bytes,
     )
     running = await start_server(engine, limits, args.host, args.port, security)
     port = running.port
     metrics_http = None
     if args.metrics_port is not None:
-        metrics_http = running.batcher.metrics.serve_http(args.metrics_port, args.host)
+        metrics_http = running.batcher.metrics.serve_http(args.metrics_port, args.metrics_host)
     log.info("serving", extra={"fields": {
         "model": engine.model_name, "device": str(engine.device), "dtype": engine.dtype,
         "address": f"{args.host}:{port}", "max_length": engine.max_length,
@@ -120,7 +127,7 @@ async def serve(args) -> None:
         "tls": "mutual" if args.tls_client_ca else bool(args.tls_cert),
         "auth": f"{len(security.auth_tokens)} token(s), health {args.auth_health}"
         if security.auth_tokens else "off",
-        "metrics": f"{args.host}:{args.metrics_port}" if metrics_http else "off",
+        "metrics": f"{args.metrics_host}:{args.metrics_port}" if metrics_http else "off",
         **vars(limits)}})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

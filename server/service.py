@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from bertstream.proto import embedder_pb2 as pb
 from bertstream.proto import embedder_pb2_grpc as pb_grpc
+from bertstream.server.admission import Admission
 from bertstream.server.batcher import Batcher, Job, JobResult
 from bertstream.server.engine import Engine
 from bertstream.server.errors import EmbedError, ErrorKind
@@ -60,7 +61,8 @@ class Limits:
     max_batch_tokens: int = 2048
     max_message_bytes: int = 64 * 2**20
     stream_window: int = 64  # stream messages read ahead of their responses
-    max_queue_texts: int = 100_000  # texts accepted and not yet answered, all callers together
+    max_queue_texts: int = 100_000  # texts admitted and still waiting in the pool, all callers
+    max_response_bytes: int = 64 * 2**20  # one response's tensor bytes, known before any compute
 
 
 @dataclass(frozen=True)
@@ -122,13 +124,20 @@ class DecodeErrorInterceptor(grpc.aio.ServerInterceptor):
                 response_serializer=handler.response_serializer)
         if handler.stream_stream:
             async def stream(request_iterator, context):
+                # An undecodable message ends the stream's input there: the messages before it
+                # are still answered, then the stream ends with INVALID_ARGUMENT.
+                undecodable = []
+
                 async def checked():
                     async for request in request_iterator:
                         if isinstance(request, _Undecodable):
-                            await refuse(request, context)
+                            undecodable.append(request)
+                            return
                         yield request
                 async for response in handler.stream_stream(checked(), context):
                     yield response
+                if undecodable:
+                    await refuse(undecodable[0], context)
             return grpc.stream_stream_rpc_method_handler(
                 stream, request_deserializer=tolerant,
                 response_serializer=handler.response_serializer)
@@ -143,13 +152,12 @@ def enum_name(table: dict, value: int, field: str) -> str:
 
 
 class EmbedderService(pb_grpc.EmbedderServicer):
-    def __init__(self, engine: Engine, batcher: Batcher, limits: Limits):
+    def __init__(self, engine: Engine, batcher: Batcher, limits: Limits, admission: Admission):
         self.engine = engine
         self.batcher = batcher
         self.limits = limits
+        self.admission = admission
         self.metrics = batcher.metrics
-        self._queued_texts = 0  # admitted and not yet answered
-        self._queue_space = asyncio.Condition()
         # Tokenizing a big message takes milliseconds; keep it off the event loop.
         self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bertstream-tok")
 
@@ -169,25 +177,27 @@ class EmbedderService(pb_grpc.EmbedderServicer):
                     f"{self.limits.max_chars_per_text} (max_chars_per_text)")
 
     async def _admit(self, texts: int, wait: bool) -> None:
-        """Take room for `texts` in the queue. When it is full, a unary call fails at once
-        (RESOURCE_EXHAUSTED) and a stream message waits, so its stream stops being read and gRPC
-        flow control slows the sender. A request alone in an empty queue is always admitted."""
-        limit = self.limits.max_queue_texts
-        def has_room():
-            return not self._queued_texts or self._queued_texts + texts <= limit
-        if not has_room():
-            if not wait:
-                raise EmbedError.overloaded(
-                    f"queue full: {self._queued_texts} texts waiting, limit {limit} "
-                    f"(max_queue_texts); retry later")
-            async with self._queue_space:
-                await self._queue_space.wait_for(has_room)
-        self._queued_texts += texts
+        """Take room for `texts` in the pool before any work. When there is none, a unary call
+        fails at once (RESOURCE_EXHAUSTED) and a stream message waits its turn, so its stream
+        stops being read and gRPC flow control slows the sender (admission.py)."""
+        if wait:
+            await self.admission.take(texts)
+        elif not self.admission.try_take(texts):
+            raise EmbedError.overloaded(
+                f"queue full: {self.admission.queued} texts waiting and "
+                f"{self.admission.waiting} requests in line, limit {self.limits.max_queue_texts} "
+                f"texts (max_queue_texts); retry later")
 
-    async def _release(self, texts: int) -> None:
-        self._queued_texts -= texts
-        async with self._queue_space:
-            self._queue_space.notify_all()
+    def _check_response_size(self, rows: int, options, dtype: str) -> None:
+        """Refuse a response over max_response_bytes before computing it: rows are texts, or
+        for token-level output, tokens."""
+        size = response_bytes(rows, options.width, dtype)
+        if size > self.limits.max_response_bytes:
+            unit = "tokens" if options.token_level else "texts"
+            raise EmbedError.invalid(
+                f"the response would be {size:,} bytes ({rows:,} {unit} x {options.width} values "
+                f"in {dtype}), over the limit of {self.limits.max_response_bytes:,} "
+                f"(max_response_bytes); send fewer texts, layers or dimensions")
 
     async def _tokenize(self, request, details: bool = False, prompt: str | None = None):
         texts = list(request.texts)
@@ -206,22 +216,33 @@ class EmbedderService(pb_grpc.EmbedderServicer):
             request.dimensions)
 
     async def _embed(self, request: pb.EmbedRequest, streaming: bool) -> pb.EmbedResponse:
-        """Validate, tokenize, queue, await, convert. Raises EmbedError."""
+        """Validate, admit, tokenize, queue, await, convert. Raises EmbedError. The size of
+        the answer is checked before any work (for token-level output, once the tokens are
+        counted); room in the pool is taken before tokenizing and given back by the batcher
+        when the texts leave the pool (or here, if they never reach it)."""
         self._check_texts(request.texts)
         options = self._options(request)
         dtype = enum_name(DTYPE_NAMES, request.dtype, "dtype")
-        tokens = await self._tokenize(request, prompt=options.prompt)
-        done, on_done = completion()
-        job = Job(tokens.ids, options, dtype, on_done, truncated_items=sum(tokens.truncated))
-        await self._admit(len(job.ids), wait=streaming)
+        texts = len(request.texts)
+        if not options.token_level:
+            self._check_response_size(texts, options, dtype)
+        await self._admit(texts, wait=streaming)
+        job = None
         try:
+            tokens = await self._tokenize(request, prompt=options.prompt)
+            if options.token_level:
+                self._check_response_size(sum(map(len, tokens.ids)), options, dtype)
+            done, on_done = completion()
+            job = Job(tokens.ids, options, dtype, on_done, truncated_items=sum(tokens.truncated))
             self.batcher.submit(job)
             result = await done
         except asyncio.CancelledError:  # the caller went away or its deadline passed
-            job.cancelled = True  # the batcher drops its texts still queued
+            if job is not None:
+                job.cancelled = True  # the batcher drops its texts still queued
             raise
         finally:
-            await self._release(len(job.ids))
+            if job is None:  # never reached the pool: its room is ours to give back
+                self.admission.release(texts)
         if isinstance(result, EmbedError):
             raise result
         self.metrics.tokens.inc(result.usage.tokens)
@@ -285,7 +306,11 @@ class EmbedderService(pb_grpc.EmbedderServicer):
     async def Tokenize(self, request, context):
         try:
             self._check_texts(request.texts)
-            tokens = await self._tokenize(request, details=True)
+            await self._admit(len(request.texts), wait=False)  # it shares the tokenizer threads
+            try:
+                tokens = await self._tokenize(request, details=True)
+            finally:
+                self.admission.release(len(request.texts))
         except EmbedError as error:
             await abort(context, error)
         return pb.TokenizeResponse(texts=[
@@ -305,7 +330,8 @@ class EmbedderService(pb_grpc.EmbedderServicer):
                              max_batch_tokens=limits.max_batch_tokens,
                              max_message_bytes=limits.max_message_bytes,
                              stream_window=limits.stream_window,
-                             max_queue_texts=limits.max_queue_texts),
+                             max_queue_texts=limits.max_queue_texts,
+                             max_response_bytes=limits.max_response_bytes),
             pipeline=pipeline_info(engine))
 
 
@@ -332,6 +358,16 @@ async def warm_up(batcher: Batcher, engine: Engine) -> None:
     result = await done
     if isinstance(result, EmbedError):
         raise RuntimeError(f"warm-up failed: {result.message}")
+
+
+def response_bytes(rows: int, width: int, dtype: str) -> int:
+    """Bytes of a response tensor: rows x width values in the wire dtype (int8 adds a float32
+    scale per row; binary packs 8 values a byte)."""
+    if dtype == "binary":
+        return rows * -(-width // 8)
+    if dtype == "int8":
+        return rows * (width + 4)
+    return rows * width * (4 if dtype == "float32" else 2)
 
 
 def completion() -> tuple[asyncio.Future, Callable]:
@@ -370,10 +406,12 @@ class RunningServer:
     port: int
     batcher: Batcher
     health: health.aio.HealthServicer
+    watch: asyncio.Task
 
     async def stop(self, grace: float) -> None:
         """Health NOT_SERVING, refuse new calls, give calls in flight `grace` seconds, then
         finish the batcher's work and stop its threads."""
+        self.watch.cancel()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await asyncio.get_running_loop().run_in_executor(None, self.batcher.close)
@@ -386,15 +424,21 @@ async def start_server(engine: Engine, limits: Limits, host: str = "127.0.0.1", 
     metrics = Metrics()
     metrics.model.info({"model": engine.model_name, "device": str(engine.device),
                         "dtype": engine.dtype, "max_length": str(engine.max_length)})
-    batcher = Batcher(engine, limits.max_batch_tokens, metrics)
+    admission = Admission(limits.max_queue_texts, asyncio.get_running_loop())
+    batcher = Batcher(engine, limits.max_batch_tokens, metrics, on_leave=admission.release)
     interceptors = [DecodeErrorInterceptor()]
     if security.auth_tokens:  # runs first: the unauthenticated never reach anything else
         interceptors.insert(0, TokenAuthInterceptor(list(security.auth_tokens),
                                                     security.health_open))
     options = [("grpc.max_receive_message_length", limits.max_message_bytes),
-               ("grpc.max_send_message_length", -1)]
+               ("grpc.max_send_message_length", -1),
+               # Clients ping every KEEPALIVE_S while calls are open (client/core.py), to notice a
+               # server that vanished; accept those pings instead of answering GOAWAY.
+               ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
+               ("grpc.http2.max_ping_strikes", 0)]
     server = grpc.aio.server(options=options, interceptors=interceptors)
-    pb_grpc.add_EmbedderServicer_to_server(EmbedderService(engine, batcher, limits), server)
+    pb_grpc.add_EmbedderServicer_to_server(EmbedderService(engine, batcher, limits, admission),
+                                           server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -412,6 +456,26 @@ async def start_server(engine: Engine, limits: Limits, host: str = "127.0.0.1", 
         raise OSError(f"could not listen on {address}")
     await server.start()
     await warm_up(batcher, engine)
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, bound, batcher, health_servicer)
+    watch = asyncio.ensure_future(watch_health(batcher, health_servicer))
+    return RunningServer(server, bound, batcher, health_servicer, watch)
+
+
+HEALTH_CHECK_S = 0.5
+
+
+async def watch_health(batcher: Batcher, servicer: health.aio.HealthServicer) -> None:
+    """SERVING while the batcher is healthy (every forward worker alive, the engine not failing
+    pass after pass); NOT_SERVING otherwise, so probes and balancers move traffic away."""
+    serving = None
+    while True:
+        healthy = batcher.healthy()
+        if healthy != serving:
+            status = health_pb2.HealthCheckResponse.SERVING if healthy else \
+                health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in ("", SERVICE_NAME):
+                await servicer.set(name, status)
+            if serving is not None:
+                log.warning("health: %s", "SERVING" if healthy else
+                            "NOT_SERVING (forward workers died or the engine keeps failing)")
+            serving = healthy
+        await asyncio.sleep(HEALTH_CHECK_S)

@@ -128,7 +128,8 @@ def test_info(client):
     assert info["max_input_tokens"] == 256 and info["device"] == "cpu"
     assert info["limits"] == {"max_texts_per_request": 500, "max_chars_per_text": 20_000,
                               "max_batch_tokens": 2048, "max_message_bytes": 64 * 2**20,
-                              "stream_window": 64, "max_queue_texts": 100_000}
+                              "stream_window": 64, "max_queue_texts": 100_000,
+                              "max_response_bytes": 64 * 2**20}
 
 
 def test_health_and_reflection(server):
