@@ -3,8 +3,8 @@
 Everything queued waits in one pool kept sorted by length. Forward workers (threads) each take the
 next batch: the pool is cut into runs that fit the token budget (rows x longest), greedily from
 the shortest as an offline loop over sorted texts would, and a worker takes the run that holds the
-oldest text. Every batch holds the oldest text, so none starves; the whole backlog is sorted, so
-little is padded. A worker pools and packs its own batch, and settles the jobs whose last text it
+oldest text of the caller served least recently. Callers take turns and each one's oldest text
+goes first, so none starves; the whole backlog is sorted, so little is padded. A worker pools and packs its own batch, and settles the jobs whose last text it
 held.
 
 On the CPU each worker computes on its share of the cores (one each by default): two forward
@@ -68,6 +68,7 @@ class Job:
     dtype: str
     on_done: Callable[[JobResult | EmbedError], None]
     truncated_items: int = 0
+    caller: object = None  # whose work this is (a stream's messages share one); None: its own
     cancelled: bool = False
     enqueued_ns: int = field(default_factory=time.perf_counter_ns)
     usage: Usage = field(default_factory=Usage)
@@ -126,6 +127,8 @@ class Batcher:
         self._idle = [False] * self.workers  # guarded by _work
         self._closing = False
         self._arrivals = itertools.count()
+        self._cuts = 0  # batches cut so far
+        self._served: dict[object, int] = {}  # caller in the pool -> the cut that last served it
         self._settling = threading.Lock()  # a job's texts may be in batches of several workers
         self._threads = [threading.Thread(target=self._worker, args=(number,), daemon=True,
                                           name=f"bertstream-forward-{number}")
@@ -215,9 +218,21 @@ class Batcher:
     def _cut_batch(self) -> list[_Item]:
         """Cut the length-sorted pool into consecutive runs that fit the budget, greedily from
         the shortest (as an offline loop over a sorted corpus would), and take the run holding
-        the oldest text. With a full pool these are the offline batches, served oldest first."""
+        the oldest text of the caller served least recently. With a full pool these are the
+        offline batches. Callers take turns: one stream's backlog of long texts delays another
+        caller's request by one batch, not by the whole backlog; within a caller, oldest first."""
         pool, budget = self._pool, self.max_batch_tokens
-        oldest = min(range(len(pool)), key=lambda i: pool[i].arrival)
+        oldest_of: dict[object, int] = {}  # caller -> pool index of its oldest text
+        for index, item in enumerate(pool):
+            caller = item.job.caller or item.job
+            known = oldest_of.get(caller)
+            if known is None or item.arrival < pool[known].arrival:
+                oldest_of[caller] = index
+        self._served = {caller: self._served.get(caller, -1) for caller in oldest_of}
+        turn = min(oldest_of, key=lambda c: (self._served[c], pool[oldest_of[c]].arrival))
+        self._cuts += 1
+        self._served[turn] = self._cuts
+        oldest = oldest_of[turn]
         low = 0
         for high in range(1, len(pool) + 1):
             # Sorted ascending: adding pool[high] makes it the longest of the run.

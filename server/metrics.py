@@ -25,6 +25,8 @@ class Metrics:
         self.latency = prom.Histogram(
             "bertstream_request_latency_seconds", "Request latency, arrival to response, by RPC",
             ["rpc"], buckets=LATENCY_BUCKETS, registry=r)
+        self.streams_open = prom.Gauge(
+            "bertstream_streams_open", "EmbedStream calls in progress", registry=r)
         self.queue_depth = prom.Gauge(
             "bertstream_queue_texts", "Texts waiting for a forward pass", registry=r)
         self.queue_wait = prom.Histogram(

@@ -215,7 +215,8 @@ class EmbedderService(pb_grpc.EmbedderServicer):
             request.prompt_name or None, request.prompt if request.HasField("prompt") else None,
             request.dimensions)
 
-    async def _embed(self, request: pb.EmbedRequest, streaming: bool) -> pb.EmbedResponse:
+    async def _embed(self, request: pb.EmbedRequest, streaming: bool,
+                     caller: object = None) -> pb.EmbedResponse:
         """Validate, admit, tokenize, queue, await, convert. Raises EmbedError. The size of
         the answer is checked before any work (for token-level output, once the tokens are
         counted); room in the pool is taken before tokenizing and given back by the batcher
@@ -230,10 +231,12 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         job = None
         try:
             tokens = await self._tokenize(request, prompt=options.prompt)
+            del request.texts[:]  # tokenized: the strings (up to max_message_bytes) can go
             if options.token_level:
                 self._check_response_size(sum(map(len, tokens.ids)), options, dtype)
             done, on_done = completion()
-            job = Job(tokens.ids, options, dtype, on_done, truncated_items=sum(tokens.truncated))
+            job = Job(tokens.ids, options, dtype, on_done, truncated_items=sum(tokens.truncated),
+                      caller=caller)
             self.batcher.submit(job)
             result = await done
         except asyncio.CancelledError:  # the caller went away or its deadline passed
@@ -249,11 +252,12 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         self.metrics.truncated.inc(result.usage.truncated_items)
         return to_response(request.request_id, result)
 
-    async def _observed_embed(self, rpc: str, request: pb.EmbedRequest) -> pb.EmbedResponse:
+    async def _observed_embed(self, rpc: str, request: pb.EmbedRequest,
+                              caller: object = None) -> pb.EmbedResponse:
         """_embed, counted and timed by RPC and outcome (once per request, success or not)."""
-        started, code = time.perf_counter(), "OK"
+        started, code, texts = time.perf_counter(), "OK", len(request.texts)
         try:
-            return await self._embed(request, streaming=rpc == "EmbedStream")
+            return await self._embed(request, streaming=rpc == "EmbedStream", caller=caller)
         except EmbedError as error:
             code = STATUS_CODES[error.kind].name
             raise
@@ -262,7 +266,7 @@ class EmbedderService(pb_grpc.EmbedderServicer):
             raise
         finally:
             self.metrics.requests.labels(rpc, code).inc()
-            self.metrics.texts.labels(rpc, code).inc(len(request.texts))
+            self.metrics.texts.labels(rpc, code).inc(texts)
             self.metrics.latency.labels(rpc).observe(time.perf_counter() - started)
 
     # ------------------------------------------------------------------ RPCs
@@ -274,20 +278,31 @@ class EmbedderService(pb_grpc.EmbedderServicer):
             await abort(context, error)
 
     async def EmbedStream(self, request_iterator, context):
-        # Requests are read ahead of their responses (at most stream_window of them, so a fast
-        # sender is slowed by flow control) and answered strictly in request order.
+        # Requests are read ahead of their responses and answered strictly in request order.
+        # Read-ahead stops at stream_window messages, or once the messages in flight hold
+        # max_message_bytes of requests and expected responses (so a sender of big messages, or
+        # a caller that never reads its answers, holds at most about twice that); then gRPC flow
+        # control slows the sender. All of a stream's messages are one caller to the batcher.
         in_flight: asyncio.Queue = asyncio.Queue(maxsize=self.limits.stream_window)
+        budget, held = self.limits.max_message_bytes, [0]
+        room = asyncio.Condition()
+        caller = object()
+        self.metrics.streams_open.inc()
 
         async def read_requests():
             async for request in request_iterator:
-                await in_flight.put((request.request_id, asyncio.ensure_future(
-                    self._observed_embed("EmbedStream", request))))
+                cost = self._stream_cost(request)
+                await in_flight.put((request.request_id, cost, asyncio.ensure_future(
+                    self._observed_embed("EmbedStream", request, caller))))
+                held[0] += cost
+                async with room:
+                    await room.wait_for(lambda: held[0] < budget)
             await in_flight.put(None)
 
         reader = asyncio.ensure_future(read_requests())
         try:
             while (entry := await in_flight.get()) is not None:
-                request_id, task = entry
+                request_id, cost, task = entry
                 try:
                     yield await task
                 except EmbedError as error:
@@ -295,13 +310,29 @@ class EmbedderService(pb_grpc.EmbedderServicer):
                         "request_id": request_id, "kind": error.kind.value, "error": error.message}})
                     yield pb.EmbedResponse(request_id=request_id, error=pb.Error(
                         code=STATUS_CODES[error.kind].value[0], message=error.message))
+                held[0] -= cost
+                async with room:
+                    room.notify_all()
             await reader  # re-raises a transport error from the reading side
         finally:
+            self.metrics.streams_open.dec()
             reader.cancel()
             while not in_flight.empty():
                 entry = in_flight.get_nowait()
                 if entry is not None:
-                    entry[1].cancel()
+                    entry[2].cancel()
+
+    def _stream_cost(self, request: pb.EmbedRequest) -> int:
+        """What a stream message may hold in memory: its own bytes and its response's (for
+        token-level output, at most max_response_bytes)."""
+        try:
+            options = self._options(request)
+            dtype = enum_name(DTYPE_NAMES, request.dtype, "dtype")
+        except EmbedError:  # answered with an error, at once
+            return request.ByteSize()
+        rows = len(request.texts) * (self.engine.max_length if options.token_level else 1)
+        return request.ByteSize() + min(response_bytes(rows, options.width, dtype),
+                                        self.limits.max_response_bytes)
 
     async def Tokenize(self, request, context):
         try:
@@ -316,7 +347,7 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         return pb.TokenizeResponse(texts=[
             pb.TokenizedText(truncated=truncated, tokens=[
                 pb.Token(id=i, text=t, start=start, end=end)
-                for i, t, (start, end) in zip(ids, strings, offsets)])
+                for i, t, (start, end) in zip(ids.tolist(), strings, offsets)])
             for ids, strings, offsets, truncated in
             zip(tokens.ids, tokens.tokens, tokens.offsets, tokens.truncated)])
 
