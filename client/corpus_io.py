@@ -7,6 +7,7 @@ resumed run skips exactly those inputs: no row twice, none missing.
 from __future__ import annotations
 
 import ast
+import io
 import json
 import os
 import sys
@@ -43,7 +44,7 @@ def count_texts(path: str, fmt: str) -> int | None:
         import pyarrow.parquet as pq
 
         return pq.ParquetFile(path).metadata.num_rows
-    with open(path, "rb") as file:
+    with open(path, "rb") as file:  # lines end at \n only, as read_texts reads them
         return sum(1 for line in file if fmt == "text" or line.strip())
 
 
@@ -54,10 +55,14 @@ def read_texts(path: str, fmt: str, field: str = "text") -> Iterator[str]:
     if fmt == "parquet":
         yield from _parquet_texts(path, field)
         return
-    stream = sys.stdin if path == "-" else open(path, encoding="utf-8", newline="")
+    # Lines end at \n only (a \r\n ending loses its \r too); a bare \r inside a line is part of
+    # the text, so reading and counting (count_texts) always agree on the rows.
+    stream = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", newline="\n") if path == "-" \
+        else open(path, encoding="utf-8", newline="\n")
     try:
         for number, line in enumerate(stream, 1):
-            line = line.rstrip("\r\n")
+            line = line[:-1] if line.endswith("\n") else line
+            line = line[:-1] if line.endswith("\r") else line
             if fmt == "text":
                 yield line
             elif line.strip():
@@ -65,7 +70,9 @@ def read_texts(path: str, fmt: str, field: str = "text") -> Iterator[str]:
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     finally:
-        if stream is not sys.stdin:
+        if path == "-":
+            stream.detach()  # leave sys.stdin itself open
+        else:
             stream.close()
 
 
@@ -109,20 +116,40 @@ def open_writer(path: str, resume: bool, commit_rows: int = 8192):
     raise InputError(f"{path}: output must end in .npy or .parquet")
 
 
+def _sync(file) -> None:
+    """Flush to the disk: only then may a row count as committed (an OS crash keeps it)."""
+    file.flush()
+    os.fsync(file.fileno())
+
+
+def _sync_directory(path: Path) -> None:
+    """Make a rename in `path` durable."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 class NpyWriter:
-    """A float32 .npy grown row by row. Its header is rewritten after every append, so the file
-    is always a valid array of the rows committed so far; bytes past them (a write cut short)
-    are dropped on resume."""
+    """A float32 .npy grown row by row. Rows are written and synced, then the header is rewritten
+    with the new count and synced: the file is always a valid array of the rows committed so
+    far. On resume, bytes past them (a write cut short) are dropped, a file holding fewer
+    complete rows than its header claims (an OS crash) counts only those, and a file a run left
+    before its first commit (empty, or with no rows) is started over."""
 
     HEADER_BYTES = 128  # fixed, so the header can be rewritten in place as the row count grows
 
     def __init__(self, path: str, resume: bool):
         self.path = path
         self.rows, self.width = 0, None
-        if resume and os.path.exists(path):
+        # Shorter than a header: a run stopped before its first commit; start over.
+        if resume and os.path.exists(path) and os.path.getsize(path) >= self.HEADER_BYTES:
             self.rows, self.width = self._committed()
+            if not self.rows:
+                self.width = None  # nothing committed: the first batch sets the width
             self._file = open(path, "r+b")
-            self._file.truncate(self.HEADER_BYTES + self.rows * self.width * 4)
+            self._file.truncate(self.HEADER_BYTES + self.rows * (self.width or 0) * 4)
             self._file.seek(0, os.SEEK_END)
         else:
             self._file = open(path, "wb")
@@ -137,7 +164,8 @@ class NpyWriter:
         if header.get("descr") != "<f4" or len(header.get("shape", ())) != 2:
             raise InputError(f"{self.path}: not a 2-d float32 array; cannot resume into it")
         rows, width = header["shape"]
-        return rows, width
+        present = (os.path.getsize(self.path) - self.HEADER_BYTES) // (4 * width) if width else 0
+        return min(rows, max(present, 0)), width
 
     def _write_header(self) -> None:
         header = repr({"descr": "<f4", "fortran_order": False, "shape": (self.rows, self.width)})
@@ -155,10 +183,10 @@ class NpyWriter:
             raise InputError(f"{self.path}: holds vectors of width {self.width}, these are "
                              f"{vectors.shape[1]} wide (other options than the first run?)")
         self._file.write(np.ascontiguousarray(vectors, dtype="<f4").tobytes())
-        self._file.flush()
+        _sync(self._file)  # the rows are on disk before the header counts them
         self.rows += len(vectors)
         self._write_header()  # commit: only now do the rows count
-        self._file.flush()
+        _sync(self._file)
 
     def flush(self) -> None:
         """Every appended row is committed already."""
@@ -167,6 +195,7 @@ class NpyWriter:
         if self.width is None:  # nothing embedded: still leave a valid (empty) array
             self.width = 0
             self._write_header()
+            _sync(self._file)
         self._file.close()
 
 
@@ -187,8 +216,13 @@ class ParquetWriter:
             for old in self.parts.glob("*") if self.parts.exists() else ():
                 old.unlink()
         self.parts.mkdir(exist_ok=True)
-        if resume and os.path.exists(path):  # a finished file: continue from it as part 0
+        if resume and os.path.exists(path):
+            # A finished file holds every part: parts still here are ones a crash in close()
+            # left after writing it. Continue from the file alone, as part 0.
+            for stale in self._part_files():
+                stale.unlink()
             os.replace(path, self.parts / self._part_name(0))
+            _sync_directory(self.parts)
         self.rows = sum(pq.ParquetFile(part).metadata.num_rows for part in self._part_files())
 
     @staticmethod
@@ -218,8 +252,11 @@ class ParquetWriter:
                 pa.array(vectors.reshape(-1)), vectors.shape[1]),
         })
         temporary = self.parts / (self._part_name(self.rows) + ".tmp")
-        pq.write_table(table, temporary)
+        with open(temporary, "wb") as file:
+            pq.write_table(table, file)
+            _sync(file)
         os.replace(temporary, self.parts / self._part_name(self.rows))
+        _sync_directory(self.parts)  # committed: the part is whole on disk under its name
         self.rows += len(vectors)
 
     def close(self) -> None:
@@ -229,10 +266,13 @@ class ParquetWriter:
         parts = self._part_files()
         if parts:
             schema = pq.ParquetFile(parts[0]).schema_arrow
-            with pq.ParquetWriter(self.path + ".tmp", schema) as out:
-                for part in parts:
-                    out.write_table(pq.read_table(part))
+            with open(self.path + ".tmp", "wb") as file:
+                with pq.ParquetWriter(file, schema) as out:
+                    for part in parts:
+                        out.write_table(pq.read_table(part))
+                _sync(file)
             os.replace(self.path + ".tmp", self.path)
+            _sync_directory(Path(self.path).resolve().parent)
         for part in parts:
             part.unlink()
         self.parts.rmdir()
