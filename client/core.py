@@ -47,11 +47,13 @@ def send_again(error: grpc.RpcError, attempt: int) -> bool:
 # later: a replica that vanishes without a TCP reset (power loss, a partition) fails its calls as
 # UNAVAILABLE within seconds, and they are sent again elsewhere, instead of stalling a corpus job
 # until the operating system gives up on the connection (many minutes).
-KEEPALIVE_S, KEEPALIVE_TIMEOUT_S = 10, 10
+KEEPALIVE_S, KEEPALIVE_TIMEOUT_S = 5, 5
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
                    ("grpc.service_config", SERVICE_CONFIG), ("grpc.enable_retries", 1),
                    ("grpc.keepalive_time_ms", KEEPALIVE_S * 1000),
                    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
+                   # newer gRPC cores time a ping out by this one (default 60 s)
+                   ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
                    ("grpc.http2.max_pings_without_data", 0)]
 
 

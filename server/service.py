@@ -378,13 +378,14 @@ def pipeline_info(engine: Engine) -> pb.Pipeline:
         default_prompt_name=pipeline.default_prompt_name or "")
 
 
-async def warm_up(batcher: Batcher, engine: Engine) -> None:
+async def warm_up(batcher: Batcher, engine: Engine, admission: Admission) -> None:
     """One text of the longest length through the whole path, the model's pipeline included (on
     a forward worker, like every forward pass): a model that cannot take its max length fails
     here, at start, not on a user's request."""
     done, on_done = completion()
     options = engine.options()
     longest = engine.tokenize(["warm-up " * engine.max_length], prompt=options.prompt).ids
+    await admission.take(1)  # the batcher gives it back, as for every text
     batcher.submit(Job(longest, options, "float32", on_done))
     result = await done
     if isinstance(result, EmbedError):
@@ -438,6 +439,7 @@ class RunningServer:
     batcher: Batcher
     health: health.aio.HealthServicer
     watch: asyncio.Task
+    admission: Admission
 
     async def stop(self, grace: float) -> None:
         """Health NOT_SERVING, refuse new calls, give calls in flight `grace` seconds, then
@@ -486,9 +488,9 @@ async def start_server(engine: Engine, limits: Limits, host: str = "127.0.0.1", 
     if not bound:
         raise OSError(f"could not listen on {address}")
     await server.start()
-    await warm_up(batcher, engine)
+    await warm_up(batcher, engine, admission)
     watch = asyncio.ensure_future(watch_health(batcher, health_servicer))
-    return RunningServer(server, bound, batcher, health_servicer, watch)
+    return RunningServer(server, bound, batcher, health_servicer, watch, admission)
 
 
 HEALTH_CHECK_S = 0.5

@@ -33,6 +33,7 @@ class ServerThread:
             start_server(engine, limits, "127.0.0.1", 0, **start_options),
             self.loop).result(timeout=120)
         self.port, self.batcher = self.running.port, self.running.batcher
+        self.admission = self.running.admission
         self.target = f"127.0.0.1:{self.port}"
 
     def stop(self, grace: float = 5):
@@ -125,10 +126,13 @@ def corpus():
 
 
 def pytest_terminal_summary(terminalreporter):
-    """The fault-test figures SECURITY.md quotes, when the hardening tests ran."""
+    """The fault and hostile-input figures SECURITY.md quotes, when those tests ran."""
     import sys
 
-    module = sys.modules.get("tests.test_hardening")
-    if module and any(module.FAULT_REPORT.values()):
-        terminalreporter.write_line(
-            "fault report: " + ", ".join(f"{k} {v}" for k, v in module.FAULT_REPORT.items()))
+    for name, report in (("tests.test_hardening", "FAULT_REPORT"),
+                         ("tests.test_hostile", "HOSTILE_REPORT")):
+        figures = getattr(sys.modules.get(name), report, None)
+        if figures and any(figures.values()):
+            terminalreporter.write_line(
+                f"{report.split('_')[0].lower()} report: "
+                + ", ".join(f"{k} {v}" for k, v in figures.items()))

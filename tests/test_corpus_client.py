@@ -282,6 +282,34 @@ def test_three_replicas_share_work_and_survive_one_dying(tmp_path, corpus, clien
             process.wait()
 
 
+def test_a_replica_that_stops_answering_without_a_reset_is_left_behind(tmp_path, corpus,
+                                                                       client):
+    """SIGSTOP: the replica's sockets stay open and silent (as after a power cut or a network
+    partition). Client keepalive notices within seconds and its messages go to the other."""
+    replicas = [serve_process("--threads", "1", "--log-level", "WARNING") for _ in range(2)]
+    texts = list(corpus[:200])
+    try:
+        expected = client.embed(texts)
+        results, stopped = [], None
+        started = time.perf_counter()
+        with Client([target for _, target in replicas], timeout=300) as spread:
+            for i, part in enumerate(spread.stream(texts, batch_size=10, window=6)):
+                results.append(part)
+                if i == 2:
+                    replicas[0][0].send_signal(signal.SIGSTOP)
+                    stopped = time.perf_counter()
+        assert stopped is not None
+        np.testing.assert_allclose(np.concatenate(results), expected, atol=1e-4)
+        # Noticed within keepalive time + timeout (5-10 s here), not gRPC's default 60 s ping
+        # timeout, nor the many minutes the OS takes to give up on a silent connection.
+        assert time.perf_counter() - started < 40
+    finally:
+        for process, _ in replicas:
+            process.send_signal(signal.SIGCONT)
+            process.kill()
+            process.wait()
+
+
 # ---------------------------------------------------------------- asyncio client
 
 def test_async_client_matches_blocking_client(server, client, texts):

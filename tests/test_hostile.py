@@ -1,0 +1,220 @@
+"""Hostile input against a real `bertstream serve` process with the default limits: the largest legal
+requests, huge texts, a caller that never reads, floods, starvation, cancellation storms.
+
+What must hold: no request within the default limits raises the server's peak RSS by more than
+1 GB; requests over a limit are refused before any compute, by a status that names the limit; one
+caller's huge messages delay another caller's small request by a batch or so, not by the backlog;
+every accepted message is answered or gets a status. HOSTILE_REPORT holds the figures SECURITY.md
+quotes (printed at the end of the run by conftest.py).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+
+from bertstream.client import Client
+from bertstream.proto import embedder_pb2 as pb
+from bertstream.proto import embedder_pb2_grpc as pb_grpc
+from bertstream.server.service import Limits
+from tests.conftest import ServerThread, serve_process
+
+GB = 2**30
+HOSTILE_REPORT: dict[str, str] = {}
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident set size (VmHWM), in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM")
+
+
+@pytest.fixture(scope="module")
+def served():
+    """A server process with every limit at its default; the baseline peak RSS after traffic."""
+    process, target = serve_process("--log-level", "WARNING")
+    with Client(target, timeout=120) as client:
+        client.embed(["warm up a normal request"] * 64)
+    baseline = peak_rss(process.pid)
+    yield process, target, baseline
+    process.kill()
+    process.wait()
+
+
+def check_memory(served, what: str) -> None:
+    process, _, baseline = served
+    grown = peak_rss(process.pid) - baseline
+    HOSTILE_REPORT[what] = f"+{grown / 2**20:,.0f} MB"
+    assert grown <= GB, f"{what}: peak RSS grew by {grown / 2**20:,.0f} MB"
+
+
+def test_the_largest_legal_amplification(served):
+    """Every hidden state, mean and max: 5,376 values per text, 1,500 texts, 32 MB out."""
+    _, target, _ = served
+    with Client(target, timeout=300) as client:
+        vectors = client.embed(["a"] * 1500, pooling="mean_max", layers=list(range(7)))
+        assert vectors.shape == (1500, 7 * 384 * 2)
+        with pytest.raises(grpc.RpcError) as info:  # 300 layers: refused, nothing computed
+            client.embed(["a"] * 2000, pooling="mean", layers=[-1] * 300)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "over the 7 hidden states" in info.value.details()
+        started = time.perf_counter()
+        with pytest.raises(grpc.RpcError) as info:  # 10,000 texts of it: over the response limit
+            client.embed(["a"] * 10_000, pooling="mean_max", layers=list(range(7)))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "max_response_bytes" in info.value.details()
+        assert time.perf_counter() - started < 5  # refused before any compute
+    check_memory(served, "amplification (1,500 texts x 7 layers x mean_max)")
+
+
+def test_token_level_output_is_bounded_before_compute(served):
+    _, target, _ = served
+    long_text = "word " * 300  # 256 tokens after truncation
+    with Client(target, timeout=300) as client:
+        tokens = client.embed_tokens([long_text] * 150)  # 150 x 256 x 384 floats: 59 MB
+        assert sum(len(t) for t in tokens) == 150 * 256
+        started = time.perf_counter()
+        with pytest.raises(grpc.RpcError) as info:
+            client.embed_tokens([long_text] * 2000)  # 787 MB of token vectors
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "max_response_bytes" in info.value.details() and "tokens" in info.value.details()
+        assert time.perf_counter() - started < 5
+    check_memory(served, "token-level output near the limit")
+
+
+def test_huge_texts_do_not_starve_a_small_caller(served):
+    """A stream sends 600 texts of 100,000 characters (60 MB, within the limits); meanwhile
+    another caller's one-text requests are each answered within a couple of batches, not after
+    the whole backlog (about 25 s of compute here)."""
+    _, target, _ = served
+    huge = ("lorem ipsum dolor sit amet " * 3704)[:100_000]
+    latencies, done = [], threading.Event()
+
+    def small_caller():
+        with Client(target, timeout=60) as client:
+            while not done.is_set():
+                started = time.perf_counter()
+                client.embed(["a small request from someone else"])
+                latencies.append(time.perf_counter() - started)
+                time.sleep(0.05)
+
+    with Client(target, timeout=600) as client, ThreadPoolExecutor(1) as pool:
+        small = pool.submit(small_caller)
+        parts = list(client.stream(iter([huge] * 600), batch_size=600))
+        done.set()
+        small.result()
+    assert [len(p) for p in parts] == [600]
+    assert client.last_usage.truncated_items == 600
+    HOSTILE_REPORT["small request during 600 huge texts"] = (
+        f"p50 {np.median(latencies) * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms "
+        f"({len(latencies)} requests)")
+    assert len(latencies) >= 5 and max(latencies) < 3.0, latencies
+    check_memory(served, "600 texts of 100,000 characters")
+
+
+def test_a_caller_that_never_reads_holds_bounded_memory(served):
+    """64 messages whose answers are 32 MB each (2 GB in all), sent at once, answers never read:
+    the stream's read-ahead stops at its byte budget."""
+    process, target, _ = served
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.EmbedderStub(channel)
+        request = pb.EmbedRequest(texts=["a"] * 1500, pooling=pb.POOLING_MEAN_MAX,
+                                  layers=list(range(7)))
+        call = stub.EmbedStream(iter([request] * 64), timeout=300)
+        time.sleep(15)  # the server computes what its budget lets it read, then waits
+        check_memory(served, "a stream of 2 GB of answers, never read")
+        call.cancel()
+    with Client(target, timeout=60) as client:
+        assert client.embed(["still serving"]).shape == (1, 384)
+
+
+# ---------------------------------------------------------------- admission, in-process
+
+
+def _server(engine, **limits):
+    from tests.conftest import TEST_LIMITS
+
+    return ServerThread(engine, Limits(**{**TEST_LIMITS, **limits}))
+
+
+def test_a_message_over_the_queue_limit_is_not_starved_by_unary_load(engine):
+    """A 2,500-text stream message with room for 2,000: admitted once the pool empties, ahead of
+    the unary calls that came after it (they get RESOURCE_EXHAUSTED meanwhile)."""
+    server = _server(engine, max_queue_texts=2000, max_texts_per_request=3000)
+    stop = threading.Event()
+    outcomes = {"ok": 0, "exhausted": 0}
+
+    def unary_load():
+        with Client(server.target, timeout=60) as client:
+            while not stop.is_set():
+                try:
+                    client.embed([f"short text {i}" for i in range(50)])
+                    outcomes["ok"] += 1
+                except grpc.RpcError as error:
+                    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    outcomes["exhausted"] += 1
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            loads = [pool.submit(unary_load) for _ in range(4)]
+            time.sleep(1)
+            started = time.perf_counter()
+            with Client(server.target, timeout=40) as client:
+                parts = list(client.stream([f"text number {i}" for i in range(2500)],
+                                           batch_size=2500))
+            waited = time.perf_counter() - started
+            stop.set()
+            for load in loads:
+                load.result()
+        assert parts[0].shape == (2500, 384)
+        assert outcomes["ok"] > 0
+        HOSTILE_REPORT["2,500-text message, room for 2,000, under unary load"] = f"{waited:.1f} s"
+    finally:
+        stop.set()
+        server.stop()
+
+
+def test_a_cancellation_storm_gives_all_room_back(engine, corpus):
+    """Streams that go away after their first answer: their queued texts are dropped, not
+    computed, and every bit of queue room comes back."""
+    server = _server(engine, max_queue_texts=5000)
+    texts = [corpus[i % len(corpus)] for i in range(2000)]
+    registry = server.batcher.metrics.registry
+
+    def sample(name, **labels):
+        return registry.get_sample_value(name, labels) or 0.0
+
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            def cancel_soon(n):
+                with Client(server.target, timeout=60) as client:
+                    stream = client.stream(iter(texts), batch_size=20, window=30)
+                    next(stream)
+                    stream.close()
+            list(pool.map(cancel_soon, range(6)))
+        admission = server.admission
+        queued_at_cancel, computed_at_cancel = admission.queued, sample("bertstream_batch_size_sum")
+        deadline = time.time() + 60
+        while (admission.queued or admission.waiting) and time.time() < deadline:
+            time.sleep(0.1)
+        assert admission.queued == 0 and admission.waiting == 0
+        time.sleep(1)  # batches that had started finish
+        computed_after = sample("bertstream_batch_size_sum") - computed_at_cancel
+        HOSTILE_REPORT["cancellation storm"] = (
+            f"{queued_at_cancel:,} texts queued when the last stream went, "
+            f"{computed_after:,.0f} computed after")
+        assert queued_at_cancel >= 500  # the storm left work behind ...
+        # ... and none of it was computed, beyond the batches already running (2 workers).
+        assert computed_after <= 2 * 2048 // 8, (queued_at_cancel, computed_after)
+        with Client(server.target, timeout=60) as client:
+            assert client.embed(["the server still answers"]).shape == (1, 384)
+    finally:
+        server.stop()
