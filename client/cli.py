@@ -50,6 +50,9 @@ def embed_parser(subparsers) -> None:
                    help="fail on texts over the model's length instead of cutting them")
     p.add_argument("--batch-size", type=int, default=64, help="texts per message")
     p.add_argument("--window", type=int, default=32, help="messages in flight")
+    p.add_argument("--timeout", type=float, default=300,
+                   help="seconds a message may wait for its answer before the run stops "
+                        "(resumable; default 300)")
     p.add_argument("--token", help="bearer token (or set BERTSTREAM_TOKEN)")
     p.add_argument("--tls-ca", help="CA to trust (PEM): connect with TLS")
     p.add_argument("--tls-cert", help="client certificate (PEM), for mutual TLS")
@@ -79,7 +82,8 @@ def run_embed(args) -> int:
         with Client(args.server if len(args.server) > 1 else args.server[0], token=token,
                     tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key) as client, \
                 _progress(args.progress, total, done) as bar:
-            for vectors in client.stream(texts, args.batch_size, args.window, **options):
+            for vectors in client.stream(texts, args.batch_size, args.window,
+                                         message_timeout=args.timeout, **options):
                 writer.append(vectors)
                 tokens += client.last_usage.tokens
                 if bar is not None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from typing import Iterable, Iterator, Sequence
 
 import grpc
 import numpy as np
 
-from bertstream.client.core import (SEND_ATTEMPTS, Usage, batches, build_request,
+from bertstream.client.core import (SEND_ATTEMPTS, EmbedStreamError, Usage, batches,
+                                    build_request,
                                     check_combine_strategy, combine_tokens, decode_response,
                                     embed_request, make_channel, send_again, tokens_request)
 from bertstream.proto import embedder_pb2 as pb
@@ -75,7 +77,8 @@ class Client:
         return self._embed(tokens_request(texts, locals()))
 
     def stream(self, texts: Iterable[str], batch_size: int = 64, window: int = 32,
-               spread: bool | None = None, **options) -> Iterator:
+               spread: bool | None = None, message_timeout: float | None = None,
+               **options) -> Iterator:
         """Embed any iterable of texts with bounded memory: messages of batch_size texts, at most
         `window` in flight; yields one result per message, in input order (what `embed` returns
         for those texts, or with pooling="none" a list of token arrays).
@@ -83,20 +86,23 @@ class Client:
         One EmbedStream carries them; with spread (default: when several replicas were given),
         each message is its own call instead, so they spread over every replica and a message
         whose replica dies is retried on another. A message the server rejects raises
-        EmbedStreamError (stream) or grpc.RpcError (spread).
+        EmbedStreamError (stream) or grpc.RpcError (spread). message_timeout: seconds each
+        message may wait for its answer (the deadline of each call when spread); past it, the
+        stream is cancelled and EmbedStreamError (DEADLINE_EXCEEDED) raised.
         """
         if window < 1:
             raise ValueError("window must be >= 1")
         requests = (build_request(batch, str(number), **options)
                     for number, batch in enumerate(batches(texts, batch_size)))
         if self._replicas if spread is None else spread:
-            return self._spread(requests, window)
-        return self._one_stream(requests, window)
+            return self._spread(requests, window, message_timeout)
+        return self._one_stream(requests, window, message_timeout)
 
-    def _one_stream(self, requests, window: int):
+    def _one_stream(self, requests, window: int, message_timeout: float | None):
         slots = threading.Semaphore(window)
         stop = threading.Event()
         failures = []  # from reading the texts, which runs on gRPC's sending thread
+        sent_at = collections.deque()  # when each unanswered message went out, oldest first
 
         def paced():
             try:
@@ -106,39 +112,58 @@ class Client:
                             return
                     if stop.is_set():
                         return
+                    sent_at.append((request.request_id, time.monotonic()))
                     yield request
             except Exception as exc:  # end the stream cleanly; the caller gets exc after the
                 failures.append(exc)  # answers to what was sent before it
 
         responses = self._stub.EmbedStream(paced(), timeout=self.timeout, metadata=self._metadata)
+        late = []
+
+        def watchdog():  # cancels the stream when its oldest unanswered message is overdue
+            while not stop.wait(min(1.0, message_timeout / 4)):
+                if sent_at and time.monotonic() - sent_at[0][1] > message_timeout:
+                    late.append(sent_at[0][0])
+                    responses.cancel()
+                    return
+
+        if message_timeout:
+            threading.Thread(target=watchdog, daemon=True, name="bertstream-watchdog").start()
         try:
             for response in responses:
+                sent_at.popleft()
                 slots.release()
                 self.last_usage = Usage.of(response)
                 yield decode_response(response)
+        except grpc.RpcError:
+            if late:
+                raise EmbedStreamError(late[0], grpc.StatusCode.DEADLINE_EXCEEDED,
+                                       f"no answer within {message_timeout} s") from None
+            raise
         finally:
             stop.set()
             responses.cancel()
         if failures:
             raise failures[0]
 
-    def _spread(self, requests, window: int):
+    def _spread(self, requests, window: int, message_timeout: float | None = None):
         in_flight = collections.deque()
+        timeout = message_timeout or self.timeout
         try:
             for request in requests:
-                in_flight.append((request, self._send(request)))
+                in_flight.append((request, self._send(request, timeout)))
                 if len(in_flight) >= window:
-                    yield self._settle(*in_flight.popleft())
+                    yield self._settle(*in_flight.popleft(), timeout)
             while in_flight:
-                yield self._settle(*in_flight.popleft())
+                yield self._settle(*in_flight.popleft(), timeout)
         finally:
             for _, future in in_flight:
                 future.cancel()
 
-    def _send(self, request: pb.EmbedRequest):
-        return self._stub.Embed.future(request, timeout=self.timeout, metadata=self._metadata)
+    def _send(self, request: pb.EmbedRequest, timeout: float | None):
+        return self._stub.Embed.future(request, timeout=timeout, metadata=self._metadata)
 
-    def _settle(self, request: pb.EmbedRequest, future):
+    def _settle(self, request: pb.EmbedRequest, future, timeout: float | None):
         for attempt in range(1, SEND_ATTEMPTS + 1):
             try:
                 response = future.result()
@@ -146,7 +171,7 @@ class Client:
             except grpc.RpcError as error:
                 if not send_again(error, attempt):
                     raise
-                future = self._send(request)  # its replica went away: another one takes it
+                future = self._send(request, timeout)  # its replica went away: another takes it
         self.last_usage = Usage.of(response)
         return decode_response(response)
 

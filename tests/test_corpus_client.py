@@ -10,6 +10,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 
 from bertstream.client import AsyncClient, Client, RepresentationModel
 from bertstream.client.cli import main as embed_main
-from tests.conftest import free_port, serve_process
+from tests.conftest import ServerThread, free_port, serve_process
 
 
 def run_cli(*args) -> int:
@@ -308,6 +309,41 @@ def test_a_replica_that_stops_answering_without_a_reset_is_left_behind(tmp_path,
             process.send_signal(signal.SIGCONT)
             process.kill()
             process.wait()
+
+
+class StuckEngine:
+    """The real engine, whose forward passes wait until `release` is set (a wedged server)."""
+
+    def __init__(self, engine):
+        self._engine, self.release = engine, threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def forward(self, ids):
+        self.release.wait(60)
+        return self._engine.forward(ids)
+
+
+def test_embed_command_gives_up_on_a_server_that_never_answers(engine, tmp_path, texts, capsys):
+    from bertstream.server.service import Limits
+
+    stuck = StuckEngine(engine)
+    stuck.release.set()  # let the warm-up through
+    server = ServerThread(stuck, Limits())
+    stuck.release.clear()
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(texts[:20]) + "\n", encoding="utf-8")
+    try:
+        started = time.perf_counter()
+        assert run_cli(source, "-o", tmp_path / "t.npy", "--server", server.target,
+                       "--timeout", "2") == 1
+        assert time.perf_counter() - started < 30
+        err = capsys.readouterr().err
+        assert "DEADLINE_EXCEEDED" in err and "no answer within 2" in err and "--resume" in err
+    finally:
+        stuck.release.set()
+        server.stop()
 
 
 # ---------------------------------------------------------------- asyncio client
