@@ -106,11 +106,13 @@ def test_json_log_lines_carry_fields():
 
 
 def test_serve_command_logs_serves_and_stops():
-    """`bertstream serve` as a user runs it: JSON start line, metrics endpoint, SIGTERM stop."""
+    """`bertstream serve` as a user runs it: JSON start line, metrics endpoint, SIGTERM stop. It
+    listens on every address (--host 0.0.0.0); its metrics, with no TLS or auth, on loopback."""
     port, metrics_port = free_port(), free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "bertstream.server.cli", "serve", "--port", str(port),
-         "--metrics-port", str(metrics_port), "--log-format", "json", "--device", "cpu"],
+         "--host", "0.0.0.0", "--metrics-port", str(metrics_port), "--log-format", "json",
+         "--device", "cpu"],
         stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
         lines = []
@@ -123,7 +125,12 @@ def test_serve_command_logs_serves_and_stops():
                     break
         start = lines[-1]
         assert start["message"] == "serving" and start["device"] == "cpu"
-        assert start["address"] == f"127.0.0.1:{port}" and start["max_batch_tokens"] == 1024
+        assert start["address"] == f"0.0.0.0:{port}" and start["max_batch_tokens"] == 1024
+        assert start["metrics"] == f"127.0.0.1:{metrics_port}"
+        listening = subprocess.run(["ss", "-ltnH", f"sport = :{metrics_port}"],
+                                   capture_output=True, text=True).stdout.split()
+        if listening:  # where `ss` exists: the metrics socket is bound to loopback only
+            assert listening[3] == f"127.0.0.1:{metrics_port}", listening
         assert start["dtype"] == "float32" and "max_texts_per_request" in start
         with Client(f"127.0.0.1:{port}", timeout=60) as client:
             assert client.embed(["hello"]).shape == (1, 384)
