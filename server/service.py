@@ -1,18 +1,17 @@
-"""gRPC transport: protobuf <-> engine values, status codes, health, reflection.
+"""gRPC front-end: protobuf <-> core values, status codes, streams, health, reflection.
 
-Protobuf is converted here and nowhere else. Unary Embed and every EmbedStream message go through
-one path, `_embed`; they differ only in how an EmbedError reaches the caller (a status for unary, an
-error response for a stream message, which does not end the stream).
+Protobuf is converted here and nowhere else; everything a request goes through besides (limits,
+admission, tokenizing, the batcher) is the transport-free core (core.py). Unary Embed and every
+EmbedStream message take the same core call; they differ only in how an EmbedError reaches the
+caller (a status for unary, an error response for a stream message, which does not end the stream)
+and in admission (a unary call fails at once when the queue is full, a stream message waits).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -22,7 +21,8 @@ from grpc_reflection.v1alpha import reflection
 from bertstream.proto import embedder_pb2 as pb
 from bertstream.proto import embedder_pb2_grpc as pb_grpc
 from bertstream.server.admission import Admission
-from bertstream.server.batcher import Batcher, Job, JobResult
+from bertstream.server.batcher import Batcher, JobResult
+from bertstream.server.core import Core, EmbedCall, Limits, warm_up
 from bertstream.server.engine import Engine
 from bertstream.server.errors import EmbedError, ErrorKind
 from bertstream.server.metrics import Metrics
@@ -48,21 +48,7 @@ COMBINE_NAMES = {pb.LAYER_COMBINE_UNSPECIFIED: "concat", pb.LAYER_COMBINE_CONCAT
 DTYPE_NAMES = {pb.DTYPE_UNSPECIFIED: "float32", pb.DTYPE_FLOAT32: "float32",
                pb.DTYPE_FLOAT16: "float16", pb.DTYPE_BFLOAT16: "bfloat16", pb.DTYPE_INT8: "int8",
                pb.DTYPE_BINARY: "binary"}
-# Requests up to this many characters are tokenized on the event loop (tens of microseconds);
-# bigger ones on a worker thread so the loop keeps serving.
-INLINE_TOKENIZE_CHARS = 2000
 DTYPE_ENUMS = {name: number for number, name in DTYPE_NAMES.items() if number}
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_texts_per_request: int = 10_000
-    max_chars_per_text: int = 100_000
-    max_batch_tokens: int = 2048
-    max_message_bytes: int = 64 * 2**20
-    stream_window: int = 64  # stream messages read ahead of their responses
-    max_queue_texts: int = 100_000  # texts admitted and still waiting in the pool, all callers
-    max_response_bytes: int = 64 * 2**20  # one response's tensor bytes, known before any compute
 
 
 @dataclass(frozen=True)
@@ -152,128 +138,23 @@ def enum_name(table: dict, value: int, field: str) -> str:
 
 
 class EmbedderService(pb_grpc.EmbedderServicer):
-    def __init__(self, engine: Engine, batcher: Batcher, limits: Limits, admission: Admission):
-        self.engine = engine
-        self.batcher = batcher
-        self.limits = limits
-        self.admission = admission
-        self.metrics = batcher.metrics
-        # Tokenizing a big message takes milliseconds; keep it off the event loop.
-        self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bertstream-tok")
+    def __init__(self, core: Core):
+        self.core = core
+        self.engine, self.limits, self.metrics = core.engine, core.limits, core.metrics
 
-    # ------------------------------------------------------------------ the shared path
-
-    def _check_texts(self, texts) -> None:
-        if not texts:
-            raise EmbedError.invalid("texts: empty; send at least one text")
-        if len(texts) > self.limits.max_texts_per_request:
-            raise EmbedError.invalid(
-                f"texts: {len(texts)} texts, over the limit of {self.limits.max_texts_per_request} "
-                f"per request (max_texts_per_request)")
-        for i, text in enumerate(texts):
-            if len(text) > self.limits.max_chars_per_text:
-                raise EmbedError.invalid(
-                    f"texts[{i}]: {len(text)} characters, over the limit of "
-                    f"{self.limits.max_chars_per_text} (max_chars_per_text)")
-
-    async def _admit(self, texts: int, wait: bool) -> None:
-        """Take room for `texts` in the pool before any work. When there is none, a unary call
-        fails at once (RESOURCE_EXHAUSTED) and a stream message waits its turn, so its stream
-        stops being read and gRPC flow control slows the sender (admission.py)."""
-        if wait:
-            await self.admission.take(texts)
-        elif not self.admission.try_take(texts):
-            raise EmbedError.overloaded(
-                f"queue full: {self.admission.queued} texts waiting and "
-                f"{self.admission.waiting} requests in line, limit {self.limits.max_queue_texts} "
-                f"texts (max_queue_texts); retry later")
-
-    def _check_response_size(self, rows: int, options, dtype: str) -> None:
-        """Refuse a response over max_response_bytes before computing it: rows are texts, or
-        for token-level output, tokens."""
-        size = response_bytes(rows, options.width, dtype)
-        if size > self.limits.max_response_bytes:
-            unit = "tokens" if options.token_level else "texts"
-            raise EmbedError.invalid(
-                f"the response would be {size:,} bytes ({rows:,} {unit} x {options.width} values "
-                f"in {dtype}), over the limit of {self.limits.max_response_bytes:,} "
-                f"(max_response_bytes); send fewer texts, layers or dimensions")
-
-    async def _tokenize(self, request, details: bool = False, prompt: str | None = None):
-        texts = list(request.texts)
-        truncate = request.truncate if request.HasField("truncate") else True
-        if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:  # microseconds: not worth a thread hop
-            return self.engine.tokenize(texts, truncate, details, prompt)
-        return await asyncio.get_running_loop().run_in_executor(
-            self._tokenize_pool, self.engine.tokenize, texts, truncate, details, prompt)
-
-    def _options(self, request: pb.EmbedRequest):
-        return self.engine.options(
-            enum_name(POOLING_NAMES, request.pooling, "pooling"), request.layers,
-            enum_name(COMBINE_NAMES, request.layer_combine, "layer_combine"),
-            request.normalize if request.HasField("normalize") else None,
-            request.prompt_name or None, request.prompt if request.HasField("prompt") else None,
-            request.dimensions)
-
-    async def _embed(self, request: pb.EmbedRequest, streaming: bool,
+    async def _embed(self, rpc: str, request: pb.EmbedRequest,
                      caller: object = None) -> pb.EmbedResponse:
-        """Validate, admit, tokenize, queue, await, convert. Raises EmbedError. The size of
-        the answer is checked before any work (for token-level output, once the tokens are
-        counted); room in the pool is taken before tokenizing and given back by the batcher
-        when the texts leave the pool (or here, if they never reach it)."""
-        self._check_texts(request.texts)
-        options = self._options(request)
-        dtype = enum_name(DTYPE_NAMES, request.dtype, "dtype")
-        texts = len(request.texts)
-        if not options.token_level:
-            self._check_response_size(texts, options, dtype)
-        await self._admit(texts, wait=streaming)
-        job = None
-        try:
-            tokens = await self._tokenize(request, prompt=options.prompt)
-            del request.texts[:]  # tokenized: the strings (up to max_message_bytes) can go
-            if options.token_level:
-                self._check_response_size(sum(map(len, tokens.ids)), options, dtype)
-            done, on_done = completion()
-            job = Job(tokens.ids, options, dtype, on_done, truncated_items=sum(tokens.truncated),
-                      caller=caller)
-            self.batcher.submit(job)
-            result = await done
-        except asyncio.CancelledError:  # the caller went away or its deadline passed
-            if job is not None:
-                job.cancelled = True  # the batcher drops its texts still queued
-            raise
-        finally:
-            if job is None:  # never reached the pool: its room is ours to give back
-                self.admission.release(texts)
-        if isinstance(result, EmbedError):
-            raise result
-        self.metrics.tokens.inc(result.usage.tokens)
-        self.metrics.truncated.inc(result.usage.truncated_items)
+        """One request through the core (counted as `rpc`). Raises EmbedError."""
+        result = await self.core.observed_embed(
+            rpc, embed_call(request), wait=rpc == "EmbedStream", caller=caller,
+            codes={kind: code.name for kind, code in STATUS_CODES.items()})
         return to_response(request.request_id, result)
-
-    async def _observed_embed(self, rpc: str, request: pb.EmbedRequest,
-                              caller: object = None) -> pb.EmbedResponse:
-        """_embed, counted and timed by RPC and outcome (once per request, success or not)."""
-        started, code, texts = time.perf_counter(), "OK", len(request.texts)
-        try:
-            return await self._embed(request, streaming=rpc == "EmbedStream", caller=caller)
-        except EmbedError as error:
-            code = STATUS_CODES[error.kind].name
-            raise
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        finally:
-            self.metrics.requests.labels(rpc, code).inc()
-            self.metrics.texts.labels(rpc, code).inc(texts)
-            self.metrics.latency.labels(rpc).observe(time.perf_counter() - started)
 
     # ------------------------------------------------------------------ RPCs
 
     async def Embed(self, request, context):
         try:
-            return await self._observed_embed("Embed", request)
+            return await self._embed("Embed", request)
         except EmbedError as error:
             await abort(context, error)
 
@@ -291,9 +172,9 @@ class EmbedderService(pb_grpc.EmbedderServicer):
 
         async def read_requests():
             async for request in request_iterator:
-                cost = self._stream_cost(request)
+                cost = self._memory_cost(request)
                 await in_flight.put((request.request_id, cost, asyncio.ensure_future(
-                    self._observed_embed("EmbedStream", request, caller))))
+                    self._embed("EmbedStream", request, caller))))
                 held[0] += cost
                 async with room:
                     await room.wait_for(lambda: held[0] < budget)
@@ -322,26 +203,17 @@ class EmbedderService(pb_grpc.EmbedderServicer):
                 if entry is not None:
                     entry[2].cancel()
 
-    def _stream_cost(self, request: pb.EmbedRequest) -> int:
-        """What a stream message may hold in memory: its own bytes and its response's (for
-        token-level output, at most max_response_bytes)."""
+    def _memory_cost(self, request: pb.EmbedRequest) -> int:
         try:
-            options = self._options(request)
-            dtype = enum_name(DTYPE_NAMES, request.dtype, "dtype")
-        except EmbedError:  # answered with an error, at once
+            return self.core.memory_cost(embed_call(request, copy_texts=False),
+                                         request.ByteSize())
+        except EmbedError:  # a bad enum: answered with an error, at once
             return request.ByteSize()
-        rows = len(request.texts) * (self.engine.max_length if options.token_level else 1)
-        return request.ByteSize() + min(response_bytes(rows, options.width, dtype),
-                                        self.limits.max_response_bytes)
 
     async def Tokenize(self, request, context):
+        truncate = request.truncate if request.HasField("truncate") else True
         try:
-            self._check_texts(request.texts)
-            await self._admit(len(request.texts), wait=False)  # it shares the tokenizer threads
-            try:
-                tokens = await self._tokenize(request, details=True)
-            finally:
-                self.admission.release(len(request.texts))
+            tokens = await self.core.tokenize(list(request.texts), truncate)
         except EmbedError as error:
             await abort(context, error)
         return pb.TokenizeResponse(texts=[
@@ -378,41 +250,21 @@ def pipeline_info(engine: Engine) -> pb.Pipeline:
         default_prompt_name=pipeline.default_prompt_name or "")
 
 
-async def warm_up(batcher: Batcher, engine: Engine, admission: Admission) -> None:
-    """One text of the longest length through the whole path, the model's pipeline included (on
-    a forward worker, like every forward pass): a model that cannot take its max length fails
-    here, at start, not on a user's request."""
-    done, on_done = completion()
-    options = engine.options()
-    longest = engine.tokenize(["warm-up " * engine.max_length], prompt=options.prompt).ids
-    await admission.take(1)  # the batcher gives it back, as for every text
-    batcher.submit(Job(longest, options, "float32", on_done))
-    result = await done
-    if isinstance(result, EmbedError):
-        raise RuntimeError(f"warm-up failed: {result.message}")
-
-
-def response_bytes(rows: int, width: int, dtype: str) -> int:
-    """Bytes of a response tensor: rows x width values in the wire dtype (int8 adds a float32
-    scale per row; binary packs 8 values a byte)."""
-    if dtype == "binary":
-        return rows * -(-width // 8)
-    if dtype == "int8":
-        return rows * (width + 4)
-    return rows * width * (4 if dtype == "float32" else 2)
-
-
-def completion() -> tuple[asyncio.Future, Callable]:
-    """A future on the running loop, and the Job.on_done callback (called on the batcher's
-    forward worker that finished it) that settles it with the job's result."""
-    loop = asyncio.get_running_loop()
-    done = loop.create_future()
-
-    def settle(result) -> None:
-        if not done.done():  # the caller may have gone
-            done.set_result(result)
-
-    return done, lambda result: loop.call_soon_threadsafe(settle, result)
+def embed_call(request: pb.EmbedRequest, copy_texts: bool = True) -> EmbedCall:
+    """A request in the core's terms; its texts move to the call (the request's are cleared, so
+    each text is held once). Bad enum numbers raise EmbedError naming the field."""
+    texts = list(request.texts) if copy_texts else request.texts
+    if copy_texts:
+        del request.texts[:]
+    return EmbedCall(
+        texts=texts, pooling=enum_name(POOLING_NAMES, request.pooling, "pooling"),
+        layers=tuple(request.layers),
+        layer_combine=enum_name(COMBINE_NAMES, request.layer_combine, "layer_combine"),
+        normalize=request.normalize if request.HasField("normalize") else None,
+        prompt_name=request.prompt_name or None,
+        prompt=request.prompt if request.HasField("prompt") else None,
+        dimensions=request.dimensions, dtype=enum_name(DTYPE_NAMES, request.dtype, "dtype"),
+        truncate=request.truncate if request.HasField("truncate") else True)
 
 
 async def abort(context, error: EmbedError):
@@ -459,6 +311,7 @@ async def start_server(engine: Engine, limits: Limits, host: str = "127.0.0.1", 
                         "dtype": engine.dtype, "max_length": str(engine.max_length)})
     admission = Admission(limits.max_queue_texts, asyncio.get_running_loop())
     batcher = Batcher(engine, limits.max_batch_tokens, metrics, on_leave=admission.release)
+    core = Core(engine, batcher, limits, admission)
     interceptors = [DecodeErrorInterceptor()]
     if security.auth_tokens:  # runs first: the unauthenticated never reach anything else
         interceptors.insert(0, TokenAuthInterceptor(list(security.auth_tokens),
@@ -470,8 +323,7 @@ async def start_server(engine: Engine, limits: Limits, host: str = "127.0.0.1", 
                ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
                ("grpc.http2.max_ping_strikes", 0)]
     server = grpc.aio.server(options=options, interceptors=interceptors)
-    pb_grpc.add_EmbedderServicer_to_server(EmbedderService(engine, batcher, limits, admission),
-                                           server)
+    pb_grpc.add_EmbedderServicer_to_server(EmbedderService(core), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -488,7 +340,7 @@ async def start_server(engine: Engine, limits: Limits, host: str = "127.0.0.1", 
     if not bound:
         raise OSError(f"could not listen on {address}")
     await server.start()
-    await warm_up(batcher, engine, admission)
+    await warm_up(core)
     watch = asyncio.ensure_future(watch_health(batcher, health_servicer))
     return RunningServer(server, bound, batcher, health_servicer, watch, admission)
 

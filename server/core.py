@@ -1,0 +1,231 @@
+"""The request path every front-end shares, with no transport in it: plain values in, a result or
+an EmbedError out.
+
+Validation, the size of the answer, admission to the queue, tokenization off the event loop,
+submission to the batcher, cancellation and the per-request metrics live here, once. A front-end
+(service.py for gRPC) converts its wire format to an EmbedCall and the result back, and maps
+EmbedError kinds to its own status codes; it decides nothing else, so limits and semantics cannot
+drift apart between front-ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+from bertstream.server.admission import Admission
+from bertstream.server.batcher import Batcher, Job, JobResult
+from bertstream.server.engine import EmbedOptions, Engine, Tokenized
+from bertstream.server.errors import EmbedError
+
+# Requests up to this many characters are tokenized on the event loop (tens of microseconds);
+# bigger ones on a worker thread so the loop keeps serving.
+INLINE_TOKENIZE_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_texts_per_request: int = 10_000
+    max_chars_per_text: int = 100_000
+    max_batch_tokens: int = 2048
+    max_message_bytes: int = 64 * 2**20
+    stream_window: int = 64  # stream messages read ahead of their responses
+    max_queue_texts: int = 100_000  # texts admitted and still waiting in the pool, all callers
+    max_response_bytes: int = 64 * 2**20  # one response's tensor bytes, known before any compute
+
+
+@dataclass
+class EmbedCall:
+    """One embedding request in the core's terms. `texts` is the core's to empty once tokenized
+    (a request may hold up to max_message_bytes of them)."""
+
+    texts: list[str]
+    pooling: str | None = None  # None: the model's pipeline (Engine.options)
+    layers: tuple[int, ...] = ()
+    layer_combine: str = "concat"
+    normalize: bool | None = None
+    prompt_name: str | None = None
+    prompt: str | None = None
+    dimensions: int = 0
+    dtype: str = "float32"  # wire dtype of the result
+    truncate: bool = True
+
+
+class Core:
+    def __init__(self, engine: Engine, batcher: Batcher, limits: Limits, admission: Admission):
+        self.engine = engine
+        self.batcher = batcher
+        self.limits = limits
+        self.admission = admission
+        self.metrics = batcher.metrics
+        # Tokenizing a big message takes milliseconds; keep it off the event loop.
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bertstream-tok")
+
+    # ------------------------------------------------------------------ checks
+
+    def check_texts(self, texts) -> None:
+        if not texts:
+            raise EmbedError.invalid("texts: empty; send at least one text")
+        if len(texts) > self.limits.max_texts_per_request:
+            raise EmbedError.invalid(
+                f"texts: {len(texts)} texts, over the limit of {self.limits.max_texts_per_request} "
+                f"per request (max_texts_per_request)")
+        for i, text in enumerate(texts):
+            if len(text) > self.limits.max_chars_per_text:
+                raise EmbedError.invalid(
+                    f"texts[{i}]: {len(text)} characters, over the limit of "
+                    f"{self.limits.max_chars_per_text} (max_chars_per_text)")
+
+    def options(self, call: EmbedCall) -> EmbedOptions:
+        if call.dtype not in WIRE_DTYPES:
+            raise EmbedError.invalid(f"dtype: unknown value {call.dtype!r}; use one of "
+                                     f"{WIRE_DTYPES}")
+        return self.engine.options(call.pooling, call.layers, call.layer_combine, call.normalize,
+                                   call.prompt_name, call.prompt, call.dimensions)
+
+    def check_response_size(self, rows: int, options: EmbedOptions, dtype: str) -> None:
+        """Refuse a response over max_response_bytes before computing it: rows are texts, or
+        for token-level output, tokens."""
+        size = response_bytes(rows, options.width, dtype)
+        if size > self.limits.max_response_bytes:
+            unit = "tokens" if options.token_level else "texts"
+            raise EmbedError.invalid(
+                f"the response would be {size:,} bytes ({rows:,} {unit} x {options.width} values "
+                f"in {dtype}), over the limit of {self.limits.max_response_bytes:,} "
+                f"(max_response_bytes); send fewer texts, layers or dimensions")
+
+    def memory_cost(self, call: EmbedCall, request_bytes: int) -> int:
+        """What a request may hold in memory while in flight: its own bytes and its response's
+        (for token-level output, at most max_response_bytes). A bad request costs its bytes."""
+        try:
+            options = self.options(call)
+        except EmbedError:
+            return request_bytes
+        rows = len(call.texts) * (self.engine.max_length if options.token_level else 1)
+        return request_bytes + min(response_bytes(rows, options.width, call.dtype),
+                                   self.limits.max_response_bytes)
+
+    # ------------------------------------------------------------------ the path
+
+    async def admit(self, texts: int, wait: bool) -> None:
+        """Take room for `texts` in the pool before any work. When there is none, a call that
+        does not wait fails at once (overloaded) and one that waits (a stream message) waits its
+        turn (admission.py)."""
+        if wait:
+            await self.admission.take(texts)
+        elif not self.admission.try_take(texts):
+            raise EmbedError.overloaded(
+                f"queue full: {self.admission.queued} texts waiting and "
+                f"{self.admission.waiting} requests in line, limit {self.limits.max_queue_texts} "
+                f"texts (max_queue_texts); retry later")
+
+    async def _tokenize(self, texts: list[str], truncate: bool, details: bool = False,
+                        prompt: str | None = None) -> Tokenized:
+        if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:  # microseconds: not worth a thread hop
+            return self.engine.tokenize(texts, truncate, details, prompt)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tokenize_pool, self.engine.tokenize, texts, truncate, details, prompt)
+
+    async def tokenize(self, texts: list[str], truncate: bool = True) -> Tokenized:
+        """Token ids, strings and character offsets; it shares the tokenizer threads, so it
+        takes room in the queue like an embedding call (and never waits for it)."""
+        self.check_texts(texts)
+        await self.admit(len(texts), wait=False)
+        try:
+            return await self._tokenize(texts, truncate, details=True)
+        finally:
+            self.admission.release(len(texts))
+
+    async def embed(self, call: EmbedCall, wait: bool = False, caller: object = None) -> JobResult:
+        """Validate, admit, tokenize, queue, await. Raises EmbedError. The size of the answer is
+        checked before any work (for token-level output, once the tokens are counted); room in
+        the pool is taken before tokenizing and given back by the batcher when the texts leave
+        the pool (or here, if they never reach it). caller: whose turn this is in the batcher
+        (a stream's messages share one)."""
+        self.check_texts(call.texts)
+        options = self.options(call)
+        texts = len(call.texts)
+        if not options.token_level:
+            self.check_response_size(texts, options, call.dtype)
+        await self.admit(texts, wait)
+        job = None
+        try:
+            tokens = await self._tokenize(call.texts, call.truncate, prompt=options.prompt)
+            call.texts.clear()  # tokenized: the strings can go
+            if options.token_level:
+                self.check_response_size(sum(map(len, tokens.ids)), options, call.dtype)
+            done, on_done = completion()
+            job = Job(tokens.ids, options, call.dtype, on_done,
+                      truncated_items=sum(tokens.truncated), caller=caller)
+            self.batcher.submit(job)
+            result = await done
+        except asyncio.CancelledError:  # the caller went away or its deadline passed
+            if job is not None:
+                job.cancelled = True  # the batcher drops its texts still queued
+            raise
+        finally:
+            if job is None:  # never reached the pool: its room is ours to give back
+                self.admission.release(texts)
+        if isinstance(result, EmbedError):
+            raise result
+        self.metrics.tokens.inc(result.usage.tokens)
+        self.metrics.truncated.inc(result.usage.truncated_items)
+        return result
+
+    async def observed_embed(self, rpc: str, call: EmbedCall, wait: bool = False,
+                             caller: object = None, codes: dict | None = None) -> JobResult:
+        """embed(), counted and timed by RPC and outcome (once per request, success or not);
+        `codes` names the outcome of each EmbedError kind in the front-end's terms."""
+        started, code, texts = time.perf_counter(), "OK", len(call.texts)
+        try:
+            return await self.embed(call, wait, caller)
+        except EmbedError as error:
+            code = (codes or {}).get(error.kind, error.kind.name)
+            raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        finally:
+            self.metrics.requests.labels(rpc, code).inc()
+            self.metrics.texts.labels(rpc, code).inc(texts)
+            self.metrics.latency.labels(rpc).observe(time.perf_counter() - started)
+
+
+WIRE_DTYPES = ("float32", "float16", "bfloat16", "int8", "binary")
+
+
+def response_bytes(rows: int, width: int, dtype: str) -> int:
+    """Bytes of a response tensor: rows x width values in the wire dtype (int8 adds a float32
+    scale per row; binary packs 8 values a byte)."""
+    if dtype == "binary":
+        return rows * -(-width // 8)
+    if dtype == "int8":
+        return rows * (width + 4)
+    return rows * width * (4 if dtype == "float32" else 2)
+
+
+def completion() -> tuple[asyncio.Future, Callable]:
+    """A future on the running loop, and the Job.on_done callback (called on the batcher's
+    forward worker that finished it) that settles it with the job's result."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def settle(result) -> None:
+        if not done.done():  # the caller may have gone
+            done.set_result(result)
+
+    return done, lambda result: loop.call_soon_threadsafe(settle, result)
+
+
+async def warm_up(core: Core) -> None:
+    """One text of the longest length through the whole path, the model's pipeline included (on
+    a forward worker, like every forward pass): a model that cannot take its max length fails
+    here, at start, not on a user's request."""
+    try:
+        await core.embed(EmbedCall(["warm-up " * core.engine.max_length]))
+    except EmbedError as error:
+        raise RuntimeError(f"warm-up failed: {error.message}") from None
+
