@@ -60,6 +60,10 @@ def serve_parser(subparsers) -> None:
                         "thread on CPU, 2 on GPU)")
     p.add_argument("--grace", type=float, default=10.0,
                    help="seconds calls in flight get to finish at shutdown")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also serve HTTP on this port (same host, TLS, tokens and limits): "
+                        "OpenAI-compatible /v1/embeddings, text-embeddings-inference-compatible "
+                        "/embed, /tokenize, /info, /health, /metrics, docs at /docs (default: off)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics on this port, at /metrics (default: off)")
     p.add_argument("--metrics-host", default="127.0.0.1",
@@ -114,7 +118,9 @@ async def serve(args) -> None:
         max_queue_texts=args.max_queue_texts,
         max_response_bytes=args.max_response_bytes,
     )
-    running = await start_server(engine, limits, args.host, args.port, security)
+    running = await start_server(engine, limits, args.host, args.port, security,
+                                 http_port=args.http_port,
+                                 http_metrics=args.metrics_port is not None)
     port = running.port
     metrics_http = None
     if args.metrics_port is not None:
@@ -128,6 +134,7 @@ async def serve(args) -> None:
         "auth": f"{len(security.auth_tokens)} token(s), health {args.auth_health}"
         if security.auth_tokens else "off",
         "metrics": f"{args.metrics_host}:{args.metrics_port}" if metrics_http else "off",
+        "http": f"{args.host}:{running.http_port}" if running.http else "off",
         **vars(limits)}})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -70,12 +70,12 @@ class Core:
         if not texts:
             raise EmbedError.invalid("texts: empty; send at least one text")
         if len(texts) > self.limits.max_texts_per_request:
-            raise EmbedError.invalid(
+            raise EmbedError.too_large(
                 f"texts: {len(texts)} texts, over the limit of {self.limits.max_texts_per_request} "
                 f"per request (max_texts_per_request)")
         for i, text in enumerate(texts):
             if len(text) > self.limits.max_chars_per_text:
-                raise EmbedError.invalid(
+                raise EmbedError.too_large(
                     f"texts[{i}]: {len(text)} characters, over the limit of "
                     f"{self.limits.max_chars_per_text} (max_chars_per_text)")
 
@@ -92,7 +92,7 @@ class Core:
         size = response_bytes(rows, options.width, dtype)
         if size > self.limits.max_response_bytes:
             unit = "tokens" if options.token_level else "texts"
-            raise EmbedError.invalid(
+            raise EmbedError.too_large(
                 f"the response would be {size:,} bytes ({rows:,} {unit} x {options.width} values "
                 f"in {dtype}), over the limit of {self.limits.max_response_bytes:,} "
                 f"(max_response_bytes); send fewer texts, layers or dimensions")

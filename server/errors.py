@@ -7,6 +7,7 @@ import enum
 
 class ErrorKind(enum.Enum):
     INVALID = "invalid"          # the request is wrong: the caller must change it
+    TOO_LARGE = "too_large"      # the request is over a size limit: the caller must send less
     OVERLOADED = "overloaded"    # a limit on load was hit: try again later
     INTERNAL = "internal"        # the server failed on a valid request
 
@@ -22,6 +23,10 @@ class EmbedError(Exception):
     @classmethod
     def invalid(cls, message: str) -> "EmbedError":
         return cls(ErrorKind.INVALID, message)
+
+    @classmethod
+    def too_large(cls, message: str) -> "EmbedError":
+        return cls(ErrorKind.TOO_LARGE, message)
 
     @classmethod
     def overloaded(cls, message: str) -> "EmbedError":

@@ -48,16 +48,8 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         }
 
     def _allowed(self, metadata) -> bool:
-        presented = b""
-        for key, value in metadata or ():
-            if key == "authorization":
-                value = value.encode() if isinstance(value, str) else value
-                if value[:7].lower() == b"bearer ":
-                    presented = value[7:].strip()
-        matched = False
-        for token in self._tokens:  # no early exit: constant work whatever matches
-            matched |= hmac.compare_digest(presented, token)
-        return matched
+        return bearer_allowed(self._tokens, next(
+            (value for key, value in metadata or () if key == "authorization"), b""))
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
@@ -69,6 +61,17 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:  # unknown method: let gRPC say UNIMPLEMENTED
             return None
         return self._refusals[(handler.request_streaming, handler.response_streaming)]
+
+
+def bearer_allowed(tokens: list[bytes], authorization: str | bytes) -> bool:
+    """Whether an `authorization` header value ("Bearer <token>") holds one of the tokens; the
+    same check for every front-end."""
+    value = authorization.encode() if isinstance(authorization, str) else authorization
+    presented = value[7:].strip() if value[:7].lower() == b"bearer " else b""
+    matched = False
+    for token in tokens:  # no early exit: constant work whatever matches
+        matched |= hmac.compare_digest(presented, token)
+    return matched
 
 
 def server_credentials(cert: str, key: str, client_ca: str | None = None):

@@ -34,6 +34,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Embedder"].full_name
 
 STATUS_CODES = {
     ErrorKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.TOO_LARGE: grpc.StatusCode.INVALID_ARGUMENT,
     ErrorKind.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
 }
@@ -224,18 +225,23 @@ class EmbedderService(pb_grpc.EmbedderServicer):
             zip(tokens.ids, tokens.tokens, tokens.offsets, tokens.truncated)])
 
     async def Info(self, request, context):
-        engine, limits = self.engine, self.limits
-        return pb.InfoResponse(
-            model=engine.model_name, hidden_size=engine.hidden_size, num_layers=engine.num_layers,
-            max_input_tokens=engine.max_length, device=str(engine.device), dtype=engine.dtype,
-            limits=pb.Limits(max_texts_per_request=limits.max_texts_per_request,
-                             max_chars_per_text=limits.max_chars_per_text,
-                             max_batch_tokens=limits.max_batch_tokens,
-                             max_message_bytes=limits.max_message_bytes,
-                             stream_window=limits.stream_window,
-                             max_queue_texts=limits.max_queue_texts,
-                             max_response_bytes=limits.max_response_bytes),
-            pipeline=pipeline_info(engine))
+        return info_response(self.core)
+
+
+def info_response(core: Core) -> pb.InfoResponse:
+    """What the server runs (the HTTP front-end's /info says the same, as JSON)."""
+    engine, limits = core.engine, core.limits
+    return pb.InfoResponse(
+        model=engine.model_name, hidden_size=engine.hidden_size, num_layers=engine.num_layers,
+        max_input_tokens=engine.max_length, device=str(engine.device), dtype=engine.dtype,
+        limits=pb.Limits(max_texts_per_request=limits.max_texts_per_request,
+                         max_chars_per_text=limits.max_chars_per_text,
+                         max_batch_tokens=limits.max_batch_tokens,
+                         max_message_bytes=limits.max_message_bytes,
+                         stream_window=limits.stream_window,
+                         max_queue_texts=limits.max_queue_texts,
+                         max_response_bytes=limits.max_response_bytes),
+        pipeline=pipeline_info(engine))
 
 
 def pipeline_info(engine: Engine) -> pb.Pipeline:
@@ -292,20 +298,35 @@ class RunningServer:
     health: health.aio.HealthServicer
     watch: asyncio.Task
     admission: Admission
+    http: object = None  # the HTTP front-end's server, when there is one
+    http_port: int | None = None
+    stopping: bool = False
+
+    def serving(self) -> bool:
+        """Warmed up (this object exists only after), healthy and not stopping."""
+        return not self.stopping and self.batcher.healthy()
 
     async def stop(self, grace: float) -> None:
         """Health NOT_SERVING, refuse new calls, give calls in flight `grace` seconds, then
         finish the batcher's work and stop its threads."""
+        self.stopping = True
         self.watch.cancel()
         await self.health.enter_graceful_shutdown()
+        if self.http is not None:
+            self.http.config.timeout_graceful_shutdown = grace
+            self.http.should_exit = True
         await self.server.stop(grace)
+        if self.http is not None:
+            await self.http.task
         await asyncio.get_running_loop().run_in_executor(None, self.batcher.close)
 
 
 async def start_server(engine: Engine, limits: Limits, host: str = "127.0.0.1", port: int = 50051,
-                       security: Security = Security()) -> RunningServer:
-    """Start serving (port 0: any free port, see .port). Health says NOT_SERVING until one
-    warm-up text has gone through the model. batcher.metrics holds the Prometheus registry."""
+                       security: Security = Security(), http_port: int | None = None,
+                       http_metrics: bool = False) -> RunningServer:
+    """Start serving gRPC (port 0: any free port, see .port) and, with http_port, HTTP on the
+    same core and loop. Health says NOT_SERVING (HTTP /health 503) until one warm-up text has
+    gone through the model. batcher.metrics holds the Prometheus registry."""
     metrics = Metrics()
     metrics.model.info({"model": engine.model_name, "device": str(engine.device),
                         "dtype": engine.dtype, "max_length": str(engine.max_length)})
@@ -342,7 +363,17 @@ async def start_server(engine: Engine, limits: Limits, host: str = "127.0.0.1", 
     await server.start()
     await warm_up(core)
     watch = asyncio.ensure_future(watch_health(batcher, health_servicer))
-    return RunningServer(server, bound, batcher, health_servicer, watch, admission)
+    running = RunningServer(server, bound, batcher, health_servicer, watch, admission)
+    if http_port is not None:
+        from bertstream.server.http import create_app, start_http
+
+        app = create_app(core, running.serving, list(security.auth_tokens),
+                         security.health_open, metrics=http_metrics)
+        running.http = await start_http(app, host, http_port, limits.max_message_bytes,
+                                        security.tls_cert, security.tls_key,
+                                        security.tls_client_ca)
+        running.http_port = running.http.servers[0].sockets[0].getsockname()[1]
+    return running
 
 
 HEALTH_CHECK_S = 0.5

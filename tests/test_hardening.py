@@ -125,6 +125,41 @@ def test_health_can_require_the_token(engine):
         server.stop()
 
 
+def test_http_front_end_takes_the_same_tls_and_tokens(engine, pki):
+    import json
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    security = Security(auth_tokens=(b"s3cret-token",), tls_cert=pki["server.crt"],
+                        tls_key=pki["server.key"], tls_client_ca=pki["ca.crt"])
+    server = _server(engine, security=security, http_port=0)
+    url = f"https://127.0.0.1:{server.running.http_port}/v1/embeddings"
+
+    def post(token, cert=True):
+        context = ssl.create_default_context(cafile=pki["ca.crt"])
+        if cert:
+            context.load_cert_chain(pki["client.crt"], pki["client.key"])
+        request = urllib.request.Request(url, data=json.dumps({"input": ["x"]}).encode(),
+                                         headers={"Authorization": f"Bearer {token}",
+                                                  "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30, context=context) as response:
+                return response.status
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    try:
+        assert post("s3cret-token") == 200
+        assert post("wrong") == 401
+        with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+            post("s3cret-token", cert=False)  # mutual TLS: no client certificate, no session
+        with pytest.raises((urllib.error.URLError, ConnectionError)):  # plaintext to TLS
+            urllib.request.urlopen(url.replace("https", "http"), timeout=10)
+    finally:
+        server.stop()
+
+
 def test_mutual_tls_refuses_a_client_without_certificate(engine, pki):
     security = Security(tls_cert=pki["server.crt"], tls_key=pki["server.key"],
                         tls_client_ca=pki["ca.crt"])

@@ -1,0 +1,240 @@
+"""HTTP front-end over the same core as gRPC: OpenAI-compatible `POST /v1/embeddings`,
+text-embeddings-inference-compatible `POST /embed` and `POST /tokenize`, `GET /info`,
+`GET /health`, `GET /metrics`, OpenAPI docs at `/docs`.
+
+JSON is converted here and nowhere else: limits, admission, tokenizing, metrics and semantics are
+the core's (core.py), shared with gRPC. Bearer tokens are the same as gRPC's; errors use OpenAI's
+shape ({"error": {"message", "type", "code"}}) with the matching status: 400 bad input, 401 no valid
+token, 413 over a size limit, 429 queue full, 500 a failure of the server's own. FastAPI on uvicorn,
+on the gRPC server's event loop.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+from typing import Literal, Union
+
+import numpy as np
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field, StrictStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from bertstream.server.core import Core, EmbedCall
+from bertstream.server.errors import EmbedError, ErrorKind
+from bertstream.server.security import bearer_allowed
+
+HTTP_STATUS = {ErrorKind.INVALID: 400, ErrorKind.TOO_LARGE: 413, ErrorKind.OVERLOADED: 429,
+               ErrorKind.INTERNAL: 500}
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               405: "invalid_request_error", 413: "invalid_request_error",
+               429: "rate_limit_error", 500: "server_error"}
+OPEN_PATHS = ("/docs", "/openapi.json")  # no data behind them
+
+
+class OpenAIEmbeddingRequest(BaseModel):
+    input: Union[StrictStr, list[StrictStr], list[int], list[list[int]]] = Field(
+        description="A text or a list of texts. Token-id arrays are refused: they would be "
+                    "another tokenizer's ids.")
+    model: str | None = Field(None, description="Accepted and echoed; the server has one model.")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, description="Keep the first N values (renormalized).")
+    user: str | None = None
+
+
+class TEIEmbedRequest(BaseModel):
+    inputs: Union[StrictStr, list[StrictStr]]
+    normalize: bool = True
+    truncate: bool = False
+    prompt_name: str | None = None
+    dimensions: int | None = None
+
+
+class TEITokenizeRequest(BaseModel):
+    inputs: Union[StrictStr, list[StrictStr]]
+
+
+def error_response(status: int, message: str, code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": ERROR_TYPES.get(status, "error"),
+                                   "param": None, "code": code}}, status_code=status)
+
+
+def texts_of(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if value and not all(isinstance(item, str) for item in value):
+        raise EmbedError.invalid("input: token-id arrays are another tokenizer's ids; send text "
+                                 "(with LangChain's OpenAIEmbeddings: check_embedding_ctx_length"
+                                 "=False)")
+    return list(value)
+
+
+def json_response(content) -> Response:
+    # json.dumps of plain lists: FastAPI's encoder walks every float in Python, ~10x slower
+    return Response(json.dumps(content, separators=(",", ":")), media_type="application/json")
+
+
+def create_app(core: Core, serving, tokens: list[bytes] = (), health_open: bool = True,
+               metrics: bool = False) -> FastAPI:
+    """serving(): whether to answer health with 200 (warmed up, healthy, not stopping)."""
+    app = FastAPI(title="bertstream", summary="Text embeddings over HTTP (OpenAI and "
+                  "text-embeddings-inference compatible) beside gRPC", version="1")
+    engine = core.engine
+    codes = {kind: str(status) for kind, status in HTTP_STATUS.items()}
+
+    @app.middleware("http")
+    async def authorize(request: Request, call_next):
+        path = request.url.path
+        open_path = path in OPEN_PATHS or (health_open and path == "/health")
+        if tokens and not open_path and not bearer_allowed(
+                tokens, request.headers.get("authorization", "")):
+            return error_response(401, "missing or invalid bearer token (Authorization: Bearer "
+                                       "<token>)", "invalid_api_key")
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}"
+                             for e in exc.errors()[:5])
+        return error_response(400, f"invalid request: {problems}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):  # 404, a body not JSON
+        return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(EmbedError)
+    async def embed_error(request: Request, error: EmbedError):
+        return error_response(HTTP_STATUS[error.kind], error.message)
+
+    async def embed(call: EmbedCall):
+        return await core.observed_embed("http", call, codes=codes)
+
+    @app.post("/v1/embeddings", summary="OpenAI-compatible embeddings")
+    async def openai_embeddings(body: OpenAIEmbeddingRequest):
+        result = await embed(EmbedCall(texts_of(body.input), dimensions=body.dimensions or 0))
+        vectors = np.frombuffer(result.embeddings.data, "<f4").reshape(result.embeddings.shape)
+        if body.encoding_format == "base64":
+            data = [base64.b64encode(row.tobytes()).decode() for row in vectors]
+        else:
+            data = vectors.tolist()
+        tokens_used = result.usage.tokens
+        return json_response({
+            "object": "list",
+            "data": [{"object": "embedding", "index": i, "embedding": e}
+                     for i, e in enumerate(data)],
+            "model": body.model or engine.model_name,
+            "usage": {"prompt_tokens": tokens_used, "total_tokens": tokens_used}})
+
+    @app.post("/embed", summary="text-embeddings-inference-compatible embeddings")
+    async def tei_embed(body: TEIEmbedRequest):
+        result = await embed(EmbedCall(texts_of(body.inputs), normalize=body.normalize,
+                                       truncate=body.truncate, prompt_name=body.prompt_name,
+                                       dimensions=body.dimensions or 0))
+        vectors = np.frombuffer(result.embeddings.data, "<f4").reshape(result.embeddings.shape)
+        return json_response(vectors.tolist())
+
+    @app.post("/tokenize", summary="The model's tokens of each text, with character offsets")
+    async def tokenize(body: TEITokenizeRequest):
+        tokenized = await core.tokenize(texts_of(body.inputs))
+        return json_response([
+            [{"id": i, "text": t, "start": start, "stop": end, "special": start == end == 0}
+             for i, t, (start, end) in zip(ids.tolist(), strings, offsets)]
+            for ids, strings, offsets in zip(tokenized.ids, tokenized.tokens, tokenized.offsets)])
+
+    @app.get("/info", summary="The model, its default pipeline and the limits")
+    async def info():
+        from bertstream.client.sync import info_of
+        from bertstream.server.service import info_response
+
+        return info_of(info_response(core))
+
+    @app.get("/health", summary="200 when serving; 503 before warm-up, when unhealthy or "
+                                "stopping")
+    async def health():
+        if serving():
+            return {"status": "SERVING"}
+        return JSONResponse({"status": "NOT_SERVING"}, status_code=503)
+
+    if metrics:
+        @app.get("/metrics", summary="Prometheus metrics")
+        async def prometheus():
+            import prometheus_client as prom
+
+            return Response(prom.generate_latest(core.metrics.registry),
+                            media_type=prom.CONTENT_TYPE_LATEST)
+
+    return app
+
+
+class BodyLimit:
+    """ASGI: a request body over `limit` bytes (the gRPC message limit) gets 413, read no further
+    than the limit; a smaller one is read whole, then handed to the app."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._too_large(scope, receive, send)
+        body, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            body.append(message.get("body", b""))
+            more = message.get("more_body", False)
+            if sum(map(len, body)) > self.limit:
+                return await self._too_large(scope, receive, send)
+        whole = {"type": "http.request", "body": b"".join(body), "more_body": False}
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return whole
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send):
+        response = error_response(413, f"request body over the limit of {self.limit:,} bytes "
+                                       f"(max_message_bytes)")
+        await response(scope, receive, send)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn on the gRPC server's loop: signals stay the CLI's (it stops both front-ends)."""
+
+    def capture_signals(self):
+        return contextlib.nullcontext()
+
+
+async def start_http(app: FastAPI, host: str, port: int, body_limit: int, tls_cert=None,
+                     tls_key=None, tls_client_ca=None) -> _Server:
+    """Serve `app` on host:port (TLS with the gRPC flags' files; with a client CA, mutual TLS)
+    on the running loop; returns once listening. server.should_exit = True stops it."""
+    import asyncio
+    import ssl
+
+    options = {}
+    if tls_cert:
+        options = dict(ssl_certfile=tls_cert, ssl_keyfile=tls_key)
+        if tls_client_ca:
+            options.update(ssl_ca_certs=tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
+    server = _Server(uvicorn.Config(BodyLimit(app, body_limit), host=host, port=port,
+                                    log_level="warning", lifespan="off", **options))
+    server.task = asyncio.ensure_future(server.serve())
+    while not server.started:
+        if server.task.done():  # could not listen: raise its error
+            server.task.result()
+            raise OSError(f"HTTP server on {host}:{port} did not start")
+        await asyncio.sleep(0.02)
+    return server

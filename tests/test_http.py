@@ -1,0 +1,240 @@
+"""The HTTP front-end, with the clients people already use (the real `openai` package and
+LangChain's OpenAIEmbeddings), against the gRPC front-end of the same server: one core, the same
+vectors, the same limits, auth and statuses."""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from bertstream.client import Client
+from bertstream.server.service import Limits, Security
+from tests.conftest import TEST_LIMITS, ServerThread
+
+TOKEN = "http-test-token"
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def served(engine):
+    server = ServerThread(engine, Limits(**TEST_LIMITS), http_port=0,
+                          security=Security(auth_tokens=(TOKEN.encode(),)), http_metrics=True)
+    server.base = f"http://127.0.0.1:{server.running.http_port}"
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def grpc_client(served):
+    with Client(served.target, timeout=120, token=TOKEN) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def texts(corpus):
+    return list(corpus[:30]) + ["a", max(corpus, key=len), "日本語の文章。"]
+
+
+def post(served, path, body, token=TOKEN, raw: bytes | None = None):
+    """(status, parsed JSON) of a POST; errors included."""
+    request = urllib.request.Request(
+        served.base + path, data=raw if raw is not None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json",
+                 **({"Authorization": f"Bearer {token}"} if token else {})})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def get(served, path, token=TOKEN):
+    request = urllib.request.Request(served.base + path, headers={
+        **({"Authorization": f"Bearer {token}"} if token else {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+@pytest.mark.parametrize("encoding_format", ["float", "base64"])
+@pytest.mark.parametrize("dimensions", [None, 128])
+def test_openai_sdk_gets_the_grpc_vectors(served, grpc_client, texts, encoding_format,
+                                          dimensions):
+    from openai import OpenAI
+
+    openai = OpenAI(base_url=served.base + "/v1", api_key=TOKEN, max_retries=0)
+    options = {"dimensions": dimensions} if dimensions else {}
+    response = openai.embeddings.create(model="all-MiniLM-L6-v2", input=texts,
+                                        encoding_format=encoding_format, **options)
+    got = np.array([item.embedding for item in response.data], dtype=np.float32) \
+        if encoding_format == "float" else \
+        np.stack([np.frombuffer(base64.b64decode(item.embedding), "<f4")
+                  for item in response.data])
+    expected = grpc_client.embed(texts, dimensions=dimensions)
+    assert got.shape == expected.shape == (len(texts), dimensions or 384)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL)
+    assert [item.index for item in response.data] == list(range(len(texts)))
+    assert response.model == "all-MiniLM-L6-v2"
+    assert response.usage.prompt_tokens == response.usage.total_tokens > len(texts)
+
+
+def test_openai_sdk_one_string_and_its_default_encoding(served, grpc_client):
+    from openai import OpenAI
+
+    openai = OpenAI(base_url=served.base + "/v1", api_key=TOKEN, max_retries=0)
+    response = openai.embeddings.create(model="m", input="one text")  # SDK default: base64
+    np.testing.assert_allclose(np.array(response.data[0].embedding, dtype=np.float32),
+                               grpc_client.embed(["one text"])[0], rtol=0, atol=ATOL)
+
+
+def test_openai_sdk_without_a_valid_token_gets_401(served):
+    from openai import AuthenticationError, OpenAI
+
+    for key in ("wrong-token", TOKEN + "x"):
+        with pytest.raises(AuthenticationError) as info:
+            OpenAI(base_url=served.base + "/v1", api_key=key, max_retries=0).embeddings.create(
+                model="m", input=["x"])
+        assert info.value.status_code == 401
+
+
+def test_langchain_openai_embeddings(served, grpc_client, texts):
+    from langchain_openai import OpenAIEmbeddings
+
+    embeddings = OpenAIEmbeddings(model="all-MiniLM-L6-v2", base_url=served.base + "/v1",
+                                  api_key=TOKEN, check_embedding_ctx_length=False,
+                                  max_retries=0)
+    np.testing.assert_allclose(np.array(embeddings.embed_documents(texts), dtype=np.float32),
+                               grpc_client.embed(texts), rtol=0, atol=ATOL)
+    np.testing.assert_allclose(np.array(embeddings.embed_query(texts[0]), dtype=np.float32),
+                               grpc_client.embed(texts[:1])[0], rtol=0, atol=ATOL)
+    short = OpenAIEmbeddings(model="m", base_url=served.base + "/v1", api_key=TOKEN,
+                             check_embedding_ctx_length=False, dimensions=64, max_retries=0)
+    np.testing.assert_allclose(np.array(short.embed_documents(texts[:5]), dtype=np.float32),
+                               grpc_client.embed(texts[:5], dimensions=64), rtol=0, atol=ATOL)
+
+
+def test_tei_embed_and_tokenize(served, grpc_client, texts):
+    status, vectors = post(served, "/embed", {"inputs": texts[:5], "truncate": True})
+    assert status == 200
+    np.testing.assert_allclose(np.array(vectors, dtype=np.float32), grpc_client.embed(texts[:5]),
+                               rtol=0, atol=ATOL)
+    status, raw = post(served, "/embed", {"inputs": "plain", "normalize": False})
+    assert status == 200
+    np.testing.assert_allclose(np.array(raw, dtype=np.float32),
+                               grpc_client.embed(["plain"], normalize=False), rtol=0, atol=ATOL)
+    status, error = post(served, "/embed", {"inputs": [max(texts, key=len)]})  # TEI: no truncation
+    assert status == 400 and "truncate is false" in error["error"]["message"]
+    status, tokens = post(served, "/tokenize", {"inputs": ["Hello world"]})
+    assert status == 200
+    assert [t["text"] for t in tokens[0]] == [t["text"] for t in
+                                              grpc_client.tokenize(["Hello world"])[0]]
+
+
+def test_info_health_metrics_and_docs(served, grpc_client):
+    status, body = get(served, "/info")
+    assert status == 200 and json.loads(body) == grpc_client.info()
+    assert get(served, "/health", token=None) == (200, b'{"status":"SERVING"}')
+    status, body = get(served, "/metrics")
+    assert status == 200 and b'bertstream_requests_total{code="OK",rpc="http"}' in body
+    assert get(served, "/docs", token=None)[0] == 200
+    assert get(served, "/info", token=None)[0] == 401
+    assert get(served, "/metrics", token=None)[0] == 401
+
+
+@pytest.mark.parametrize("body, raw, status, message", [
+    (None, b"{not json", 400, "invalid request"),
+    ({"input": 42}, None, 400, "input"),
+    ({"input": [1, 2, 3]}, None, 400, "token-id arrays"),
+    ({"input": [[1, 2], [3]]}, None, 400, "token-id arrays"),
+    ({"input": []}, None, 400, "texts: empty"),
+    ({"input": ["x"], "encoding_format": "hex"}, None, 400, "encoding_format"),
+    ({"input": ["x"], "dimensions": 999}, None, 400, "dimensions = 999"),
+    ({"input": ["x"] * 501}, None, 413, "max_texts_per_request"),
+    ({"input": ["x" * 20_001]}, None, 413, "max_chars_per_text"),
+])
+def test_bad_requests_get_the_documented_status(served, body, raw, status, message):
+    got, error = post(served, "/v1/embeddings", body, raw=raw)
+    assert got == status, error
+    assert message in error["error"]["message"]
+    assert error["error"]["type"]
+
+
+def test_missing_token(served):
+    status, error = post(served, "/v1/embeddings", {"input": ["x"]}, token=None)
+    assert status == 401 and error["error"]["type"] == "authentication_error"
+
+
+def raw_http(port: int, head: str, body_parts) -> bytes:
+    """Send a request by hand (a declared size it never sends in full, or chunks) and read the
+    status line; the server may answer before the body is all there."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        connection.sendall(head.encode())
+        try:
+            for part in body_parts:
+                connection.sendall(part)
+        except OSError:  # the server answered and closed early: read what it said
+            pass
+        reply = b""
+        while not reply.endswith(b"}}") and (part := connection.recv(4096)):
+            reply += part
+        return reply
+
+
+def test_a_full_queue_gets_429_and_bodies_over_the_message_limit_413(engine):
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = ServerThread(engine, Limits(**{**TEST_LIMITS, "max_queue_texts": 4,
+                                            "max_message_bytes": 10_000}), http_port=0)
+    port = server.running.http_port
+    server.base = f"http://127.0.0.1:{port}"
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            statuses = list(pool.map(
+                lambda i: post(server, "/v1/embeddings", {"input": [f"text {i} {j}"
+                                                                    for j in range(4)]},
+                               token=None)[0], range(32)))
+        assert set(statuses) <= {200, 429} and 429 in statuses and 200 in statuses
+        declared = raw_http(port, "POST /v1/embeddings HTTP/1.1\r\nHost: x\r\n"
+                                  "Content-Type: application/json\r\nContent-Length: 50000\r\n"
+                                  "\r\n", [b"{" * 1000])
+        assert declared.startswith(b"HTTP/1.1 413") and b"max_message_bytes" in declared
+        chunk = b"x" * 4000
+        chunked = raw_http(port, "POST /v1/embeddings HTTP/1.1\r\nHost: x\r\n"
+                                 "Content-Type: application/json\r\n"
+                                 "Transfer-Encoding: chunked\r\n\r\n",
+                           [b"%x\r\n%s\r\n" % (len(chunk), chunk)] * 4 + [b"0\r\n\r\n"])
+        assert chunked.startswith(b"HTTP/1.1 413") and b"max_message_bytes" in chunked
+    finally:
+        server.stop()
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8),
+                                                                      children, max_size=4),
+    max_leaves=12)
+bodies = st.one_of(
+    json_values.map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries({"input": json_values}, optional={
+        "encoding_format": json_values, "dimensions": json_values, "model": json_values,
+        "user": json_values}).map(lambda v: json.dumps(v).encode()),
+    st.binary(max_size=200))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=bodies, path=st.sampled_from(["/v1/embeddings", "/embed", "/tokenize"]))
+def test_fuzzed_bodies_never_get_a_500(served, body, path):
+    status, reply = post(served, path, None, raw=body)
+    assert status in (200, 400, 413), (status, reply)
+    if status != 200:
+        assert reply["error"]["message"]
