@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import logging
 from typing import Literal, Union
 
 import numpy as np
@@ -27,6 +28,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from bertstream.server.core import Core, EmbedCall
 from bertstream.server.errors import EmbedError, ErrorKind
 from bertstream.server.security import bearer_allowed
+
+log = logging.getLogger("bertstream.http")
 
 HTTP_STATUS = {ErrorKind.INVALID: 400, ErrorKind.TOO_LARGE: 413, ErrorKind.OVERLOADED: 429,
                ErrorKind.INTERNAL: 500}
@@ -108,6 +111,8 @@ def create_app(core: Core, serving, tokens: list[bytes] = (), health_open: bool 
 
     @app.exception_handler(EmbedError)
     async def embed_error(request: Request, error: EmbedError):
+        log.info("request failed", extra={"fields": {"kind": error.kind.value,
+                                                     "error": error.message}})
         return error_response(HTTP_STATUS[error.kind], error.message)
 
     async def embed(call: EmbedCall):
