@@ -296,21 +296,23 @@ class RunningServer:
     port: int
     batcher: Batcher
     health: health.aio.HealthServicer
-    watch: asyncio.Task
     admission: Admission
+    watch: asyncio.Task | None = None  # keeps gRPC health current, from the warm-up on
     http: object = None  # the HTTP front-end's server, when there is one
     http_port: int | None = None
+    warmed: bool = False
     stopping: bool = False
 
     def serving(self) -> bool:
-        """Warmed up (this object exists only after), healthy and not stopping."""
-        return not self.stopping and self.batcher.healthy()
+        """Warmed up, healthy and not stopping (HTTP /health; gRPC health says the same)."""
+        return self.warmed and not self.stopping and self.batcher.healthy()
 
     async def stop(self, grace: float) -> None:
         """Health NOT_SERVING, refuse new calls, give calls in flight `grace` seconds, then
         finish the batcher's work and stop its threads."""
         self.stopping = True
-        self.watch.cancel()
+        if self.watch is not None:
+            self.watch.cancel()
         await self.health.enter_graceful_shutdown()
         if self.http is not None:
             self.http.config.timeout_graceful_shutdown = grace
@@ -361,9 +363,7 @@ async def start_server(engine: Engine, limits: Limits, host: str = "127.0.0.1", 
     if not bound:
         raise OSError(f"could not listen on {address}")
     await server.start()
-    await warm_up(core)
-    watch = asyncio.ensure_future(watch_health(batcher, health_servicer))
-    running = RunningServer(server, bound, batcher, health_servicer, watch, admission)
+    running = RunningServer(server, bound, batcher, health_servicer, admission)
     if http_port is not None:
         from bertstream.server.http import create_app, start_http
 
@@ -373,6 +373,9 @@ async def start_server(engine: Engine, limits: Limits, host: str = "127.0.0.1", 
                                         security.tls_cert, security.tls_key,
                                         security.tls_client_ca)
         running.http_port = running.http.servers[0].sockets[0].getsockname()[1]
+    await warm_up(core)
+    running.warmed = True
+    running.watch = asyncio.ensure_future(watch_health(batcher, health_servicer))
     return running
 
 

@@ -142,6 +142,11 @@ def test_info_health_metrics_and_docs(served, grpc_client):
     status, body = get(served, "/info")
     assert status == 200 and json.loads(body) == grpc_client.info()
     assert get(served, "/health", token=None) == (200, b'{"status":"SERVING"}')
+    served.running.stopping = True  # as from SIGTERM on, while calls in flight finish
+    try:
+        assert get(served, "/health", token=None) == (503, b'{"status":"NOT_SERVING"}')
+    finally:
+        served.running.stopping = False
     status, body = get(served, "/metrics")
     assert status == 200 and b'bertstream_requests_total{code="OK",rpc="http"}' in body
     assert get(served, "/docs", token=None)[0] == 200
