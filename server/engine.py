@@ -208,14 +208,17 @@ class Engine:
             raise EmbedError.invalid("prompt_name and prompt: send one or the other, not both")
         if name:
             if name not in prompts:
-                raise EmbedError.invalid(f"prompt_name: {name!r} is not one of this model's "
+                raise EmbedError.invalid(f"prompt_name: {name[:80]!r} is not one of this model's "
                                          f"prompts {sorted(prompts)}")
             text = prompts[name]
         elif text is None and default and self.pipeline.default_prompt_name:
             text = prompts[self.pipeline.default_prompt_name]
-        if text and self.prompt_length(text) >= self.max_length - 1:
-            raise EmbedError.invalid(f"prompt: {self.prompt_length(text)} tokens leave no room "
-                                     f"for the text within the model's {self.max_length}")
+        # A prompt longer than CUT_CHARS_PER_TOKEN characters per token of the whole max length
+        # is refused without tokenizing it (free text may be as long as a message).
+        if text and (len(text) > self.max_length * CUT_CHARS_PER_TOKEN
+                     or self.prompt_length(text) >= self.max_length - 1):
+            raise EmbedError.invalid(f"prompt: {len(text):,} characters leave no room for the "
+                                     f"text within the model's {self.max_length} tokens")
         return text or None
 
     def prompt_length(self, prompt: str) -> int:

@@ -180,6 +180,7 @@ def test_prompt_names_and_the_default_prompt(distilbert, probe_texts):
     (dict(prompt_name="nope"), "prompt_name: 'nope' is not one of this model's prompts"),
     (dict(prompt_name="query", prompt="x: "), "send one or the other, not both"),
     (dict(prompt="word " * MAX_SEQ_LENGTH), "leave no room for the text"),
+    (dict(prompt="word " * 100_000), "500,000 characters leave no room"),
     (dict(layers=[1]), "name a pooling to use other layers"),
     (dict(pooling="mean", layers=[-1] * 4), "over the 3 hidden states"),
 ])
