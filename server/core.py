@@ -108,6 +108,26 @@ class Core:
         return request_bytes + min(response_bytes(rows, options.width, call.dtype),
                                    self.limits.max_response_bytes)
 
+    def info(self) -> dict:
+        """What the server runs, as plain values: model, sizes, device, precision, limits and
+        the default pipeline (the front-ends' Info and /info)."""
+        engine, pipeline = self.engine, self.engine.pipeline
+        return {
+            "model": engine.model_name, "hidden_size": engine.hidden_size,
+            "num_layers": engine.num_layers, "max_input_tokens": engine.max_length,
+            "device": str(engine.device), "dtype": engine.dtype,
+            "limits": dict(vars(self.limits)),
+            "pipeline": {
+                "source": pipeline.source, "modules": list(pipeline.modules),
+                "pooling": list(pipeline.pooling), "include_prompt": pipeline.include_prompt,
+                "dense": [{"in_features": d.in_features, "out_features": d.out_features,
+                           "bias": d.bias is not None, "activation": d.activation_name}
+                          for d in pipeline.dense],
+                "normalize": pipeline.normalizes, "dimensions": engine.output_width,
+                "prompts": dict(pipeline.prompts),
+                "default_prompt_name": pipeline.default_prompt_name or ""},
+        }
+
     # ------------------------------------------------------------------ the path
 
     async def admit(self, texts: int, wait: bool) -> None:

@@ -33,6 +33,7 @@ log = logging.getLogger("bertstream.http")
 
 HTTP_STATUS = {ErrorKind.INVALID: 400, ErrorKind.TOO_LARGE: 413, ErrorKind.OVERLOADED: 429,
                ErrorKind.INTERNAL: 500}
+STATUS_LABELS = {kind: str(status) for kind, status in HTTP_STATUS.items()}  # metric labels
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 413: "invalid_request_error",
                429: "rate_limit_error", 500: "server_error"}
@@ -87,7 +88,6 @@ def create_app(core: Core, serving, tokens: list[bytes] = (), health_open: bool 
     app = FastAPI(title="bertstream", summary="Text embeddings over HTTP (OpenAI and "
                   "text-embeddings-inference compatible) beside gRPC", version="1")
     engine = core.engine
-    codes = {kind: str(status) for kind, status in HTTP_STATUS.items()}
 
     @app.middleware("http")
     async def authorize(request: Request, call_next):
@@ -116,7 +116,7 @@ def create_app(core: Core, serving, tokens: list[bytes] = (), health_open: bool 
         return error_response(HTTP_STATUS[error.kind], error.message)
 
     async def embed(call: EmbedCall):
-        return await core.observed_embed("http", call, codes=codes)
+        return await core.observed_embed("http", call, codes=STATUS_LABELS)
 
     @app.post("/v1/embeddings", summary="OpenAI-compatible embeddings")
     async def openai_embeddings(body: OpenAIEmbeddingRequest):
@@ -152,10 +152,7 @@ def create_app(core: Core, serving, tokens: list[bytes] = (), health_open: bool 
 
     @app.get("/info", summary="The model, its default pipeline and the limits")
     async def info():
-        from bertstream.client.sync import info_of
-        from bertstream.server.service import info_response
-
-        return info_of(info_response(core))
+        return core.info()
 
     @app.get("/health", summary="200 when serving; 503 before warm-up, when unhealthy or "
                                 "stopping")

@@ -39,6 +39,7 @@ STATUS_CODES = {
     ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 
+STATUS_NAMES = {kind: code.name for kind, code in STATUS_CODES.items()}  # metric labels
 # POOLING_UNSPECIFIED (None) is the model's own pipeline.
 POOLING_NAMES = {pb.POOLING_UNSPECIFIED: None, pb.POOLING_MEAN: "mean", pb.POOLING_MAX: "max",
                  pb.POOLING_CLS: "cls", pb.POOLING_MEAN_MAX: "mean_max", pb.POOLING_NONE: "none",
@@ -148,7 +149,7 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         """One request through the core (counted as `rpc`). Raises EmbedError."""
         result = await self.core.observed_embed(
             rpc, embed_call(request), wait=rpc == "EmbedStream", caller=caller,
-            codes={kind: code.name for kind, code in STATUS_CODES.items()})
+            codes=STATUS_NAMES)
         return to_response(request.request_id, result)
 
     # ------------------------------------------------------------------ RPCs
@@ -229,31 +230,11 @@ class EmbedderService(pb_grpc.EmbedderServicer):
 
 
 def info_response(core: Core) -> pb.InfoResponse:
-    """What the server runs (the HTTP front-end's /info says the same, as JSON)."""
-    engine, limits = core.engine, core.limits
-    return pb.InfoResponse(
-        model=engine.model_name, hidden_size=engine.hidden_size, num_layers=engine.num_layers,
-        max_input_tokens=engine.max_length, device=str(engine.device), dtype=engine.dtype,
-        limits=pb.Limits(max_texts_per_request=limits.max_texts_per_request,
-                         max_chars_per_text=limits.max_chars_per_text,
-                         max_batch_tokens=limits.max_batch_tokens,
-                         max_message_bytes=limits.max_message_bytes,
-                         stream_window=limits.stream_window,
-                         max_queue_texts=limits.max_queue_texts,
-                         max_response_bytes=limits.max_response_bytes),
-        pipeline=pipeline_info(engine))
-
-
-def pipeline_info(engine: Engine) -> pb.Pipeline:
-    pipeline = engine.pipeline
-    return pb.Pipeline(
-        source=pipeline.source, modules=pipeline.modules, pooling=pipeline.pooling,
-        include_prompt=pipeline.include_prompt,
-        dense=[pb.DenseLayer(in_features=d.in_features, out_features=d.out_features,
-                             bias=d.bias is not None, activation=d.activation_name)
-               for d in pipeline.dense],
-        normalize=pipeline.normalizes, dimensions=engine.output_width, prompts=pipeline.prompts,
-        default_prompt_name=pipeline.default_prompt_name or "")
+    info = dict(core.info())
+    pipeline = dict(info.pop("pipeline"))
+    dense = [pb.DenseLayer(**layer) for layer in pipeline.pop("dense")]
+    return pb.InfoResponse(**info | {"limits": pb.Limits(**info["limits"])},
+                           pipeline=pb.Pipeline(**pipeline, dense=dense))
 
 
 def embed_call(request: pb.EmbedRequest, copy_texts: bool = True) -> EmbedCall:
