@@ -1,0 +1,187 @@
+"""bertstream.client.ray against a local Ray instance and two real server replicas.
+
+5,000 corpus paragraphs as Parquet shards: every row once, in input order, with its id, equal to
+Client.embed within 1e-5; still exact when a Ray actor dies mid-run and when a replica is killed
+with SIGKILL mid-run (the last test: that replica stays dead).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import ray
+import ray.data
+
+from bertstream.client import Client
+from bertstream.client.ray import embed
+from tests.conftest import serve_process
+from tests.corpus import stdlib_paragraphs
+
+ROWS, SHARDS = 5_000, 10
+
+
+@pytest.fixture(scope="module")
+def replicas():
+    servers = [serve_process("--threads", "1", "--log-level", "WARNING") for _ in range(2)]
+    yield servers
+    for process, _ in servers:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    logging.getLogger("ray").setLevel(logging.WARNING)  # Ray Data's debug lines drown a failure
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """ROWS paragraphs with ids, as SHARDS Parquet files; the texts in id order."""
+    texts = list(stdlib_paragraphs()[:ROWS])
+    folder = tmp_path_factory.mktemp("paragraphs")
+    per = ROWS // SHARDS
+    for shard in range(SHARDS):
+        rows = range(shard * per, (shard + 1) * per)
+        pq.write_table(pa.table({"id": pa.array(rows, pa.int64()),
+                                 "text": [texts[i] for i in rows]}),
+                       folder / f"part-{shard:03}.parquet")
+    return folder, texts
+
+
+@pytest.fixture(scope="module")
+def reference(replicas, shards):
+    """Client.embed on the same texts, the model's default embedding."""
+    _, texts = shards
+    with Client(replicas[0][1], timeout=300) as client:
+        return np.concatenate([client.embed(texts[i:i + 500]) for i in range(0, len(texts), 500)])
+
+
+def read(shards, rows: int | None = None):
+    folder, _ = shards
+    dataset = ray.data.read_parquet(str(folder), override_num_blocks=SHARDS)
+    return dataset.limit(rows) if rows else dataset
+
+
+def run_killing(dataset, out: Path, kill) -> None:
+    """Writes `dataset` to Parquet in `out`; calls kill() once the first output file is there
+    and asserts that the job was still running then."""
+    failures = []
+
+    def write():
+        try:
+            dataset.write_parquet(str(out))
+        except Exception as error:  # noqa: BLE001 - re-raised on the test's thread
+            failures.append(error)
+
+    job = threading.Thread(target=write)
+    job.start()
+    while job.is_alive() and not (out.exists() and any(out.iterdir())):
+        time.sleep(0.02)
+    assert job.is_alive(), "the job ended before anything could be killed"
+    kill()
+    job.join(timeout=600)
+    assert not job.is_alive() and not failures, failures
+
+
+def check_exact(out: Path, reference: np.ndarray, column="embedding") -> None:
+    table = pq.read_table(out)
+    ids = table.column("id").to_numpy()
+    assert np.array_equal(ids, np.arange(ROWS)), "rows missing, doubled or out of order"
+    vectors = np.asarray(table.column(column).combine_chunks().flatten()).reshape(ROWS, -1)
+    assert np.abs(vectors - reference).max() <= 1e-5
+
+
+def test_every_embedding_option_reaches_the_servers(replicas, local_ray, shards):
+    targets = [target for _, target in replicas]
+    _, texts = shards
+    texts = texts[:300]
+    with Client(targets[0], timeout=120) as client:
+        options = dict(prompt="query: ", dimensions=128, normalize=True)
+        table = embed(read(shards, 300), targets, **options).to_arrow_refs()
+        table = pa.concat_tables(ray.get(table))
+        assert table.column("embedding").type == pa.list_(pa.float32(), 128)
+        got = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+        assert np.abs(got - client.embed(texts, **options)).max() <= 1e-5
+        assert table.column("id").to_pylist() == list(range(300))
+
+        int8 = pa.concat_tables(ray.get(embed(read(shards, 300), targets, dtype="int8",
+                                              output_column="q").to_arrow_refs()))
+        q = np.stack(int8.column("q").to_numpy(zero_copy_only=False))
+        assert q.dtype == np.int8
+        scales = int8.column("q_scale").to_numpy()
+        expected = client.embed(texts, dtype="int8")
+        # float noise of another batch composition may round a value to the next step
+        assert np.all(np.abs(q.astype(int) - expected.q) <= 1)
+        assert np.abs(scales - expected.scales).max() <= 1e-5 * scales.max()
+
+        tokens = pa.concat_tables(ray.get(embed(read(shards, 40), targets, pooling="none",
+                                                 layers=[-2]).to_arrow_refs()))
+        expected = client.embed_tokens(texts[:40], layers=[-2])
+        for row, want in zip(tokens.column("embedding").to_pylist(), expected):
+            assert np.abs(np.array(row, dtype=np.float32) - want).max() <= 1e-5
+
+
+def test_a_bad_option_or_text_stops_the_job_with_the_servers_message(replicas, local_ray,
+                                                                      shards):
+    targets = [target for _, target in replicas]
+    with pytest.raises(TypeError):
+        embed(read(shards), targets, polling="mean")  # a typo fails before any work starts
+    too_long = ray.data.from_items([{"id": 0, "text": "word " * 5_000}])
+    with pytest.raises(Exception, match="INVALID_ARGUMENT|tokens"):
+        embed(too_long, targets, truncate=False).materialize()
+    nulls = ray.data.from_arrow(pa.table({"id": [0, 1], "text": ["fine", None]}))
+    with pytest.raises(Exception, match="1 null texts"):
+        embed(nulls, targets).materialize()
+
+
+def ray_actor_pids() -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if b"_Embedder" in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_exact_when_a_ray_actor_dies_mid_run(replicas, local_ray, shards, reference, tmp_path):
+    """Ray restarts the actor and runs its batches again; the output is still every row once."""
+    targets = [target for _, target in replicas]
+    killed = []
+
+    def kill_an_actor():
+        pids = ray_actor_pids()
+        assert pids, "no embedding actor found"
+        os.kill(pids[0], signal.SIGKILL)
+        killed.append(pids[0])
+
+    run_killing(embed(read(shards), targets, batch_size=250), tmp_path / "out", kill_an_actor)
+    assert killed[0] not in ray_actor_pids()
+    check_exact(tmp_path / "out", reference)
+
+
+def test_exact_when_a_replica_is_killed_mid_run(replicas, local_ray, shards, reference, tmp_path):
+    (doomed, doomed_target), (_, survivor) = replicas
+    run_killing(embed(read(shards), [doomed_target, survivor], batch_size=250),
+                tmp_path / "out", lambda: doomed.send_signal(signal.SIGKILL))
+    assert doomed.wait(timeout=10) == -signal.SIGKILL
+    with Client(doomed_target, timeout=2) as client, pytest.raises(grpc.RpcError):
+        client.info()  # it really is gone: the rest of the run went to the survivor
+    check_exact(tmp_path / "out", reference)
