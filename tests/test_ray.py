@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -149,6 +150,19 @@ def test_a_bad_option_or_text_stops_the_job_with_the_servers_message(replicas, l
         embed(nulls, targets).materialize()
 
 
+def test_a_passing_failure_is_retried_by_ray_then_given_up(local_ray):
+    """A fleet that is down: UNAVAILABLE is a TransientEmbedError, which Ray runs again (the
+    count in the message shows the second try), until task_retries tries in a row failed."""
+    from tests.conftest import free_port
+
+    dead = f"127.0.0.1:{free_port()}"
+    texts = ray.data.from_items([{"id": 0, "text": "nobody answers"}])
+    started = time.monotonic()
+    with pytest.raises(Exception, match="2 batches in a row failed, the last with UNAVAILABLE"):
+        embed(texts, [dead], concurrency=1, task_retries=1).materialize()
+    assert time.monotonic() - started < 120
+
+
 def ray_actor_pids() -> list[int]:
     pids = []
     for proc in Path("/proc").iterdir():
@@ -186,3 +200,20 @@ def test_exact_when_a_replica_is_killed_mid_run(replicas, local_ray, shards, ref
     with Client(doomed_target, timeout=2) as client, pytest.raises(grpc.RpcError):
         client.info()  # it really is gone: the rest of the run went to the survivor
     check_exact(tmp_path / "out", reference)
+
+
+def test_the_readme_example_runs_as_written(replicas, local_ray, shards, tmp_path):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Beyond one machine"):readme.index("## How it works")]
+    (code,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    folder, texts = shards
+    (tmp_path / "paragraphs").mkdir()  # one shard, 500 rows
+    (tmp_path / "paragraphs" / "part-000.parquet").write_bytes(
+        (folder / "part-000.parquet").read_bytes())
+    code = code.replace("ray.init()", "pass").replace('["127.0.0.1:50051"]', repr(replicas[1][1]))
+    code = code.replace("s3://corpus/", f"{tmp_path}/")
+    exec(compile(code, "README.md", "exec"), {})
+    table = pq.read_table(tmp_path / "vectors")
+    assert table.column_names == ["id", "text", "embedding"]
+    assert table.column("id").to_pylist() == list(range(ROWS // SHARDS))
+    assert table.column("text").to_pylist() == texts[:ROWS // SHARDS]
