@@ -10,7 +10,7 @@ PIP    := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
 SOURCES := setup.py pyproject.toml constraints.txt $(wildcard proto/bertstream/v1/*.proto ext/*.pyx ext/*.py server/*.py client/*.py)
 ARGS   ?=
 
-.PHONY: setup serve test bench clean
+.PHONY: setup serve test bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -40,6 +40,11 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/bench_kernels.py
+
+# On a CUDA machine (with a CUDA build of torch): the suite on cuda, the throughput table in
+# float16 and bfloat16, pooling on the device vs on the host. Results in gpu-check/.
+gpu-check: setup
+	PY=$(PY) benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info ext/_kernels.c

@@ -17,7 +17,6 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_throughput import BATCH_TOKENS, Server, stream_all, timed  # noqa: E402
+from benchmarks.bench_throughput import BATCH_TOKENS, Server, cpu, stream_all, timed  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 from tests.corpus import stdlib_paragraphs  # noqa: E402
 
@@ -34,19 +33,6 @@ from bertstream.server.engine import default_model_path  # noqa: E402
 
 BATCH = 64
 CLIENTS = 4
-
-
-def cpu() -> str:
-    """The CPU model and the flags that decide bfloat16 speed."""
-    model, flags = platform.processor(), set()
-    with open("/proc/cpuinfo") as info:
-        for line in info:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    wanted = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return f"{model} ({os.cpu_count()} cores; {' '.join(wanted) or 'no AVX-512/AMX'})"
 
 
 def post_all(port: int, path: str, texts: list[str], model: str) -> int:

@@ -26,8 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_http import cpu  # noqa: E402
-from benchmarks.bench_throughput import BATCH_TOKENS, Server, timed  # noqa: E402
+from benchmarks.bench_throughput import BATCH_TOKENS, Server, cpu, timed  # noqa: E402
 from tests.corpus import stdlib_paragraphs  # noqa: E402
 
 SHARDS = 10

@@ -62,7 +62,7 @@ class AsyncClient:
         return await self._embed(tokens_request(texts, locals()))
 
     async def stream(self, texts: Iterable[str] | AsyncIterable[str], batch_size: int = 64,
-                     window: int = 32, spread: bool | None = None,
+                     window: int = 64, spread: bool | None = None,
                      **options) -> AsyncIterator:
         """As Client.stream, for a plain or an async iterable of texts."""
         if window < 1:

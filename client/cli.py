@@ -49,7 +49,7 @@ def embed_parser(subparsers) -> None:
     p.add_argument("--no-truncate", dest="truncate", action="store_false",
                    help="fail on texts over the model's length instead of cutting them")
     p.add_argument("--batch-size", type=int, default=64, help="texts per message")
-    p.add_argument("--window", type=int, default=32, help="messages in flight")
+    p.add_argument("--window", type=int, default=64, help="messages in flight")
     p.add_argument("--timeout", type=float, default=300,
                    help="seconds a message may wait for its answer before the run stops "
                         "(resumable; default 300)")

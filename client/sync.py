@@ -76,7 +76,7 @@ class Client:
         strings and offsets."""
         return self._embed(tokens_request(texts, locals()))
 
-    def stream(self, texts: Iterable[str], batch_size: int = 64, window: int = 32,
+    def stream(self, texts: Iterable[str], batch_size: int = 64, window: int = 64,
                spread: bool | None = None, message_timeout: float | None = None,
                **options) -> Iterator:
         """Embed any iterable of texts with bounded memory: messages of batch_size texts, at most

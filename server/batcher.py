@@ -1,11 +1,12 @@
 """One queue for every caller; batches by token budget; forward passes run side by side.
 
-Everything queued waits in one pool kept sorted by length. Forward workers (threads) each take the
-next batch: the pool is cut into runs that fit the token budget (rows x longest), greedily from
-the shortest as an offline loop over sorted texts would, and a worker takes the run that holds the
-oldest text of the caller served least recently. Callers take turns and each one's oldest text
-goes first, so none starves; the whole backlog is sorted, so little is padded. A worker pools and packs its own batch, and settles the jobs whose last text it
-held.
+Everything queued waits in one Queue, each caller's texts in a line. Forward workers (threads)
+each take the next batch: from a window of every caller's oldest texts, sorted by length, the run
+that fits the token budget (rows x longest) and holds the oldest text of the caller served least
+recently (Queue.cut). Callers take turns and each one's oldest text goes first, so none starves;
+the window is sorted, so little is padded, and small, so a stream's answers flow back in order
+while it is being computed. A worker pools and packs its own batch, and settles the jobs whose
+last text it held.
 
 On the CPU each worker computes on its share of the cores (one each by default): two forward
 passes on one core each outrun one pass on two cores by 8-19% here (no OpenMP barriers, and the
@@ -69,6 +70,7 @@ class Job:
     on_done: Callable[[JobResult | EmbedError], None]
     truncated_items: int = 0
     caller: object = None  # whose work this is (a stream's messages share one); None: its own
+    sequence: int = 0  # order of the request among its caller's (tokenizing may reorder jobs)
     cancelled: bool = False
     enqueued_ns: int = field(default_factory=time.perf_counter_ns)
     usage: Usage = field(default_factory=Usage)
@@ -99,12 +101,143 @@ def pack(vectors: np.ndarray, dtype: str) -> Packed:
     raise ValueError(f"unknown wire dtype {dtype!r}")
 
 
-@dataclass
+@dataclass(eq=False)
 class _Item:
     job: Job
     index: int
     length: int
     arrival: int  # order of arrival: the smallest is the oldest
+    taken: bool = False  # cut into a batch (it may still sit in its caller's line)
+
+
+class _InLine:
+    """One job's texts in its caller's line; `start` skips those cut from the front."""
+
+    __slots__ = ("items", "start", "sequence")
+
+    def __init__(self, items: list[_Item]):
+        self.items, self.start, self.sequence = items, 0, items[0].job.sequence
+
+    def oldest(self) -> _Item | None:
+        """The oldest text not cut yet (None: all are)."""
+        items = self.items
+        while self.start < len(items) and items[self.start].taken:
+            self.start += 1
+        return items[self.start] if self.start < len(items) else None
+
+    def left(self) -> list[_Item]:
+        return [item for item in self.items[self.start:] if not item.taken]
+
+
+class Queue:
+    """The texts waiting for a forward pass, from every caller. Not thread-safe (the batcher
+    holds its lock around every call).
+
+    All of them wait in one pool sorted by length. Callers take turns: each cut serves the caller
+    served least recently, and within it, its oldest message first; so none starves (a backlog
+    delays another caller's request by about one batch).
+    - Usually the batch is the run of the pool holding that caller's oldest text, where runs are
+      cut greedily from the shortest so that rows x longest fits the budget: with a full pool,
+      the batches of an offline loop over the sorted texts, so little is padded.
+    - A caller's first message (the first since its queue was empty: a new stream, a unary call)
+      is cut as a lead instead: its texts in groups of similar length (the longest at most
+      LEAD_SPREAD times the shortest), each group filled up with the longest texts of the pool
+      that fit under the group's longest. Its answer then needs a few batches, not a pass over
+      every length in the pool, which is what a sorted run does to a message whose texts have
+      every length: the first answer of a stream came after most of the job (BENCHMARKS.md).
+    """
+
+    LEAD_SPREAD = 1.5
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.waiting = 0  # texts not yet cut
+        self._pool: list[tuple[int, int, _Item]] = []  # (length, arrival, item), sorted
+        self._lines: dict[object, list[_InLine]] = {}  # caller -> its jobs, by sequence
+        self._leads: set = set()  # callers whose oldest job in line is cut as a lead
+        self._arrivals = itertools.count()
+        self._cuts = 0  # batches cut so far
+        self._served: dict[object, int] = {}  # caller -> the cut that last served it
+
+    def add(self, job: Job) -> None:
+        caller = job.caller or job
+        items = [_Item(job, index, len(ids), next(self._arrivals))
+                 for index, ids in enumerate(job.ids)]
+        if caller not in self._lines:
+            self._lines[caller] = []
+            self._leads.add(caller)
+        bisect.insort(self._lines[caller], _InLine(items), key=lambda waiting: waiting.sequence)
+        entries = [(item.length, item.arrival, item) for item in items]
+        if len(entries) < 32:
+            for entry in entries:
+                bisect.insort(self._pool, entry)
+        else:  # two sorted runs: one C-level merge, not an insertion per text
+            self._pool.extend(sorted(entries))
+            self._pool.sort()
+        self.waiting += len(items)
+
+    def cut(self) -> list[_Item]:
+        """The next batch, sorted by length (at least one text; the queue must not be empty)."""
+        heads = {caller: line[0].oldest() for caller, line in self._lines.items()}
+        self._served = {caller: self._served.get(caller, -1) for caller in heads}
+        turn = min(heads, key=lambda c: (self._served[c], heads[c].arrival))
+        self._cuts += 1
+        self._served[turn] = self._cuts
+        if turn in self._leads:
+            batch = self._lead_batch(self._lines[turn][0].left())
+            self._pool = [entry for entry in self._pool if not entry[2].taken]
+        else:
+            batch = self._run_holding(heads[turn])
+        self.waiting -= len(batch)
+        for caller in {item.job.caller or item.job for item in batch}:
+            line = self._lines[caller]
+            while line and line[0].oldest() is None:
+                del line[0]
+                self._leads.discard(caller)  # its first message is all cut
+            if not line:
+                del self._lines[caller]
+        return batch
+
+    def _run_holding(self, anchor: _Item) -> list[_Item]:
+        pool, budget = self._pool, self.budget
+        at = bisect.bisect_left(pool, (anchor.length, anchor.arrival))
+        low = 0
+        for high in range(1, len(pool) + 1):
+            # Sorted ascending: adding pool[high] makes it the longest of the run.
+            if high == len(pool) or (high - low + 1) * pool[high][0] > budget:
+                if high > at:
+                    break
+                low = high
+        batch = [entry[2] for entry in pool[low:high]]
+        del pool[low:high]
+        for item in batch:
+            item.taken = True
+        return batch
+
+    def _lead_batch(self, texts: list[_Item]) -> list[_Item]:
+        """The shortest group of a lead job's texts, filled up with the pool's longest texts
+        that fit under the group's longest."""
+        texts.sort(key=lambda item: item.length)
+        group = texts[:1]
+        for item in texts[1:]:
+            if ((len(group) + 1) * item.length > self.budget
+                    or item.length > self.LEAD_SPREAD * group[0].length):
+                break
+            group.append(item)
+        longest = group[-1].length
+        rows = max(1, self.budget // longest)
+        fillers, caller = [], group[0].job.caller or group[0].job
+        below = bisect.bisect_right(self._pool, (longest, float("inf")))
+        for at in range(below - 1, -1, -1):
+            if len(group) + len(fillers) >= rows:
+                break
+            item = self._pool[at][2]
+            if (item.job.caller or item.job) is not caller:
+                fillers.append(item)
+        batch = sorted(group + fillers, key=lambda item: item.length)
+        for item in batch:
+            item.taken = True  # the caller drops them from the pool
+        return batch
 
 
 class Batcher:
@@ -122,13 +255,10 @@ class Batcher:
         self.on_leave = on_leave
         self.failures_in_a_row = 0
         self.workers = engine.forward_workers
-        self._pool: list[_Item] = []  # sorted by length; guarded by _work
+        self._queue = Queue(max_batch_tokens)  # guarded by _work
         self._work = threading.Condition()
         self._idle = [False] * self.workers  # guarded by _work
         self._closing = False
-        self._arrivals = itertools.count()
-        self._cuts = 0  # batches cut so far
-        self._served: dict[object, int] = {}  # caller in the pool -> the cut that last served it
         self._settling = threading.Lock()  # a job's texts may be in batches of several workers
         self._threads = [threading.Thread(target=self._worker, args=(number,), daemon=True,
                                           name=f"bertstream-forward-{number}")
@@ -141,9 +271,7 @@ class Batcher:
             raise ValueError("a job needs at least one text")
         self.metrics.queue_depth.inc(len(job.ids))
         with self._work:
-            for index, ids in enumerate(job.ids):
-                item = _Item(job, index, len(ids), next(self._arrivals))
-                bisect.insort(self._pool, item, key=lambda it: it.length)
+            self._queue.add(job)
             self._work.notify_all()
 
     def healthy(self) -> bool:
@@ -188,17 +316,17 @@ class Batcher:
         takes work first (only it may use every core); the others take what it leaves."""
         with self._work:
             self._idle[number] = True
-            while not self._pool or (number and self._idle[0]):
-                if self._closing and not self._pool:
+            while not self._queue.waiting or (number and self._idle[0]):
+                if self._closing and not self._queue.waiting:
                     return None
                 self._work.wait()
             self._idle[number] = False
-            batch = self._cut_batch()
-            if self._pool or self._closing:
+            batch = self._queue.cut()
+            if self._queue.waiting or self._closing:
                 # More for the other workers; or, closing, the pool may just have emptied: a
                 # worker that waits for worker 0 must wake to see it and stop.
                 self._work.notify_all()
-            return batch, not self._pool and sum(self._idle) == self.workers - 1
+            return batch, not self._queue.waiting and sum(self._idle) == self.workers - 1
 
     def _run(self, batch: list[_Item], number: int) -> None:
         metrics = self.metrics
@@ -214,35 +342,6 @@ class Batcher:
         for part, hidden, lengths in self._forward_splitting(batch):
             self._complete(part, hidden, lengths, start, number)
             del hidden  # free the layers before the next part
-
-    def _cut_batch(self) -> list[_Item]:
-        """Cut the length-sorted pool into consecutive runs that fit the budget, greedily from
-        the shortest (as an offline loop over a sorted corpus would), and take the run holding
-        the oldest text of the caller served least recently. With a full pool these are the
-        offline batches. Callers take turns: one stream's backlog of long texts delays another
-        caller's request by one batch, not by the whole backlog; within a caller, oldest first."""
-        pool, budget = self._pool, self.max_batch_tokens
-        oldest_of: dict[object, int] = {}  # caller -> pool index of its oldest text
-        for index, item in enumerate(pool):
-            caller = item.job.caller or item.job
-            known = oldest_of.get(caller)
-            if known is None or item.arrival < pool[known].arrival:
-                oldest_of[caller] = index
-        self._served = {caller: self._served.get(caller, -1) for caller in oldest_of}
-        turn = min(oldest_of, key=lambda c: (self._served[c], pool[oldest_of[c]].arrival))
-        self._cuts += 1
-        self._served[turn] = self._cuts
-        oldest = oldest_of[turn]
-        low = 0
-        for high in range(1, len(pool) + 1):
-            # Sorted ascending: adding pool[high] makes it the longest of the run.
-            if high == len(pool) or (high - low + 1) * pool[high].length > budget:
-                if high > oldest:
-                    break
-                low = high
-        batch = pool[low:high]
-        del pool[low:high]
-        return batch
 
     def _forward_splitting(self, batch: list[_Item]):
         """Run the forward pass; if it fails (out of memory on a big batch, say), retry each half,

@@ -11,6 +11,7 @@ drift apart between front-ends.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -63,6 +64,9 @@ class Core:
         self.metrics = batcher.metrics
         # Tokenizing a big message takes milliseconds; keep it off the event loop.
         self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bertstream-tok")
+        # Requests in the order they came: a stream's messages may finish tokenizing out of
+        # order, and the batcher serves a caller's oldest first (Queue).
+        self._sequence = itertools.count()
 
     # ------------------------------------------------------------------ checks
 
@@ -165,6 +169,7 @@ class Core:
         the pool is taken before tokenizing and given back by the batcher when the texts leave
         the pool (or here, if they never reach it). caller: whose turn this is in the batcher
         (a stream's messages share one)."""
+        sequence = next(self._sequence)  # before any await: the order requests came in
         self.check_texts(call.texts)
         options = self.options(call)
         texts = len(call.texts)
@@ -179,7 +184,7 @@ class Core:
                 self.check_response_size(sum(map(len, tokens.ids)), options, call.dtype)
             done, on_done = completion()
             job = Job(tokens.ids, options, call.dtype, on_done,
-                      truncated_items=sum(tokens.truncated), caller=caller)
+                      truncated_items=sum(tokens.truncated), caller=caller, sequence=sequence)
             self.batcher.submit(job)
             result = await done
         except asyncio.CancelledError:  # the caller went away or its deadline passed

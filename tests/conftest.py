@@ -15,6 +15,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may download
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# The device the tests serve on: cpu here and in CI; `make gpu-check` runs the suite with cuda.
+TEST_DEVICE = os.environ.get("BERTSTREAM_TEST_DEVICE", "cpu")
+
 # Small limits so that the limit paths are cheap to reach.
 TEST_LIMITS = dict(max_texts_per_request=500, max_chars_per_text=20_000, max_batch_tokens=2048,
                    stream_window=64)
@@ -57,7 +60,7 @@ def serve_process(*args: str, **popen) -> tuple[subprocess.Popen, str]:
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "bertstream.server.cli", "serve", "--port", str(port),
-         "--device", "cpu", *args], env={**os.environ, "HF_HUB_OFFLINE": "1"}, **popen)
+         "--device", TEST_DEVICE, *args], env={**os.environ, "HF_HUB_OFFLINE": "1"}, **popen)
     target = f"127.0.0.1:{port}"
     with Client(target, timeout=5) as probe:
         deadline = time.time() + 180
@@ -76,7 +79,7 @@ def serve_process(*args: str, **popen) -> tuple[subprocess.Popen, str]:
 def engine():
     from bertstream.server.engine import Engine
 
-    return Engine(device="cpu", dtype="float32")
+    return Engine(device=TEST_DEVICE, dtype="float32")
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from bertstream.client import Client
-from tests.conftest import ServerThread
+from tests.conftest import TEST_DEVICE, ServerThread
 from tests.tiny_models import MAX_SEQ_LENGTH, PIPELINES, PROMPTS, build
 
 ATOL = 1e-5  # float32 agrees to ~1e-7 here; 1e-5 still catches a wrong step or token
@@ -49,7 +49,8 @@ class Served:
         from bertstream.server.engine import Engine
         from bertstream.server.service import Limits
 
-        self.engine = Engine(str(folder) if folder else None, device="cpu", dtype="float32")
+        self.engine = Engine(str(folder) if folder else None, device=TEST_DEVICE,
+                             dtype="float32")
         self.server = ServerThread(self.engine, Limits())
         self.client = Client(self.server.target, timeout=120)
         self.st = SentenceTransformer(str(folder) if folder else self.engine.model_name,
@@ -254,7 +255,7 @@ def test_plain_transformers_folder_gets_masked_mean(folders, probe_texts):
 def _serve_fails(*args: str) -> str:
     """`bertstream serve` that must fail at start: its one-line reason on standard error."""
     done = subprocess.run([sys.executable, "-m", "bertstream.server.cli", "serve", "--port", "0",
-                           "--device", "cpu", *args], capture_output=True, text=True, timeout=120)
+                           "--device", TEST_DEVICE, *args], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     return done.stderr
 

@@ -16,7 +16,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bertstream.client import Client
-from tests.conftest import free_port
+from bertstream.server.cli import DEFAULT_BATCH_TOKENS
+from tests.conftest import TEST_DEVICE, free_port
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_metrics_count_calls(client, metrics_url):
     assert delta("bertstream_forward_seconds_count") == delta("bertstream_batch_size_count")
     assert delta("bertstream_queue_wait_seconds_count") == 21
     assert value(after, "bertstream_queue_texts") == 0  # all done, nothing waiting
-    info = value(after, "bertstream_model_info", model=client.info()["model"], device="cpu",
+    info = value(after, "bertstream_model_info", model=client.info()["model"], device=TEST_DEVICE,
                  dtype="float32", max_length="256")
     assert info == 1
 
@@ -112,7 +113,7 @@ def test_serve_command_logs_serves_and_stops():
     process = subprocess.Popen(
         [sys.executable, "-m", "bertstream.server.cli", "serve", "--port", str(port),
          "--host", "0.0.0.0", "--metrics-port", str(metrics_port), "--log-format", "json",
-         "--device", "cpu"],
+         "--device", TEST_DEVICE],
         stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
         lines = []
@@ -124,8 +125,9 @@ def test_serve_command_logs_serves_and_stops():
                 if lines[-1]["message"] == "serving":
                     break
         start = lines[-1]
-        assert start["message"] == "serving" and start["device"] == "cpu"
-        assert start["address"] == f"0.0.0.0:{port}" and start["max_batch_tokens"] == 1024
+        assert start["message"] == "serving" and start["device"] == TEST_DEVICE
+        assert start["address"] == f"0.0.0.0:{port}"
+        assert start["max_batch_tokens"] == DEFAULT_BATCH_TOKENS[TEST_DEVICE.split(":")[0]]
         assert start["metrics"] == f"127.0.0.1:{metrics_port}"
         listening = subprocess.run(["ss", "-ltnH", f"sport = :{metrics_port}"],
                                    capture_output=True, text=True).stdout.split()

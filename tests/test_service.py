@@ -12,6 +12,7 @@ import pytest
 from bertstream.client import EmbedStreamError, Int8Embeddings, decode_tensor
 from bertstream.proto import embedder_pb2 as pb
 from bertstream.proto import embedder_pb2_grpc as pb_grpc
+from tests.conftest import TEST_DEVICE
 
 SHORT = ["This is a sample sentence.", "Another sentence for embedding.",
          "The quick brown fox jumps over the lazy dog.", "Hi"]
@@ -125,7 +126,7 @@ def test_truncation_is_counted(client, corpus):
 def test_info(client):
     info = client.info()
     assert info["hidden_size"] == 384 and info["num_layers"] == 6
-    assert info["max_input_tokens"] == 256 and info["device"] == "cpu"
+    assert info["max_input_tokens"] == 256 and info["device"] == TEST_DEVICE
     assert info["limits"] == {"max_texts_per_request": 500, "max_chars_per_text": 20_000,
                               "max_batch_tokens": 2048, "max_message_bytes": 64 * 2**20,
                               "stream_window": 64, "max_queue_texts": 100_000,

@@ -1,0 +1,135 @@
+"""The batcher's Queue on its own (no model): what a cut may take, and in what order.
+
+Every text is cut exactly once; a batch fits the token budget (rows x longest) unless one text is
+longer; callers take turns, and each cut holds the oldest text of the caller whose turn it is;
+a stream's answers are ready in the order it sent them, a few batches apart.
+"""
+
+from __future__ import annotations
+
+import itertools
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bertstream.server.batcher import Queue
+
+
+SEQUENCE = itertools.count()
+
+
+class FakeJob:
+    """What the Queue reads of a Job: its texts' token ids and its caller."""
+
+    def __init__(self, lengths, caller=None):
+        self.ids = [range(n) for n in lengths]
+        self.caller = caller
+        self.sequence = next(SEQUENCE)
+
+
+def drain(queue: Queue) -> list[list]:
+    batches = []
+    while queue.waiting:
+        batches.append(queue.cut())
+    return batches
+
+
+jobs_strategy = st.lists(
+    st.tuples(st.lists(st.integers(1, 300), min_size=1, max_size=40), st.integers(0, 3)),
+    min_size=1, max_size=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(jobs=jobs_strategy, budget=st.sampled_from([64, 300, 1024]))
+def test_every_text_is_cut_once_and_batches_fit_the_budget(jobs, budget):
+    callers = [object() for _ in range(4)]
+    queue = Queue(budget)
+    submitted = [FakeJob(lengths, callers[c] if c else None) for lengths, c in jobs]
+    for job in submitted:
+        queue.add(job)
+    assert queue.waiting == sum(len(job.ids) for job in submitted)
+    batches = drain(queue)
+    seen = [(id(item.job), item.index) for batch in batches for item in batch]
+    assert sorted(seen) == sorted((id(job), i) for job in submitted for i in range(len(job.ids)))
+    for batch in batches:
+        lengths = [item.length for item in batch]
+        assert lengths == sorted(lengths)
+        assert len(batch) == 1 or len(batch) * lengths[-1] <= budget
+
+
+@settings(max_examples=100, deadline=None)
+@given(jobs=jobs_strategy)
+def test_each_cut_serves_the_oldest_message_of_the_caller_served_least_recently(jobs):
+    callers = [object() for _ in range(4)]
+    queue = Queue(256)
+    for lengths, c in jobs:
+        queue.add(FakeJob(lengths, callers[c]))
+    last_served: dict = {}
+    cut = 0
+    while queue.waiting:
+        oldest = {caller: line[0] for caller, line in queue._lines.items()}
+        turn = min(oldest, key=lambda c: (last_served.get(c, -1), oldest[c].oldest().arrival))
+        cut += 1
+        batch = queue.cut()
+        assert any(item.job is oldest[turn].items[0].job for item in batch)
+        last_served[turn] = cut
+
+
+def test_a_small_caller_behind_a_backlog_is_served_in_the_next_batch():
+    queue = Queue(1024)
+    backlog, small = object(), object()
+    for _ in range(20):
+        queue.add(FakeJob([250] * 64, backlog))
+    queue.cut()  # the backlog's first batch is under way
+    queue.add(FakeJob([12], small))
+    assert any(item.job.caller is small for item in queue.cut())
+
+
+def answers_ready(lengths_per_message, budget=1024):
+    """Cut a stream's messages (all queued at once) and return after how many cuts each message
+    has every text cut."""
+    stream = object()
+    queue = Queue(budget)
+    messages = [FakeJob(lengths, stream) for lengths in lengths_per_message]
+    for message in messages:
+        queue.add(message)
+    left = {id(m): len(m.ids) for m in messages}
+    ready, cuts = {}, 0
+    while queue.waiting:
+        cuts += 1
+        for item in queue.cut():
+            left[id(item.job)] -= 1
+            if not left[id(item.job)]:
+                ready[id(item.job)] = cuts
+    return [ready[id(m)] for m in messages]
+
+
+def test_a_streams_first_message_is_ready_within_a_few_batches(corpus_lengths):
+    """Ten messages of corpus texts queued at once: sorted runs alone would need a run of every
+    length in the pool, most of the job, before the first message is whole (as before leads)."""
+    messages = [corpus_lengths[i:i + 64] for i in range(0, 640, 64)]
+    ready = answers_ready(messages)
+    total_cuts = max(ready)
+    assert ready[0] <= min(8, total_cuts / 2), ready
+
+
+def test_a_lead_costs_little_padding(corpus_lengths):
+    """Padded tokens of the whole stream within 5% of sorting every text at once."""
+    queue, stream = Queue(1024), object()
+    lengths = corpus_lengths[:640]
+    for i in range(0, len(lengths), 64):
+        queue.add(FakeJob(lengths[i:i + 64], stream))
+    padded = sum(len(batch) * batch[-1].length for batch in drain(queue))
+    offline, run = 0, []
+    for n in sorted(lengths):
+        if run and (len(run) + 1) * n > 1024:
+            offline += len(run) * run[-1]
+            run = []
+        run.append(n)
+    offline += len(run) * run[-1]
+    assert padded <= 1.05 * offline
+
+
+@pytest.fixture(scope="module")
+def corpus_lengths(engine, corpus):
+    return [len(ids) for ids in engine.tokenize(list(corpus[:640])).ids]
