@@ -397,13 +397,15 @@ class Batcher:
                 job._remaining -= 1
                 if not job._remaining and not job._failed:
                     finished.append(job)
-        if number == 0:
-            # Worker 0 is as good as idle: the next call, sent once this one is answered, must
-            # wait for it (and all the cores), not go to a one-core worker. Under the lock, and
-            # told: a worker that checked _idle[0] a moment ago is waiting on it (close() too).
-            with self._work:
-                self._idle[0] = True
-                self._work.notify_all()
+        # This worker is as good as idle. Worker 0: the next call, sent once this one is
+        # answered, must wait for it (and all the cores), not go to a one-core worker. The
+        # others: that next call finds every other worker idle and gets all the cores (a lone
+        # batch), instead of one core because this worker had not yet gone back to wait. Under
+        # the lock, and told: a worker that checked _idle a moment ago is waiting on it (close()
+        # too).
+        with self._work:
+            self._idle[number] = True
+            self._work.notify_all()
         for job in failed:
             job.on_done(error)
         for job in finished:  # every text is in: no other worker touches this job again
