@@ -141,10 +141,12 @@ class Queue:
       the batches of an offline loop over the sorted texts, so little is padded.
     - A caller's first message (the first since its queue was empty: a new stream, a unary call)
       is cut as a lead instead: its texts in groups of similar length (the longest at most
-      LEAD_SPREAD times the shortest), each group filled up with the longest texts of the pool
-      that fit under the group's longest. Its answer then needs a few batches, not a pass over
-      every length in the pool, which is what a sorted run does to a message whose texts have
-      every length: the first answer of a stream came after most of the job (BENCHMARKS.md).
+      LEAD_SPREAD times the shortest; all of them when they fit one batch), each group filled
+      up with the longest texts of other callers that fit under the group's longest. Its answer
+      then needs a batch or two, not a pass over every length in the pool, which is what sorted
+      runs do to a message whose texts have every length: a stream's first answer came after
+      most of the job. The caller's own later messages are not fillers: a batch without them is
+      smaller, not more padded, and finishes sooner (BENCHMARKS.md, probes/batch_order.py).
     """
 
     LEAD_SPREAD = 1.5
@@ -215,15 +217,18 @@ class Queue:
         return batch
 
     def _lead_batch(self, texts: list[_Item]) -> list[_Item]:
-        """The shortest group of a lead job's texts, filled up with the pool's longest texts
-        that fit under the group's longest."""
+        """The shortest group of a lead job's texts (all of them if they fit one batch), filled
+        up with the other callers' longest texts that fit under the group's longest."""
         texts.sort(key=lambda item: item.length)
-        group = texts[:1]
-        for item in texts[1:]:
-            if ((len(group) + 1) * item.length > self.budget
-                    or item.length > self.LEAD_SPREAD * group[0].length):
-                break
-            group.append(item)
+        if len(texts) * texts[-1].length <= self.budget:
+            group = texts  # the rest of it fits one batch: one pass
+        else:
+            group = texts[:1]
+            for item in texts[1:]:
+                if ((len(group) + 1) * item.length > self.budget
+                        or item.length > self.LEAD_SPREAD * group[0].length):
+                    break
+                group.append(item)
         longest = group[-1].length
         rows = max(1, self.budget // longest)
         fillers, caller = [], group[0].job.caller or group[0].job

@@ -35,8 +35,18 @@ def p50_ms(fn, repeat=100):
 server = Server(args.dtype, "cpu", BATCH_TOKENS["cpu"])
 try:
     with Client(server.target, timeout=60) as client:
-        print(f"gRPC Info (no work): {p50_ms(client.info):.2f} ms; "
-              f"Embed one short text: {p50_ms(lambda: client.embed([short])):.2f} ms")
+        print(f"gRPC Info (no work): {p50_ms(client.info):.2f} ms")
+        totals, queued, computed = [], [], []
+        for _ in range(101):
+            totals.append(timed(lambda: client.embed([short])))
+            queued.append(client.last_usage.queue_ns / 1e9)
+            computed.append(client.last_usage.compute_ns / 1e9)
+        total, queue, compute = (statistics.median(v[1:]) * 1e3
+                                 for v in (totals, queued, computed))
+        print(f"Embed one short text: {total:.2f} ms; on the server: queued (submit to the "
+              f"forward worker's start) {queue:.2f} ms, computing (forward, pooling, packing) "
+              f"{compute:.2f} ms; the rest (gRPC both ways, the client, validation, tokenizing, "
+              f"waking the event loop) {total - queue - compute:.2f} ms")
 finally:
     server.stop()
 
