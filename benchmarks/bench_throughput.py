@@ -1,14 +1,15 @@
 """Served throughput against in-process baselines, in one run: the five targets of the throughput issue.
 
     python benchmarks/bench_throughput.py [--texts 1000] [--long-texts 100000] [--rounds 5]
-        [--device cpu] [--soak-only]
+        [--device cpu] [--dtypes float32 ...] [--soak-only]
 
 Every round runs each compared thing once, back to back (both servers stay up, idle when not
 measured); the table gives the median of the per-round ratios and their range.
 1. one EmbedStream (bundled client) vs the strongest in-process loop: the server's own scheme of
    forward workers (one single-thread worker per core) over the same precision, max length and
-   batching (tokenizer + AutoModel forward + masked mean), float32 and bfloat16; and (1b) vs one
-   loop with torch on every core;
+   batching (tokenizer + AutoModel forward + masked mean), float32 and bfloat16; (1b) vs one
+   loop with torch on every core; (1c) the stream's first answer against the forward time of one
+   batch in-process (the median batch of the workers' run);
 2. vs sentence-transformers `encode` (float32, its defaults);
 3. four concurrent streams vs one;
 4. unary latency of one short text vs the in-process forward of that text (p50);
