@@ -1,12 +1,11 @@
 """One queue for every caller; batches by token budget; forward passes run side by side.
 
-Everything queued waits in one Queue, each caller's texts in a line. Forward workers (threads)
-each take the next batch: from a window of every caller's oldest texts, sorted by length, the run
-that fits the token budget (rows x longest) and holds the oldest text of the caller served least
-recently (Queue.cut). Callers take turns and each one's oldest text goes first, so none starves;
-the window is sorted, so little is padded, and small, so a stream's answers flow back in order
-while it is being computed. A worker pools and packs its own batch, and settles the jobs whose
-last text it held.
+Everything queued waits in one Queue, sorted by length. Forward workers (threads) each take the
+next batch (Queue.cut): callers take turns, each cut serving the oldest message of the caller
+served least recently, as a sorted run of texts of about its length that fits the token budget
+(rows x longest), so none starves and little is padded; a caller's first message goes first, so a
+stream's first answer comes within a batch or two. A worker pools and packs its own batch, and
+settles the jobs whose last text it held.
 
 On the CPU each worker computes on its share of the cores (one each by default): two forward
 passes on one core each outrun one pass on two cores by 8-19% here (no OpenMP barriers, and the
@@ -113,10 +112,11 @@ class _Item:
 class _InLine:
     """One job's texts in its caller's line; `start` skips those cut from the front."""
 
-    __slots__ = ("items", "start", "sequence")
+    __slots__ = ("items", "start", "sequence", "by_length")
 
     def __init__(self, items: list[_Item]):
         self.items, self.start, self.sequence = items, 0, items[0].job.sequence
+        self.by_length = None
 
     def oldest(self) -> _Item | None:
         """The oldest text not cut yet (None: all are)."""
@@ -126,7 +126,10 @@ class _InLine:
         return items[self.start] if self.start < len(items) else None
 
     def left(self) -> list[_Item]:
-        return [item for item in self.items[self.start:] if not item.taken]
+        """Its texts not cut yet, shortest first (sorted once, when first asked)."""
+        if self.by_length is None:
+            self.by_length = sorted(self.items, key=lambda item: item.length)
+        return [item for item in self.by_length if not item.taken]
 
 
 class Queue:
@@ -138,7 +141,8 @@ class Queue:
     delays another caller's request by about one batch).
     - Usually the batch is the run of the pool holding that caller's oldest text, where runs are
       cut greedily from the shortest so that rows x longest fits the budget: with a full pool,
-      the batches of an offline loop over the sorted texts, so little is padded.
+      the batches of an offline loop over the sorted texts, so little is padded. (Starting the
+      run at that text instead, without the runs below it, doubled the padding: fragments.)
     - A caller's first message (the first since its queue was empty: a new stream, a unary call)
       is cut as a lead instead: its texts in groups of similar length (the longest at most
       LEAD_SPREAD times the shortest; all of them when they fit one batch), each group filled
@@ -187,7 +191,8 @@ class Queue:
         self._served[turn] = self._cuts
         if turn in self._leads:
             batch = self._lead_batch(self._lines[turn][0].left())
-            self._pool = [entry for entry in self._pool if not entry[2].taken]
+            for item in batch:
+                del self._pool[bisect.bisect_left(self._pool, (item.length, item.arrival))]
         else:
             batch = self._run_holding(heads[turn])
         self.waiting -= len(batch)
@@ -201,15 +206,27 @@ class Queue:
         return batch
 
     def _run_holding(self, anchor: _Item) -> list[_Item]:
+        """The run holding the anchor, of the runs that cut the sorted pool greedily from the
+        shortest (as an offline loop over the sorted texts would)."""
         pool, budget = self._pool, self.budget
         at = bisect.bisect_left(pool, (anchor.length, anchor.arrival))
         low = 0
-        for high in range(1, len(pool) + 1):
-            # Sorted ascending: adding pool[high] makes it the longest of the run.
-            if high == len(pool) or (high - low + 1) * pool[high][0] > budget:
-                if high > at:
-                    break
-                low = high
+        end = len(pool)
+        while True:  # runs from the shortest, each the longest that fits: gallop, then bisect
+            fits, step = low + 1, 1  # pool[low:fits] fits (one text always does)
+            while fits + step <= end and (fits + step - low) * pool[fits + step - 1][0] <= budget:
+                fits, step = fits + step, step * 2
+            over = min(fits + step, end + 1)  # pool[low:over] does not fit, or runs past the end
+            while over - fits > 1:
+                middle = (fits + over) // 2
+                if (middle - low) * pool[middle - 1][0] <= budget:  # sorted: the last is longest
+                    fits = middle
+                else:
+                    over = middle
+            if fits > at:
+                break
+            low = fits
+        high = fits
         batch = [entry[2] for entry in pool[low:high]]
         del pool[low:high]
         for item in batch:
@@ -219,7 +236,6 @@ class Queue:
     def _lead_batch(self, texts: list[_Item]) -> list[_Item]:
         """The shortest group of a lead job's texts (all of them if they fit one batch), filled
         up with the other callers' longest texts that fit under the group's longest."""
-        texts.sort(key=lambda item: item.length)
         if len(texts) * texts[-1].length <= self.budget:
             group = texts  # the rest of it fits one batch: one pass
         else:
