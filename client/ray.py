@@ -71,7 +71,10 @@ def embed(dataset: "ray.data.Dataset", target: str | Sequence[str], column: str 
         context.actor_task_retry_on_errors = [*(retried or []), TransientEmbedError]
     if preserve_order:
         context.execution_options.preserve_order = True
-    return dataset.map_batches(
+    # Blocks of batch_size rows: a few big input files (Ray read ten shards as one block here)
+    # would otherwise keep all but one actor idle.
+    blocks = dataset.repartition(target_num_rows_per_block=batch_size)
+    return blocks.map_batches(
         _Embedder, batch_format="pyarrow", batch_size=batch_size, num_cpus=num_cpus,
         compute=ray.data.ActorPoolStrategy(size=concurrency),
         fn_constructor_kwargs=dict(target=target, column=column, output_column=output_column,
