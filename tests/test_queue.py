@@ -133,3 +133,15 @@ def test_a_lead_costs_little_padding(corpus_lengths):
 @pytest.fixture(scope="module")
 def corpus_lengths(engine, corpus):
     return [len(ids) for ids in engine.tokenize(list(corpus[:640])).ids]
+
+
+def test_a_callers_messages_are_served_in_request_order_not_arrival_order():
+    """Tokenizing may finish a stream's second message before its first: the first (lower
+    sequence) is still the one served first, as the lead."""
+    queue, stream = Queue(1024), object()
+    first, second = FakeJob([20] * 10, stream), FakeJob([20] * 10, stream)
+    queue.add(second)  # arrives first
+    queue.add(first)
+    assert first.sequence < second.sequence
+    batch = queue.cut()
+    assert {item.job for item in batch} == {first}

@@ -4,13 +4,21 @@
 
 gRPC alone (Info, which does no work) against Embed of one short text on a served model; the
 forward pass of that text on one and on all cores; tokenizing it one text at a time against
-encode_batch; and tokenizer CPU for 1,000 paragraphs, encode_batch against encode_batch_fast.
+encode_batch; tokenizer CPU for 1,000 paragraphs, encode_batch against encode_batch_fast; the
+core alone (Core.embed on an event loop with the real batcher, no gRPC) beyond its queue and
+compute time; and what setting a forward worker's torch threads 1 -> 2 -> 1 around a lone pass
+costs (interleaved with passes that change nothing). The last two run after the others, on
+worker threads (a second OpenMP team in the process: their compute times are not comparable).
 """
 import argparse
+import asyncio
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
+
+import numpy as np
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -69,3 +77,60 @@ for name in ("encode_batch", "encode_batch_fast"):
             encode(paragraphs[i:i + 64])
         cpu.append(time.process_time() - start)
     print(f"{name}, 1,000 paragraphs in messages of 64: {statistics.median(cpu):.3f} s CPU")
+
+
+async def core_rest(repeat: int = 200) -> float:
+    """Core.embed of the short text beyond its queue and compute time (p50, ms)."""
+    from bertstream.server.admission import Admission
+    from bertstream.server.batcher import Batcher
+    from bertstream.server.core import Core, EmbedCall, Limits
+
+    limits = Limits(max_batch_tokens=BATCH_TOKENS["cpu"])
+    admission = Admission(limits.max_queue_texts, asyncio.get_running_loop())
+    batcher = Batcher(engine, limits.max_batch_tokens, on_leave=admission.release)
+    core = Core(engine, batcher, limits, admission)
+    rest = []
+    try:
+        for number in range(repeat + 10):
+            start = time.perf_counter_ns()
+            result = await core.embed(EmbedCall([short]))
+            usage = result.usage
+            if number >= 10:
+                rest.append(time.perf_counter_ns() - start - usage.queue_ns - usage.compute_ns)
+    finally:
+        batcher.close()
+    return statistics.median(rest) / 1e6
+
+
+print(f"Core.embed without gRPC, beyond queue and compute: {asyncio.run(core_rest()):.2f} ms")
+
+
+def thread_toggle() -> None:
+    options = engine.options()
+    rows = np.arange(1)
+
+    def one_pass():
+        hidden, lengths = engine.forward(ids)
+        engine.pool(hidden, lengths, rows, options)
+
+    engine.init_forward_threads(1)
+    toggled, steady = [], []
+    for _ in range(300):
+        engine.set_forward_threads(1)
+        one_pass()  # as a one-core batch before the lone one
+        start = time.perf_counter()
+        engine.set_forward_threads(2)
+        one_pass()
+        toggled.append(time.perf_counter() - start)
+        one_pass()
+        start = time.perf_counter()
+        one_pass()
+        steady.append(time.perf_counter() - start)
+    print(f"a lone pass on 2 threads right after a 1-thread one (set 1 -> 2): "
+          f"{statistics.median(toggled) * 1e3:.2f} ms; after a 2-thread one: "
+          f"{statistics.median(steady) * 1e3:.2f} ms")
+
+
+worker = threading.Thread(target=thread_toggle)
+worker.start()
+worker.join()

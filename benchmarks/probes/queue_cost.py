@@ -1,0 +1,35 @@
+"""Probe: the batcher's Queue under the largest backlog it admits (no model): 100 jobs of 1,000
+texts from 10 streams past their first message (about 100,000 texts, lengths 5-256), then one
+10,000-text request (the largest legal one), then 200 cuts. These run under the batcher's lock,
+so they hold up every other worker and submitter.
+
+    python benchmarks/probes/queue_cost.py
+"""
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.test_queue import FakeJob  # noqa: E402
+
+from bertstream.server.batcher import Queue  # noqa: E402
+
+random.seed(0)
+queue = Queue(1024)
+for caller in [object() for _ in range(10)]:
+    for _ in range(10):
+        queue.add(FakeJob([random.randint(5, 256) for _ in range(1000)], caller))
+queue._leads.clear()  # streams past their first message: sorted runs
+start = time.perf_counter()
+queue.add(FakeJob([random.randint(5, 256) for _ in range(10_000)]))
+added = time.perf_counter() - start
+cuts = []
+for _ in range(200):
+    start = time.perf_counter()
+    queue.cut()
+    cuts.append(time.perf_counter() - start)
+print(f"add a 10,000-text request to about 100,000 waiting texts: "
+      f"{added * 1e3:.1f} ms; cut p50 {statistics.median(cuts) * 1e3:.2f} ms, "
+      f"max {max(cuts) * 1e3:.2f} ms over 200 cuts")
