@@ -146,11 +146,14 @@ class Queue:
     - A caller's first message (the first since its queue was empty: a new stream, a unary call)
       is cut as a lead instead: its texts in groups of similar length (the longest at most
       LEAD_SPREAD times the shortest; all of them when they fit one batch), each group filled
-      up with the longest texts of other callers that fit under the group's longest. Its answer
-      then needs a batch or two, not a pass over every length in the pool, which is what sorted
-      runs do to a message whose texts have every length: a stream's first answer came after
-      most of the job. The caller's own later messages are not fillers: a batch without them is
-      smaller, not more padded, and finishes sooner (BENCHMARKS.md, probes/batch_order.py).
+      up with the longest texts of other callers that fit under the group's longest (and are
+      at least its longest / LEAD_SPREAD). Its answer then needs a batch or two, not a pass
+      over every length in the pool, which is what sorted runs do to a message whose texts
+      have every length: a stream's first answer came after most of the job. The caller's own
+      later messages are not fillers: a batch without them is smaller, not more padded, and
+      finishes sooner (BENCHMARKS.md, probes/batch_order.py).
+    - One lead that needs more than one batch at a time: another new caller's long first
+      message meanwhile goes by sorted runs (see add()).
     """
 
     LEAD_SPREAD = 1.5
@@ -161,6 +164,7 @@ class Queue:
         self._pool: list[tuple[int, int, _Item]] = []  # (length, arrival, item), sorted
         self._lines: dict[object, list[_InLine]] = {}  # caller -> its jobs, by sequence
         self._leads: set = set()  # callers whose oldest job in line is cut as a lead
+        self._long_leads: set = set()  # those of them whose lead needs more than one batch
         self._arrivals = itertools.count()
         self._cuts = 0  # batches cut so far
         self._served: dict[object, int] = {}  # caller -> the cut that last served it
@@ -171,7 +175,16 @@ class Queue:
                  for index, ids in enumerate(job.ids)]
         if caller not in self._lines:
             self._lines[caller] = []
-            self._leads.add(caller)
+            # A lead helps when it is whole within a few cuts. Long leads side by side take
+            # turns, so none is (four new streams: the first answer after 7.7 batch times,
+            # against 10.1 with sorted runs only), while their groups padded the job 9% more
+            # (probes/batch_order.py --streams 4). So a lead that needs more than one batch is
+            # one only while no other such lead waits; a short one (a unary call) always is.
+            fits = len(items) * max(item.length for item in items) <= self.budget
+            if fits or not self._long_leads:
+                self._leads.add(caller)
+                if not fits:
+                    self._long_leads.add(caller)
         bisect.insort(self._lines[caller], _InLine(items), key=lambda waiting: waiting.sequence)
         entries = [(item.length, item.arrival, item) for item in items]
         if len(entries) < 32:
@@ -201,6 +214,7 @@ class Queue:
             while line and line[0].oldest() is None:
                 del line[0]
                 self._leads.discard(caller)  # its first message is all cut
+                self._long_leads.discard(caller)
             if not line:
                 del self._lines[caller]
         return batch
@@ -250,9 +264,9 @@ class Queue:
         fillers, caller = [], group[0].job.caller or group[0].job
         below = bisect.bisect_right(self._pool, (longest, float("inf")))
         for at in range(below - 1, -1, -1):
-            if len(group) + len(fillers) >= rows:
-                break
             item = self._pool[at][2]
+            if len(group) + len(fillers) >= rows or item.length * self.LEAD_SPREAD < longest:
+                break  # full; or the rest would be padded more than a group's own texts
             if (item.job.caller or item.job) is not caller:
                 fillers.append(item)
         batch = sorted(group + fillers, key=lambda item: item.length)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from benchmarks.bench_throughput import (BATCH_TOKENS, Server, stream_all, timed,  # noqa: E402
-                                         unary_latency)
+from benchmarks.bench_throughput import (BATCH_TOKENS, Server, concurrent_streams,  # noqa: E402
+                                         stream_all, timed, unary_latency)
 from tests.corpus import stdlib_paragraphs  # noqa: E402
 
 import bertstream.server  # noqa: E402
@@ -26,6 +26,8 @@ parser.add_argument("refs", nargs=2)
 parser.add_argument("--dtype", default="bfloat16")
 parser.add_argument("--rounds", type=int, default=5)
 parser.add_argument("--texts", type=int, default=1000)
+parser.add_argument("--streams", type=int, default=1, help="the texts split over this many "
+                    "concurrent streams (as the throughput benchmark's row 3)")
 parser.add_argument("--flags", default="", help="extra serve flags for both")
 parser.add_argument("--env-a", action="append", default=[], help="KEY=VALUE for side A only")
 parser.add_argument("--env-b", action="append", default=[], help="KEY=VALUE for side B only")
@@ -59,13 +61,15 @@ try:
                                     **dict(pair.split("=", 1) for pair in env)})
     for _ in range(args.rounds):
         for side, server in servers.items():
-            seconds = timed(lambda: stream_all(server.target, texts))
+            seconds = (timed(lambda: stream_all(server.target, texts)) if args.streams == 1
+                       else concurrent_streams(server.target, texts, args.streams))
             results[side]["texts/s"].append(len(texts) / seconds)
             results[side]["unary p50 ms"].append(unary_latency(server.target, short) * 1e3)
 finally:
     for server in servers.values():
         server.stop()
-print(f"A = {args.refs[0]} {args.env_a}, B = {args.refs[1]} {args.env_b}, {args.dtype}, {args.rounds} rounds alternating\n")
+print(f"A = {args.refs[0]} {args.env_a}, B = {args.refs[1]} {args.env_b}, {args.dtype}, "
+      f"{args.texts} texts in {args.streams} stream(s), {args.rounds} rounds alternating\n")
 print("| measure | A (median) | B (median) | B/A per round (median) |\n|---|---:|---:|---:|")
 for measure in ("texts/s", "unary p50 ms"):
     a, b = results["A"][measure], results["B"][measure]

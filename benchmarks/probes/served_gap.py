@@ -1,7 +1,7 @@
 """Probe: where a served stream loses time against the in-process loop (forward time, batches,
 padded tokens), from the server's Prometheus metrics and the same counts taken in-process.
 
-    python benchmarks/probes/served_gap.py [--dtype bfloat16] [--texts 1000]
+    python benchmarks/probes/served_gap.py [--dtype bfloat16] [--texts 1000] [--streams 1]
 
 With several forward workers the server's forward seconds add up the workers' overlapping passes.
 """
@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from benchmarks.bench_throughput import BATCH_TOKENS, InProcess, Server, stream_all  # noqa: E402
+from benchmarks.bench_throughput import (BATCH_TOKENS, InProcess, Server,  # noqa: E402
+                                         concurrent_streams, stream_all)
 from tests.conftest import free_port  # noqa: E402
 from tests.corpus import stdlib_paragraphs  # noqa: E402
 
@@ -25,6 +26,8 @@ from bertstream import ext  # noqa: E402
 parser = argparse.ArgumentParser()
 parser.add_argument("--dtype", default="bfloat16")
 parser.add_argument("--texts", type=int, default=1000)
+parser.add_argument("--streams", type=int, default=1, help="the served texts split over this "
+                    "many concurrent streams")
 args = parser.parse_args()
 texts = list(stdlib_paragraphs()[:args.texts])
 torch.set_num_threads(ext.default_threads())
@@ -68,7 +71,10 @@ try:
         local_wall = time.perf_counter() - start
         before = scrape(metrics_port)
         start = time.perf_counter()
-        stream_all(server.target, texts)
+        if args.streams == 1:
+            stream_all(server.target, texts)
+        else:
+            concurrent_streams(server.target, texts, args.streams)
         served_wall = time.perf_counter() - start
         after = scrape(metrics_port)
         served = {k: after[k] - before[k] for k in after}
