@@ -58,9 +58,13 @@ def serve_process(*args: str, **popen) -> tuple[subprocess.Popen, str]:
     from bertstream.client import Client
 
     port = free_port()
+    # float32 unless a test asks otherwise: tests compare with float32 references, and on a GPU
+    # the server's default is float16.
+    precision = () if "--dtype" in args else ("--dtype", "float32")
     process = subprocess.Popen(
         [sys.executable, "-m", "bertstream.server.cli", "serve", "--port", str(port),
-         "--device", TEST_DEVICE, *args], env={**os.environ, "HF_HUB_OFFLINE": "1"}, **popen)
+         "--device", TEST_DEVICE, *precision, *args], env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        **popen)
     target = f"127.0.0.1:{port}"
     with Client(target, timeout=5) as probe:
         deadline = time.time() + 180
