@@ -164,7 +164,7 @@ class Queue:
         self._pool: list[tuple[int, int, _Item]] = []  # (length, arrival, item), sorted
         self._lines: dict[object, list[_InLine]] = {}  # caller -> its jobs, by sequence
         self._leads: set = set()  # callers whose oldest job in line is cut as a lead
-        self._long_leads: set = set()  # those of them whose lead needs more than one batch
+        self._long_lead = None  # the one of them whose lead needs more than one batch, if any
         self._arrivals = itertools.count()
         self._cuts = 0  # batches cut so far
         self._served: dict[object, int] = {}  # caller -> the cut that last served it
@@ -181,10 +181,10 @@ class Queue:
             # (probes/batch_order.py --streams 4). So a lead that needs more than one batch is
             # one only while no other such lead waits; a short one (a unary call) always is.
             fits = len(items) * max(item.length for item in items) <= self.budget
-            if fits or not self._long_leads:
+            if fits or self._long_lead is None:
                 self._leads.add(caller)
                 if not fits:
-                    self._long_leads.add(caller)
+                    self._long_lead = caller
         bisect.insort(self._lines[caller], _InLine(items), key=lambda waiting: waiting.sequence)
         entries = [(item.length, item.arrival, item) for item in items]
         if len(entries) < 32:
@@ -214,7 +214,8 @@ class Queue:
             while line and line[0].oldest() is None:
                 del line[0]
                 self._leads.discard(caller)  # its first message is all cut
-                self._long_leads.discard(caller)
+                if self._long_lead is caller:
+                    self._long_lead = None
             if not line:
                 del self._lines[caller]
         return batch
