@@ -147,6 +147,26 @@ def test_four_streams_starting_together_cost_little_padding(corpus_lengths):
     assert padded <= 1.05 * offline_padded(corpus_lengths)
 
 
+def test_a_stream_arriving_after_another_streams_lead_gets_a_lead_of_its_own(corpus_lengths):
+    """The one long lead at a time is handed on: a stream that starts once an earlier stream's
+    first message is all cut, while that stream's backlog is still queued, has its own first
+    message ready within a few of its turns."""
+    queue, first, second = Queue(1024), object(), object()
+    head, *rest = [FakeJob(corpus_lengths[i:i + 64], first) for i in range(0, 640, 64)]
+    for message in (head, *rest):
+        queue.add(message)
+    while any(line[0].items[0].job is head for line in queue._lines.values()):
+        queue.cut()  # until the first stream's lead is all cut
+    messages = [FakeJob(corpus_lengths[i:i + 64], second) for i in range(0, 320, 64)]
+    for message in messages:
+        queue.add(message)
+    left, cuts = len(messages[0].ids), 0
+    while left:
+        cuts += 1
+        left -= sum(item.job is messages[0] for item in queue.cut())
+    assert cuts <= 16, cuts  # turns alternate: 8 of its own; sorted runs alone took far more
+
+
 def test_a_leads_fillers_are_no_shorter_than_its_group_allows():
     """A lead is topped up with other callers' longest texts under its own longest, but not
     with texts that would be padded more than LEAD_SPREAD: those wait for a run of their own
