@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from bertstream.server.errors import EmbedError
 # Requests up to this many characters are tokenized on the event loop (tens of microseconds);
 # bigger ones on a worker thread so the loop keeps serving.
 INLINE_TOKENIZE_CHARS = 2000
+# Tokenize answers are built this many texts at a time (Core.tokenize).
+TOKENIZE_CHUNK_TEXTS = 256
 
 
 @dataclass(frozen=True)
@@ -146,22 +149,46 @@ class Core:
                 f"{self.admission.waiting} requests in line, limit {self.limits.max_queue_texts} "
                 f"texts (max_queue_texts); retry later")
 
-    async def _tokenize(self, texts: list[str], truncate: bool, details: bool = False,
-                        prompt: str | None = None) -> Tokenized:
-        if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:  # microseconds: not worth a thread hop
-            return self.engine.tokenize(texts, truncate, details, prompt)
-        return await asyncio.get_running_loop().run_in_executor(
-            self._tokenize_pool, self.engine.tokenize, texts, truncate, details, prompt)
+    async def _on_tokenizer(self, texts: list[str], work: Callable, *args):
+        """work(*args) for these texts: here when they are small (microseconds: not worth a
+        thread hop), else on a tokenizer thread so the loop keeps serving."""
+        if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
+            return work(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, work, *args)
 
-    async def tokenize(self, texts: list[str], truncate: bool = True) -> Tokenized:
-        """Token ids, strings and character offsets; it shares the tokenizer threads, so it
+    async def tokenize(self, texts: list[str], truncate: bool,
+                       add: Callable[[Tokenized], int]) -> None:
+        """Token ids, strings and character offsets, a chunk of texts at a time: add(chunk) puts
+        one chunk into the front-end's answer and returns the bytes it added; past
+        max_response_bytes, EmbedError (too large). Chunks are tokenized and converted on a
+        tokenizer thread (but for a small request): the tokenizer's per-token objects exist for
+        one chunk at a time, and the loop builds none of the answer (built whole on the loop,
+        10,000 texts of 256 tokens held it 7 s and took over 1 GB: tests/test_hostile.py). A
+        caller that goes away stops it at the next chunk. It shares the tokenizer threads, so it
         takes room in the queue like an embedding call (and never waits for it)."""
         self.check_texts(texts)
         await self.admit(len(texts), wait=False)
+        gone = threading.Event()  # the caller went away: stop at the next chunk
         try:
-            return await self._tokenize(texts, truncate, details=True)
+            await self._on_tokenizer(texts, self._tokenize_into, texts, truncate, add, gone)
+        except asyncio.CancelledError:
+            gone.set()
+            raise
         finally:
             self.admission.release(len(texts))
+
+    def _tokenize_into(self, texts: list[str], truncate: bool, add: Callable[[Tokenized], int],
+                       gone: threading.Event) -> None:
+        size, limit = 0, self.limits.max_response_bytes
+        for first in range(0, len(texts), TOKENIZE_CHUNK_TEXTS):
+            if gone.is_set():
+                return
+            chunk = texts[first:first + TOKENIZE_CHUNK_TEXTS]
+            size += add(self.engine.tokenize(chunk, truncate, details=True, first=first))
+            if size > limit:
+                raise EmbedError.too_large(
+                    f"the response is over the limit of {limit:,} bytes (max_response_bytes) "
+                    f"after {first + len(chunk):,} of {len(texts):,} texts; send fewer texts")
 
     async def embed(self, call: EmbedCall, wait: bool = False, caller: object = None) -> JobResult:
         """Validate, admit, tokenize, queue, await. Raises EmbedError. The size of the answer is
@@ -178,7 +205,8 @@ class Core:
         await self.admit(texts, wait)
         job = None
         try:
-            tokens = await self._tokenize(call.texts, call.truncate, prompt=options.prompt)
+            tokens = await self._on_tokenizer(call.texts, self.engine.tokenize, call.texts,
+                                              call.truncate, False, options.prompt)
             call.texts.clear()  # tokenized: the strings can go
             if options.token_level:
                 self.check_response_size(sum(map(len, tokens.ids)), options, call.dtype)

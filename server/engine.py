@@ -235,7 +235,8 @@ class Engine:
     # ------------------------------------------------------------------ tokenization
 
     def tokenize(self, texts: list[str], truncate: bool = True, details: bool = False,
-                 prompt: str | None = None) -> Tokenized:
+                 prompt: str | None = None, first: int = 0) -> Tokenized:
+        """first: the index of texts[0] in its request (errors name the request's item)."""
         if prompt:
             texts = [prompt + text for text in texts]
         encode = self._truncating.encode_batch if details else \
@@ -261,8 +262,8 @@ class Engine:
             i = truncated.index(True)
             length = len(self._full.encode(texts[i]).ids)
             raise EmbedError.invalid(
-                f"texts[{i}] has {length} tokens, over the model's maximum of {self.max_length} "
-                f"(truncate is false)")
+                f"texts[{first + i}] has {length} tokens, over the model's maximum of "
+                f"{self.max_length} (truncate is false)")
         return Tokenized(
             # int32 arrays: a queued text costs ~1 KB, not the ~10 KB of a list of Python ints
             ids=[np.array(e.ids, dtype=np.int32) for e in encodings],

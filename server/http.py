@@ -11,17 +11,18 @@ on the gRPC server's event loop.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
-import json
 import logging
-from typing import Literal, Union
+from typing import Iterable, Literal, Union
 
 import numpy as np
+import orjson
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -77,9 +78,32 @@ def texts_of(value) -> list[str]:
     return list(value)
 
 
-def json_response(content) -> Response:
-    # json.dumps of plain lists: FastAPI's encoder walks every float in Python, ~10x slower
-    return Response(json.dumps(content, separators=(",", ":")), media_type="application/json")
+# Values per piece of a JSON answer: ~3 ms of encoding each, between which the event loop serves
+# everyone else (10,000 vectors at once held it 0.15 s with orjson, 3.3 s with json:
+# benchmarks/probes/json_answer.py).
+JSON_PIECE_VALUES = 1 << 16
+
+
+def json_stream(head: bytes, pieces: Iterable[bytes], tail: bytes) -> StreamingResponse:
+    """head, then the pieces (each some items of one JSON array, encoded, no brackets) joined by
+    commas, then tail. Sent as they are encoded, so the answer is never whole in memory twice,
+    and a caller that does not read stops the encoding (the transport's flow control)."""
+    async def body():
+        yield head
+        for number, piece in enumerate(pieces):
+            yield b"," + piece if number else piece
+            await asyncio.sleep(0)  # let the loop serve others between pieces
+        yield tail
+
+    return StreamingResponse(body(), media_type="application/json")
+
+
+def row_pieces(vectors: np.ndarray, encode) -> Iterable[bytes]:
+    """encode(first, rows) of a few rows at a time: each returns those rows' items, encoded."""
+    step = max(1, JSON_PIECE_VALUES // max(1, vectors.shape[1]))
+    for first in range(0, len(vectors), step):
+        yield orjson.dumps(encode(first, vectors[first:first + step]),
+                           option=orjson.OPT_SERIALIZE_NUMPY)[1:-1]
 
 
 def create_app(core: Core, serving, tokens: list[bytes] = (), health_open: bool = True,
@@ -123,16 +147,21 @@ def create_app(core: Core, serving, tokens: list[bytes] = (), health_open: bool 
         result = await embed(EmbedCall(texts_of(body.input), dimensions=body.dimensions or 0))
         vectors = np.frombuffer(result.embeddings.data, "<f4").reshape(result.embeddings.shape)
         if body.encoding_format == "base64":
-            data = [base64.b64encode(row.tobytes()).decode() for row in vectors]
+            def value(row):
+                return base64.b64encode(row.tobytes()).decode()
         else:
-            data = vectors.tolist()
+            def value(row):
+                return row  # orjson writes float32 arrays itself, each value's shortest form
+
+        def items(first, rows):
+            return [{"object": "embedding", "index": first + i, "embedding": value(row)}
+                    for i, row in enumerate(rows)]
+
         tokens_used = result.usage.tokens
-        return json_response({
-            "object": "list",
-            "data": [{"object": "embedding", "index": i, "embedding": e}
-                     for i, e in enumerate(data)],
-            "model": body.model or engine.model_name,
-            "usage": {"prompt_tokens": tokens_used, "total_tokens": tokens_used}})
+        tail = orjson.dumps({"model": body.model or engine.model_name,
+                             "usage": {"prompt_tokens": tokens_used, "total_tokens": tokens_used}})
+        return json_stream(b'{"object":"list","data":[', row_pieces(vectors, items),
+                           b"]," + tail[1:])
 
     @app.post("/embed", summary="text-embeddings-inference-compatible embeddings")
     async def tei_embed(body: TEIEmbedRequest):
@@ -140,15 +169,21 @@ def create_app(core: Core, serving, tokens: list[bytes] = (), health_open: bool 
                                        truncate=body.truncate, prompt_name=body.prompt_name,
                                        dimensions=body.dimensions or 0))
         vectors = np.frombuffer(result.embeddings.data, "<f4").reshape(result.embeddings.shape)
-        return json_response(vectors.tolist())
+        return json_stream(b"[", row_pieces(vectors, lambda first, rows: rows), b"]")
 
     @app.post("/tokenize", summary="The model's tokens of each text, with character offsets")
     async def tokenize(body: TEITokenizeRequest):
-        tokenized = await core.tokenize(texts_of(body.inputs))
-        return json_response([
-            [{"id": i, "text": t, "start": start, "stop": end, "special": start == end == 0}
-             for i, t, (start, end) in zip(ids.tolist(), strings, offsets)]
-            for ids, strings, offsets in zip(tokenized.ids, tokenized.tokens, tokenized.offsets)])
+        pieces = []
+
+        def add(chunk) -> int:  # on a tokenizer thread
+            pieces.append(orjson.dumps([
+                [{"id": i, "text": t, "start": start, "stop": end, "special": start == end == 0}
+                 for i, t, (start, end) in zip(ids.tolist(), strings, offsets)]
+                for ids, strings, offsets in zip(chunk.ids, chunk.tokens, chunk.offsets)])[1:-1])
+            return len(pieces[-1])
+
+        await core.tokenize(texts_of(body.inputs), True, add)
+        return json_stream(b"[", pieces, b"]")
 
     @app.get("/info", summary="The model, its default pipeline and the limits")
     async def info():
@@ -223,7 +258,6 @@ async def start_http(app: FastAPI, host: str, port: int, body_limit: int, tls_ce
                      tls_key=None, tls_client_ca=None) -> _Server:
     """Serve `app` on host:port (TLS with the gRPC flags' files; with a client CA, mutual TLS)
     on the running loop; returns once listening. server.should_exit = True stops it."""
-    import asyncio
     import ssl
 
     options = {}

@@ -214,16 +214,24 @@ class EmbedderService(pb_grpc.EmbedderServicer):
 
     async def Tokenize(self, request, context):
         truncate = request.truncate if request.HasField("truncate") else True
+        response = pb.TokenizeResponse()
+
+        def add(chunk) -> int:  # on a tokenizer thread: the messages are built in place
+            size = 0
+            for ids, strings, offsets, truncated in zip(chunk.ids, chunk.tokens, chunk.offsets,
+                                                        chunk.truncated):
+                text = response.texts.add(truncated=truncated)
+                tokens = text.tokens
+                for i, t, (start, end) in zip(ids.tolist(), strings, offsets):
+                    tokens.add(id=i, text=t, start=start, end=end)
+                size += text.ByteSize()
+            return size
+
         try:
-            tokens = await self.core.tokenize(list(request.texts), truncate)
+            await self.core.tokenize(list(request.texts), truncate, add)
         except EmbedError as error:
             await abort(context, error)
-        return pb.TokenizeResponse(texts=[
-            pb.TokenizedText(truncated=truncated, tokens=[
-                pb.Token(id=i, text=t, start=start, end=end)
-                for i, t, (start, end) in zip(ids.tolist(), strings, offsets)])
-            for ids, strings, offsets, truncated in
-            zip(tokens.ids, tokens.tokens, tokens.offsets, tokens.truncated)])
+        return response
 
     async def Info(self, request, context):
         return info_response(self.core)

@@ -10,9 +10,13 @@ quotes (printed at the end of the run by conftest.py).
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -22,7 +26,7 @@ from bertstream.client import Client
 from bertstream.proto import embedder_pb2 as pb
 from bertstream.proto import embedder_pb2_grpc as pb_grpc
 from bertstream.server.service import Limits
-from tests.conftest import ServerThread, serve_process
+from tests.conftest import ServerThread, free_port, serve_process
 
 GB = 2**30
 HOSTILE_REPORT: dict[str, str] = {}
@@ -39,27 +43,60 @@ def peak_rss(pid: int) -> int:
 
 @pytest.fixture(scope="module")
 def served():
-    """A server process with every limit at its default; the baseline peak RSS after traffic."""
-    process, target = serve_process("--log-level", "WARNING")
+    """A server process with every limit at its default, HTTP on too; the baseline peak RSS after
+    traffic."""
+    http_port = free_port()
+    process, target = serve_process("--log-level", "WARNING", "--http-port", str(http_port))
     with Client(target, timeout=120) as client:
         client.embed(["warm up a normal request"] * 64)
-    baseline = peak_rss(process.pid)
-    yield process, target, baseline
+    yield SimpleNamespace(process=process, target=target, baseline=peak_rss(process.pid),
+                          http=f"http://127.0.0.1:{http_port}")
     process.kill()
     process.wait()
 
 
 def check_memory(served, what: str) -> None:
-    process, _, baseline = served
-    grown = peak_rss(process.pid) - baseline
+    grown = peak_rss(served.process.pid) - served.baseline
     HOSTILE_REPORT[what] = f"+{grown / 2**20:,.0f} MB"
     assert grown <= GB, f"{what}: peak RSS grew by {grown / 2**20:,.0f} MB"
 
 
+def while_a_small_caller_calls(target: str, action):
+    """action()'s result, and the latencies of the one-text Embed calls another caller made
+    meanwhile (one every 50 ms)."""
+    latencies, done = [], threading.Event()
+
+    def small_caller():
+        with Client(target, timeout=60) as client:
+            while not done.is_set():
+                started = time.perf_counter()
+                client.embed(["a small request from someone else"])
+                latencies.append(time.perf_counter() - started)
+                time.sleep(0.05)
+
+    with ThreadPoolExecutor(1) as pool:
+        small = pool.submit(small_caller)
+        try:
+            result = action()
+        finally:
+            done.set()
+        small.result()
+    return result, latencies
+
+
+def post_json(url: str, body) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=600) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
 def test_the_largest_legal_amplification(served):
     """Every hidden state, mean and max: 5,376 values per text, 1,500 texts, 32 MB out."""
-    _, target, _ = served
-    with Client(target, timeout=300) as client:
+    with Client(served.target, timeout=300) as client:
         vectors = client.embed(["a"] * 1500, pooling="mean_max", layers=list(range(7)))
         assert vectors.shape == (1500, 7 * 384 * 2)
         with pytest.raises(grpc.RpcError) as info:  # 300 layers: refused, nothing computed
@@ -76,9 +113,8 @@ def test_the_largest_legal_amplification(served):
 
 
 def test_token_level_output_is_bounded_before_compute(served):
-    _, target, _ = served
     long_text = "word " * 300  # 256 tokens after truncation
-    with Client(target, timeout=300) as client:
+    with Client(served.target, timeout=300) as client:
         tokens = client.embed_tokens([long_text] * 150)  # 150 x 256 x 384 floats: 59 MB
         assert sum(len(t) for t in tokens) == 150 * 256
         started = time.perf_counter()
@@ -94,23 +130,10 @@ def test_huge_texts_do_not_starve_a_small_caller(served):
     """A stream sends 600 texts of 100,000 characters (60 MB, within the limits); meanwhile
     another caller's one-text requests are each answered within a couple of batches, not after
     the whole backlog (about 25 s of compute here)."""
-    _, target, _ = served
     huge = ("lorem ipsum dolor sit amet " * 3704)[:100_000]
-    latencies, done = [], threading.Event()
-
-    def small_caller():
-        with Client(target, timeout=60) as client:
-            while not done.is_set():
-                started = time.perf_counter()
-                client.embed(["a small request from someone else"])
-                latencies.append(time.perf_counter() - started)
-                time.sleep(0.05)
-
-    with Client(target, timeout=600) as client, ThreadPoolExecutor(1) as pool:
-        small = pool.submit(small_caller)
-        parts = list(client.stream(iter([huge] * 600), batch_size=600))
-        done.set()
-        small.result()
+    with Client(served.target, timeout=600) as client:
+        parts, latencies = while_a_small_caller_calls(
+            served.target, lambda: list(client.stream(iter([huge] * 600), batch_size=600)))
     assert [len(p) for p in parts] == [600]
     assert client.last_usage.truncated_items == 600
     HOSTILE_REPORT["small request during 600 huge texts"] = (
@@ -123,8 +146,7 @@ def test_huge_texts_do_not_starve_a_small_caller(served):
 def test_a_caller_that_never_reads_holds_bounded_memory(served):
     """64 messages whose answers are 32 MB each (2 GB in all), sent at once, answers never read:
     the stream's read-ahead stops at its byte budget."""
-    process, target, _ = served
-    with grpc.insecure_channel(target) as channel:
+    with grpc.insecure_channel(served.target) as channel:
         stub = pb_grpc.EmbedderStub(channel)
         request = pb.EmbedRequest(texts=["a"] * 1500, pooling=pb.POOLING_MEAN_MAX,
                                   layers=list(range(7)))
@@ -132,8 +154,51 @@ def test_a_caller_that_never_reads_holds_bounded_memory(served):
         time.sleep(15)  # the server computes what its budget lets it read, then waits
         check_memory(served, "a stream of 2 GB of answers, never read")
         call.cancel()
-    with Client(target, timeout=60) as client:
+    with Client(served.target, timeout=60) as client:
         assert client.embed(["still serving"]).shape == (1, 384)
+
+
+def test_the_largest_tokenize_request_neither_stalls_nor_swells_the_server(served):
+    """Tokenize of 10,000 texts of 256 tokens (a 15 MB request): 2.56 million tokens, answered
+    over gRPC (43 MB), while another caller's one-text calls go on. Over HTTP the same answer is
+    167 MB of JSON: refused past max_response_bytes. Both had been built whole on the event loop:
+    the other caller waited 7-8 s, and the server's peak grew by over 1 GB."""
+    texts = ["word " * 300] * 10_000
+    with grpc.insecure_channel(served.target, options=[
+            ("grpc.max_receive_message_length", 256 * 2**20)]) as channel:
+        stub = pb_grpc.EmbedderStub(channel)
+        answer, latencies = while_a_small_caller_calls(
+            served.target, lambda: stub.Tokenize(pb.TokenizeRequest(texts=texts), timeout=300))
+    assert len(answer.texts) == 10_000 and {len(t.tokens) for t in answer.texts} == {256}
+    assert answer.texts[-1].tokens[1].text == "word" and answer.texts[-1].truncated
+    del answer
+    HOSTILE_REPORT["small request during the largest Tokenize"] = (
+        f"max {max(latencies) * 1000:.0f} ms ({len(latencies)} requests)")
+    assert len(latencies) >= 5 and max(latencies) < 1.5, latencies
+    (status, body), latencies = while_a_small_caller_calls(
+        served.target, lambda: post_json(served.http + "/tokenize", {"inputs": texts}))
+    assert status == 413 and b"max_response_bytes" in body, (status, body[:200])
+    assert max(latencies) < 1.5, latencies
+    check_memory(served, "the largest Tokenize (2.56 million tokens), gRPC and HTTP")
+
+
+def test_a_json_answer_of_10000_vectors_does_not_stall_other_callers(served):
+    """POST /v1/embeddings of 10,000 texts: 47 MB of JSON, encoded a piece at a time while the
+    event loop serves the others. One json.dumps of it held the loop 3 s."""
+    (status, body), latencies = while_a_small_caller_calls(
+        served.target, lambda: post_json(served.http + "/v1/embeddings",
+                                         {"input": [f"text {i}" for i in range(10_000)]}))
+    assert status == 200
+    data = json.loads(body)["data"]
+    assert [item["index"] for item in data] == list(range(10_000))
+    with Client(served.target, timeout=60) as client:
+        np.testing.assert_allclose(np.array([data[0]["embedding"], data[-1]["embedding"]],
+                                            dtype=np.float32),
+                                   client.embed(["text 0", "text 9999"]), rtol=0, atol=1e-5)
+    HOSTILE_REPORT["small request during a 10,000-vector JSON answer"] = (
+        f"max {max(latencies) * 1000:.0f} ms ({len(latencies)} requests)")
+    assert len(latencies) >= 5 and max(latencies) < 1.5, latencies
+    check_memory(served, "a 10,000-vector JSON answer")
 
 
 # ---------------------------------------------------------------- admission, in-process

@@ -138,6 +138,35 @@ def test_tei_embed_and_tokenize(served, grpc_client, texts):
                                               grpc_client.tokenize(["Hello world"])[0]]
 
 
+def test_json_answers_sent_in_pieces_are_whole(served, grpc_client, texts, monkeypatch):
+    """JSON answers are encoded and sent a few rows at a time (and Tokenize's a few texts at a
+    time): with two rows a piece, every answer still parses to the gRPC front-end's values."""
+    from bertstream.server import core, http
+
+    monkeypatch.setattr(http, "JSON_PIECE_VALUES", 2 * 384 + 1)
+    monkeypatch.setattr(core, "TOKENIZE_CHUNK_TEXTS", 4)
+    expected = grpc_client.embed(texts)
+    tokens_used = grpc_client.last_usage.tokens
+    status, body = post(served, "/v1/embeddings", {"input": texts, "model": "m"})
+    assert status == 200 and body["object"] == "list" and body["model"] == "m"
+    assert body["usage"] == {"prompt_tokens": tokens_used, "total_tokens": tokens_used}
+    assert [item["index"] for item in body["data"]] == list(range(len(texts)))
+    np.testing.assert_allclose(np.array([item["embedding"] for item in body["data"]],
+                                        dtype=np.float32), expected, rtol=0, atol=ATOL)
+    status, body = post(served, "/v1/embeddings", {"input": texts, "encoding_format": "base64"})
+    assert status == 200
+    np.testing.assert_allclose(np.stack([np.frombuffer(base64.b64decode(item["embedding"]), "<f4")
+                                         for item in body["data"]]), expected, rtol=0, atol=ATOL)
+    status, vectors = post(served, "/embed", {"inputs": texts, "truncate": True})
+    assert status == 200
+    np.testing.assert_allclose(np.array(vectors, dtype=np.float32), expected, rtol=0, atol=ATOL)
+    status, tokens = post(served, "/tokenize", {"inputs": texts})
+    assert status == 200
+    assert [[(t["id"], t["text"], t["start"], t["stop"]) for t in text] for text in tokens] == [
+        [(t["id"], t["text"], t["start"], t["end"]) for t in text]
+        for text in grpc_client.tokenize(texts)]
+
+
 def test_info_health_metrics_and_docs(served, grpc_client):
     status, body = get(served, "/info")
     assert status == 200 and json.loads(body) == grpc_client.info()

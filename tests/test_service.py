@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import threading
+import time
 import unicodedata
 
 import grpc
 import numpy as np
 import pytest
 
-from bertstream.client import EmbedStreamError, Int8Embeddings, decode_tensor
+from bertstream.client import Client, EmbedStreamError, Int8Embeddings, decode_tensor
 from bertstream.proto import embedder_pb2 as pb
 from bertstream.proto import embedder_pb2_grpc as pb_grpc
 from tests.conftest import TEST_DEVICE
@@ -262,6 +263,64 @@ def test_tokenize_bad_input(client):
     with pytest.raises(grpc.RpcError) as info:
         client.tokenize([])
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_tokenize_in_chunks_answers_as_whole(client, corpus, monkeypatch):
+    """Tokenize answers are built a few texts at a time (Core.tokenize): chunk edges change
+    nothing, and an error names the request's item, not the chunk's."""
+    from bertstream.server import core
+
+    texts = list(corpus[:60]) + ["Hello world"] * 3  # over the inline size: tokenizer threads
+    assert sum(map(len, texts)) > core.INLINE_TOKENIZE_CHARS
+    whole = client.tokenize(texts)
+    assert [t[1]["text"] for t in whole[-3:]] == ["hello"] * 3
+    monkeypatch.setattr(core, "TOKENIZE_CHUNK_TEXTS", 3)
+    assert client.tokenize(texts) == whole
+    with pytest.raises(grpc.RpcError) as info:
+        client.tokenize(texts[:5] + [max(corpus, key=len)], truncate=False)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("texts[5] has ")
+
+
+def test_a_tokenize_whose_caller_went_away_stops(client, engine, monkeypatch):
+    """A Tokenize past its deadline stops at its next chunk instead of building the rest of an
+    answer nobody reads."""
+    from bertstream.server import core
+
+    chunks, tokenize = [], engine.tokenize
+
+    def slow(*args, **kwargs):
+        chunks.append(1)
+        time.sleep(0.05)
+        return tokenize(*args, **kwargs)
+
+    monkeypatch.setattr(core, "TOKENIZE_CHUNK_TEXTS", 10)
+    monkeypatch.setattr(engine, "tokenize", slow)
+    with pytest.raises(grpc.RpcError) as info:  # 50 chunks: 2.5 s of work
+        pb_grpc.EmbedderStub(client._channel).Tokenize(
+            pb.TokenizeRequest(texts=["word " * 300] * 500), timeout=0.3)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    time.sleep(3)
+    assert len(chunks) <= 15, len(chunks)
+
+
+def test_tokenize_answer_is_bounded(engine, corpus):
+    """A Tokenize answer past max_response_bytes is refused, naming the limit, and its room in
+    the queue is given back; one under it is answered."""
+    from bertstream.server.service import Limits
+    from tests.conftest import TEST_LIMITS, ServerThread
+
+    server = ServerThread(engine, Limits(**{**TEST_LIMITS, "max_response_bytes": 20_000}))
+    try:
+        with Client(server.target, timeout=60) as small:
+            assert len(small.tokenize(list(corpus[:10]))) == 10
+            with pytest.raises(grpc.RpcError) as info:
+                small.tokenize([max(corpus, key=len)] * 300)  # 300 x 256 tokens: ~1.3 MB
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "max_response_bytes" in info.value.details()
+            assert server.admission.queued == 0
+    finally:
+        server.stop()
 
 
 def test_client_validates_before_sending(client):

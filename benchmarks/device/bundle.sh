@@ -2,7 +2,8 @@
 # Here, where the package index is reachable: what the project's lent CUDA machine (`device` tool,
 # KINDS.md: Python 3.12 with torch, transformers, sentence-transformers, no network) lacks for
 # `gpu_check.sh`, into .device/ (git-ignored; carried by the run, 64 MiB at most):
-#   wheels/  the gRPC, protobuf and TLS packages at this venv's versions, for CPython 3.12
+#   wheels/  the gRPC, protobuf, TLS and HTTP front-end packages at this venv's versions, for
+#            CPython 3.12 (the hostile tests serve HTTP too)
 #   model/   the packaged all-MiniLM-L6-v2 with its weights in float16 (the float32 file, 91 MB,
 #            is over the carry limit); run.sh restores float32 there (exact for float16 and
 #            bfloat16 forward passes; for float32, a model 1e-3 away from the reference, the
@@ -14,7 +15,9 @@ PY=${PY:-.venv/bin/python}
 rm -rf .device && mkdir -p .device/wheels .device/model
 version() { "$PY" -m pip show "$1" 2>/dev/null | sed -n 's/^Version: //p'; }
 wheels=()
-for name in grpcio grpcio-tools protobuf grpcio-health-checking grpcio-reflection cryptography cffi; do
+for name in grpcio grpcio-tools protobuf grpcio-health-checking grpcio-reflection cryptography cffi \
+        fastapi starlette pydantic pydantic-core annotated-types typing-inspection opentelemetry-api \
+        uvicorn orjson; do
     wheels+=("$name==$(version "$name")")
 done
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
