@@ -16,7 +16,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 from bertstream.server.admission import Admission
 from bertstream.server.batcher import Batcher, Job, JobResult
@@ -43,10 +43,10 @@ class Limits:
 
 @dataclass
 class EmbedCall:
-    """One embedding request in the core's terms. `texts` is the core's to empty once tokenized
-    (a request may hold up to max_message_bytes of them)."""
+    """One embedding request in the core's terms. `texts` (a list, or a request's repeated field)
+    is the core's to empty once tokenized (a request may hold up to max_message_bytes of them)."""
 
-    texts: list[str]
+    texts: Sequence[str]
     pooling: str | None = None  # None: the model's pipeline (Engine.options)
     layers: tuple[int, ...] = ()
     layer_combine: str = "concat"
@@ -149,14 +149,14 @@ class Core:
                 f"{self.admission.waiting} requests in line, limit {self.limits.max_queue_texts} "
                 f"texts (max_queue_texts); retry later")
 
-    async def _on_tokenizer(self, texts: list[str], work: Callable, *args):
+    async def _on_tokenizer(self, texts: Sequence[str], work: Callable, *args):
         """work(*args) for these texts: here when they are small (microseconds: not worth a
         thread hop), else on a tokenizer thread so the loop keeps serving."""
         if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
             return work(*args)
         return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, work, *args)
 
-    async def tokenize(self, texts: list[str], truncate: bool,
+    async def tokenize(self, texts: Sequence[str], truncate: bool,
                        add: Callable[[Tokenized], int]) -> None:
         """Token ids, strings and character offsets, a chunk of texts at a time: add(chunk) puts
         one chunk into the front-end's answer and returns the bytes it added; past
@@ -177,7 +177,7 @@ class Core:
         finally:
             self.admission.release(len(texts))
 
-    def _tokenize_into(self, texts: list[str], truncate: bool, add: Callable[[Tokenized], int],
+    def _tokenize_into(self, texts: Sequence[str], truncate: bool, add: Callable[[Tokenized], int],
                        gone: threading.Event) -> None:
         size, limit = 0, self.limits.max_response_bytes
         for first in range(0, len(texts), TOKENIZE_CHUNK_TEXTS):
@@ -207,7 +207,7 @@ class Core:
         try:
             tokens = await self._on_tokenizer(call.texts, self.engine.tokenize, call.texts,
                                               call.truncate, False, options.prompt)
-            call.texts.clear()  # tokenized: the strings can go
+            del call.texts[:]  # tokenized: the strings can go
             if options.token_level:
                 self.check_response_size(sum(map(len, tokens.ids)), options, call.dtype)
             done, on_done = completion()

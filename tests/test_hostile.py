@@ -158,6 +158,30 @@ def test_a_caller_that_never_reads_holds_bounded_memory(served):
         assert client.embed(["still serving"]).shape == (1, 384)
 
 
+@pytest.mark.parametrize("method, texts_field", [("Embed", b"\x12"), ("Tokenize", b"\x0a")])
+def test_millions_of_tiny_texts_are_counted_before_they_are_copied(method, texts_field):
+    """60 MB of two-character texts is 15 million texts, over max_texts_per_request: refused,
+    having been counted where they lie in the request. Copied into a list of Python strings
+    first, they took 1.7 GB. (A server of its own: what the tests above left in its heap
+    would add to the peak; gRPC's parse of the message alone takes ~600 MB.)"""
+    process, target = serve_process("--log-level", "WARNING")
+    try:
+        with Client(target, timeout=120) as client:
+            client.embed(["warm up a normal request"] * 64)
+        served = SimpleNamespace(process=process, baseline=peak_rss(process.pid))
+        with grpc.insecure_channel(target) as channel:
+            raw = channel.unary_unary(f"/bertstream.v1.Embedder/{method}")  # bytes in and out
+            with pytest.raises(grpc.RpcError) as info:
+                raw((texts_field + b"\x02ab") * 15_000_000, timeout=120)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "15000000 texts" in info.value.details()
+        assert "max_texts_per_request" in info.value.details()
+        check_memory(served, f"15 million two-character texts (60 MB) to {method}")
+    finally:
+        process.kill()
+        process.wait()
+
+
 def test_the_largest_tokenize_request_neither_stalls_nor_swells_the_server(served):
     """Tokenize of 10,000 texts of 256 tokens (a 15 MB request): 2.56 million tokens, answered
     over gRPC (43 MB), while another caller's one-text calls go on. Over HTTP the same answer is
