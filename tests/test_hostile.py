@@ -61,9 +61,9 @@ def check_memory(served, what: str) -> None:
     assert grown <= GB, f"{what}: peak RSS grew by {grown / 2**20:,.0f} MB"
 
 
-def while_a_small_caller_calls(target: str, action):
+def while_a_small_caller_calls(target: str, action, pause: float = 0.05):
     """action()'s result, and the latencies of the one-text Embed calls another caller made
-    meanwhile (one every 50 ms)."""
+    meanwhile (`pause` seconds apart)."""
     latencies, done = [], threading.Event()
 
     def small_caller():
@@ -72,7 +72,7 @@ def while_a_small_caller_calls(target: str, action):
                 started = time.perf_counter()
                 client.embed(["a small request from someone else"])
                 latencies.append(time.perf_counter() - started)
-                time.sleep(0.05)
+                time.sleep(pause)
 
     with ThreadPoolExecutor(1) as pool:
         small = pool.submit(small_caller)

@@ -9,7 +9,6 @@ Tokenize of 10,000 texts of 256 tokens over gRPC and over HTTP; /v1/embeddings a
 """
 import json
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -19,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.conftest import free_port, serve_process  # noqa: E402
-from tests.test_hostile import peak_rss  # noqa: E402
+from tests.test_hostile import peak_rss, while_a_small_caller_calls  # noqa: E402
 
 from bertstream.client import Client  # noqa: E402
 
@@ -39,26 +38,13 @@ def post(path, body):
 
 
 def measure(what, action):
-    latencies, done = [], threading.Event()
-
-    def small():
-        with Client(target, timeout=120) as client:
-            while not done.is_set():
-                started = time.perf_counter()
-                client.embed(["a small request"])
-                latencies.append(time.perf_counter() - started)
-                time.sleep(0.02)
-
-    thread = threading.Thread(target=small)
-    thread.start()
     before, started = peak_rss(process.pid), time.perf_counter()
-    outcome = action()
+    outcome, latencies = while_a_small_caller_calls(target, action, pause=0.02)
     took = time.perf_counter() - started
-    done.set()
-    thread.join()
-    print(f"{what}: {outcome} in {took:.1f} s; peak RSS +{(peak_rss(process.pid) - before) / 2**20:,.0f}"
-          f" MB; the other caller p50 {np.median(latencies) * 1e3:.0f} ms, max "
-          f"{max(latencies) * 1e3:.0f} ms ({len(latencies)} calls)", flush=True)
+    print(f"{what}: {outcome} in {took:.1f} s; peak RSS +"
+          f"{(peak_rss(process.pid) - before) / 2**20:,.0f} MB; the other caller p50 "
+          f"{np.median(latencies) * 1e3:.0f} ms, max {max(latencies) * 1e3:.0f} ms "
+          f"({len(latencies)} calls)", flush=True)
 
 
 try:
