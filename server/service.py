@@ -358,8 +358,8 @@ async def start_server(engine: Engine, limits: Limits, host: str = "127.0.0.1", 
         app = create_app(core, running.serving, list(security.auth_tokens),
                          security.health_open, metrics=http_metrics)
         running.http = await start_http(app, host, http_port, limits.max_message_bytes,
-                                        security.tls_cert, security.tls_key,
-                                        security.tls_client_ca)
+                                        limits.max_texts_per_request, security.tls_cert,
+                                        security.tls_key, security.tls_client_ca)
         running.http_port = running.http.servers[0].sockets[0].getsockname()[1]
     await warm_up(core)
     running.warmed = True

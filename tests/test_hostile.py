@@ -85,8 +85,11 @@ def while_a_small_caller_calls(target: str, action, pause: float = 0.05):
 
 
 def post_json(url: str, body) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})
+    return post_raw(url, json.dumps(body).encode())
+
+
+def post_raw(url: str, data: bytes) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=600) as response:
             return response.status, response.read()
@@ -158,25 +161,33 @@ def test_a_caller_that_never_reads_holds_bounded_memory(served):
         assert client.embed(["still serving"]).shape == (1, 384)
 
 
-@pytest.mark.parametrize("method, texts_field", [("Embed", b"\x12"), ("Tokenize", b"\x0a")])
-def test_millions_of_tiny_texts_are_counted_before_they_are_copied(method, texts_field):
-    """60 MB of two-character texts is 15 million texts, over max_texts_per_request: refused,
-    having been counted where they lie in the request. Copied into a list of Python strings
-    first, they took 1.7 GB. (A server of its own: what the tests above left in its heap
-    would add to the peak; gRPC's parse of the message alone takes ~600 MB.)"""
-    process, target = serve_process("--log-level", "WARNING")
+@pytest.mark.parametrize("method", ["Embed", "Tokenize", "HTTP"])
+def test_millions_of_tiny_texts_are_counted_before_they_are_copied(method):
+    """50-60 MB of two-character texts is 10-15 million texts, over max_texts_per_request:
+    refused, having been counted where they lie (gRPC: in the request; HTTP: in the raw body).
+    Copied into Python strings first, they took 1.7 GB (gRPC) and 1.0 GB (HTTP). (A server of
+    its own: what the tests above left in its heap would add to the peak; gRPC's parse of the
+    message alone takes ~600 MB.)"""
+    http_port = free_port()
+    process, target = serve_process("--log-level", "WARNING", "--http-port", str(http_port))
     try:
         with Client(target, timeout=120) as client:
             client.embed(["warm up a normal request"] * 64)
         served = SimpleNamespace(process=process, baseline=peak_rss(process.pid))
-        with grpc.insecure_channel(target) as channel:
-            raw = channel.unary_unary(f"/bertstream.v1.Embedder/{method}")  # bytes in and out
-            with pytest.raises(grpc.RpcError) as info:
-                raw((texts_field + b"\x02ab") * 15_000_000, timeout=120)
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "15000000 texts" in info.value.details()
-        assert "max_texts_per_request" in info.value.details()
-        check_memory(served, f"15 million two-character texts (60 MB) to {method}")
+        if method == "HTTP":
+            status, body = post_raw(f"http://127.0.0.1:{http_port}/v1/embeddings",
+                                    b'{"input":[' + b'"ab",' * 10_000_000 + b'"ab"]}')
+            assert status == 413 and b"JSON strings" in body, body
+        else:
+            texts_field = {"Embed": b"\x12", "Tokenize": b"\x0a"}[method]  # field 2 and 1
+            with grpc.insecure_channel(target) as channel:
+                raw = channel.unary_unary(f"/bertstream.v1.Embedder/{method}")  # bytes in, out
+                with pytest.raises(grpc.RpcError) as info:
+                    raw((texts_field + b"\x02ab") * 15_000_000, timeout=120)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "15000000 texts" in info.value.details()
+            assert "max_texts_per_request" in info.value.details()
+        check_memory(served, f"millions of two-character texts to {method}")
     finally:
         process.kill()
         process.wait()

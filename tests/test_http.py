@@ -167,6 +167,17 @@ def test_json_answers_sent_in_pieces_are_whole(served, grpc_client, texts, monke
         for text in grpc_client.tokenize(texts)]
 
 
+def test_a_body_of_more_strings_than_texts_is_refused_before_it_is_parsed(served):
+    """Strings are counted in the raw body (a parse of millions of tiny ones costs a GB); quotes
+    escaped inside a text do not count against it."""
+    limit = TEST_LIMITS["max_texts_per_request"]
+    status, error = post(served, "/v1/embeddings", {"input": ["ab"] * (limit + 100)})
+    assert status == 413 and "JSON strings" in error["error"]["message"], error
+    quoted = [f'{i} said "hi", then "bye" \\"' for i in range(limit)]  # 5 quotes each, escaped
+    status, body = post(served, "/v1/embeddings", {"input": quoted, "model": "m"})
+    assert status == 200 and len(body["data"]) == limit
+
+
 def test_info_health_metrics_and_docs(served, grpc_client):
     status, body = get(served, "/info")
     assert status == 200 and json.loads(body) == grpc_client.info()
