@@ -15,7 +15,8 @@ import asyncio
 import base64
 import contextlib
 import logging
-from typing import Iterable, Literal, Union
+from json.decoder import scanstring
+from typing import Annotated, Iterable, Literal, Union
 
 import numpy as np
 import orjson
@@ -23,7 +24,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field, StrictStr
+from pydantic import BaseModel, Field, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bertstream.server.core import Core, EmbedCall
@@ -42,10 +43,16 @@ OPEN_PATHS = ("/docs", "/openapi.json")  # no data behind them
 OTHER_STRINGS = 32  # a body's strings besides its texts: field names, model, prompt_name, ...
 
 
+# Lists fail at their first bad item: pydantic otherwise makes an error for every item, for each
+# member of a union (30 million ints in a 60 MB body took 7 GB).
+Texts = Annotated[list[StrictStr], Field(fail_fast=True)]
+TokenIds = Annotated[list[StrictInt], Field(fail_fast=True)]
+
+
 class OpenAIEmbeddingRequest(BaseModel):
-    input: Union[StrictStr, list[StrictStr], list[int], list[list[int]]] = Field(
-        description="A text or a list of texts. Token-id arrays are refused: they would be "
-                    "another tokenizer's ids.")
+    input: Union[StrictStr, Texts, TokenIds, Annotated[list[TokenIds], Field(fail_fast=True)]] = \
+        Field(description="A text or a list of texts. Token-id arrays are refused: they would be "
+                          "another tokenizer's ids.")
     model: str | None = Field(None, description="Accepted and echoed; the server has one model.")
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, description="Keep the first N values (renormalized).")
@@ -53,7 +60,7 @@ class OpenAIEmbeddingRequest(BaseModel):
 
 
 class TEIEmbedRequest(BaseModel):
-    inputs: Union[StrictStr, list[StrictStr]]
+    inputs: Union[StrictStr, Texts]
     normalize: bool = True
     truncate: bool = False
     prompt_name: str | None = None
@@ -61,7 +68,7 @@ class TEIEmbedRequest(BaseModel):
 
 
 class TEITokenizeRequest(BaseModel):
-    inputs: Union[StrictStr, list[StrictStr]]
+    inputs: Union[StrictStr, Texts]
 
 
 def error_response(status: int, message: str, code: str | None = None) -> JSONResponse:
@@ -208,11 +215,36 @@ def create_app(core: Core, serving, tokens: list[bytes] = (), health_open: bool 
     return app
 
 
+def json_counts(data: bytes, most: int) -> tuple[int, int] | None:
+    """The strings of a JSON body, and its values besides them (commas, '[' and '{' outside the
+    strings), counted without parsing it; past `most` strings, it stops. None: not UTF-8, or a
+    broken string (the app's parser answers those). Parsed, 60 MB of tiny values took 1-7 GB:
+    Python objects, and pydantic's error for each."""
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        return None
+    strings = others = position = 0
+    while strings <= most:
+        quote = text.find('"', position)
+        end = len(text) if quote == -1 else quote
+        others += sum(text.count(mark, position, end) for mark in ",[{")
+        if quote == -1:
+            break
+        strings += 1
+        try:
+            position = scanstring(text, quote + 1)[1]  # past the closing quote; escapes in C
+        except ValueError:
+            return None
+    return strings, others
+
+
 class BodyLimit:
     """ASGI: a request body over `limit` bytes (the gRPC message limit) gets 413, read no further
-    than the limit; so does one holding more JSON strings than `strings`, counted in the raw
-    bytes before anything parses them (60 MB of two-character texts is 10 million strings:
-    parsed, they took 1 GB and held the event loop 1.8 s before the text count refused them).
+    than the limit; so does one holding more JSON strings, or more other values, than `strings`,
+    counted before anything parses them (json_counts; 60 MB of two-character texts is 10 million
+    strings: parsed, they took 1 GB and held the event loop 1.8 s before the text count refused
+    them).
     Any other body is read whole, then handed to the app."""
 
     def __init__(self, app, limit: int, strings: int):
@@ -235,11 +267,11 @@ class BodyLimit:
                 return await self._too_large(scope, receive, send)
         data = b"".join(body)
         del body
-        # Two quotes a string; an escaped quote (\") is inside one. An escaped backslash before a
-        # closing quote (\\") undercounts by one: at most twice the strings get through.
-        if (data.count(b'"') - data.count(b'\\"')) // 2 > self.strings:
-            response = error_response(413, f"request body holds more than {self.strings:,} JSON "
-                                           f"strings; a request takes at most "
+        counted = json_counts(data, self.strings)
+        if counted is not None and (counted[0] > self.strings or counted[1] > self.strings):
+            what = (f"more than {self.strings:,} JSON strings" if counted[0] > self.strings else
+                    f"more than {self.strings:,} other JSON values")
+            response = error_response(413, f"request body holds {what}; a request takes at most "
                                            f"max_texts_per_request texts")
             return await response(scope, receive, send)
         whole = {"type": "http.request", "body": data, "more_body": False}
@@ -253,6 +285,12 @@ class BodyLimit:
             return whole
 
         await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send):
+        response = error_response(413, f"request body over the limit of {self.limit:,} bytes "
+                                       f"(max_message_bytes)")
+        await response(scope, receive, send)
+
 
 class _Server(uvicorn.Server):
     """uvicorn on the gRPC server's loop: signals stay the CLI's (it stops both front-ends)."""
