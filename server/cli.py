@@ -10,13 +10,9 @@ import signal
 import sys
 
 from bertstream.client.cli import embed_parser
+from bertstream.server.limits import BATCH_TOKENS_BY_DEVICE, Limits
 
 log = logging.getLogger("bertstream")
-
-# Measured (BENCHMARKS.md): on the CPU, small batches keep activations in cache; 1024 tokens was
-# the fastest budget for float32 and bfloat16 alike. A GPU wants big batches.
-DEFAULT_BATCH_TOKENS = {"cpu": 1024, "cuda": 32768}
-
 
 def serve_parser(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve embeddings over gRPC")
@@ -44,6 +40,19 @@ def serve_parser(subparsers) -> None:
     p.add_argument("--max-response-bytes", type=int, default=64 * 2**20,
                    help="largest response tensor; bigger requests are refused before any compute "
                         "(default 64 MiB)")
+    p.add_argument("--max-held-bytes", type=int, default=Limits.max_held_bytes,
+                   help="requests read ahead and answers not yet taken, all clients together "
+                        f"(default {Limits.max_held_bytes // 2**20} MiB)")
+    p.add_argument("--max-connection-held-bytes", type=int,
+                   default=Limits.max_connection_held_bytes,
+                   help="the same, one connection's share: past it its streams stop being read "
+                        f"(default {Limits.max_connection_held_bytes // 2**20} MiB)")
+    p.add_argument("--stall-timeout", type=float, default=Limits.stall_timeout_s,
+                   help="a connection that holds its share without taking an answer this many "
+                        f"seconds is cut, its calls cancelled (default {Limits.stall_timeout_s:g})")
+    p.add_argument("--max-concurrent-streams", type=int, default=Limits.max_concurrent_streams,
+                   help="gRPC calls open at once on one connection (default "
+                        f"{Limits.max_concurrent_streams})")
     p.add_argument("--tls-cert", help="server certificate (PEM): serve TLS")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to: "
@@ -97,7 +106,7 @@ class LogFormatter(logging.Formatter):
 async def serve(args) -> None:
     from bertstream.server.engine import Engine
     from bertstream.server.security import read_tokens
-    from bertstream.server.service import Limits, Security, start_server
+    from bertstream.server.service import Security, start_server
 
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
@@ -112,11 +121,15 @@ async def serve(args) -> None:
     limits = Limits(
         max_texts_per_request=args.max_texts_per_request,
         max_chars_per_text=args.max_chars_per_text,
-        max_batch_tokens=args.max_batch_tokens or DEFAULT_BATCH_TOKENS[engine.device.type],
+        max_batch_tokens=args.max_batch_tokens or BATCH_TOKENS_BY_DEVICE[engine.device.type],
         max_message_bytes=args.max_message_bytes,
         stream_window=args.stream_window,
         max_queue_texts=args.max_queue_texts,
         max_response_bytes=args.max_response_bytes,
+        max_held_bytes=args.max_held_bytes,
+        max_connection_held_bytes=args.max_connection_held_bytes,
+        stall_timeout_s=args.stall_timeout,
+        max_concurrent_streams=args.max_concurrent_streams,
     )
     running = await start_server(engine, limits, args.host, args.port, security,
                                  http_port=args.http_port,

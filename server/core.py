@@ -22,23 +22,13 @@ from bertstream.server.admission import Admission
 from bertstream.server.batcher import Batcher, Job, JobResult
 from bertstream.server.engine import EmbedOptions, Engine, Tokenized
 from bertstream.server.errors import EmbedError
+from bertstream.server.limits import Limits
 
 # Requests up to this many characters are tokenized on the event loop (tens of microseconds);
 # bigger ones on a worker thread so the loop keeps serving.
 INLINE_TOKENIZE_CHARS = 2000
 # Tokenize answers are built this many texts at a time (Core.tokenize).
 TOKENIZE_CHUNK_TEXTS = 256
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_texts_per_request: int = 10_000
-    max_chars_per_text: int = 100_000
-    max_batch_tokens: int = 2048
-    max_message_bytes: int = 64 * 2**20
-    stream_window: int = 64  # stream messages read ahead of their responses
-    max_queue_texts: int = 100_000  # texts admitted and still waiting in the pool, all callers
-    max_response_bytes: int = 64 * 2**20  # one response's tensor bytes, known before any compute
 
 
 @dataclass

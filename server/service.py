@@ -22,7 +22,9 @@ from bertstream.proto import embedder_pb2 as pb
 from bertstream.proto import embedder_pb2_grpc as pb_grpc
 from bertstream.server.admission import Admission
 from bertstream.server.batcher import Batcher, JobResult
-from bertstream.server.core import Core, EmbedCall, Limits, warm_up
+from bertstream.server.budget import MemoryBudget
+from bertstream.server.core import Core, EmbedCall, warm_up
+from bertstream.server.limits import Limits
 from bertstream.server.engine import Engine
 from bertstream.server.errors import EmbedError, ErrorKind
 from bertstream.server.metrics import Metrics
@@ -140,8 +142,8 @@ def enum_name(table: dict, value: int, field: str) -> str:
 
 
 class EmbedderService(pb_grpc.EmbedderServicer):
-    def __init__(self, core: Core):
-        self.core = core
+    def __init__(self, core: Core, budget: MemoryBudget):
+        self.core, self.budget = core, budget
         self.engine, self.limits, self.metrics = core.engine, core.limits, core.metrics
 
     async def _embed(self, rpc: str, request: pb.EmbedRequest,
@@ -152,34 +154,63 @@ class EmbedderService(pb_grpc.EmbedderServicer):
             codes=STATUS_NAMES)
         return to_response(request.request_id, result)
 
+    async def _account(self, context):
+        """This call's connection's account (budget.py), given back when the call ends; if the
+        connection is cut, the call's task is cancelled. A cut connection's new calls get
+        RESOURCE_EXHAUSTED."""
+        task = asyncio.current_task()
+        account = self.budget.open(context.peer(), task.cancel)
+        context.add_done_callback(lambda _: self.budget.close(account, task.cancel))
+        if account.cut:
+            await abort(context, EmbedError.overloaded(self.budget.cut_message(account.key)))
+        return account
+
     # ------------------------------------------------------------------ RPCs
 
     async def Embed(self, request, context):
+        account = await self._account(context)
+        cost = self._memory_cost(request)
+        if not account.try_take(cost):
+            await abort(context, EmbedError.overloaded(
+                f"this connection holds {account.held:,} bytes of requests and answers not yet "
+                f"taken (share {self.budget.share:,}, max_connection_held_bytes) or the server "
+                f"its total ({self.budget.total:,}, max_held_bytes); read your answers, or "
+                f"retry later"))
+        # Held until the answer has left (or the call ended), not until this returns.
+        context.add_done_callback(lambda _: account.give(cost))
         try:
-            return await self._embed("Embed", request)
+            response = await self._embed("Embed", request)
         except EmbedError as error:
             await abort(context, error)
+        account.ready()
+        context.add_done_callback(lambda _: account.sent())
+        return response
 
     async def EmbedStream(self, request_iterator, context):
         # Requests are read ahead of their responses and answered strictly in request order.
-        # Read-ahead stops at stream_window messages, or once the messages in flight hold
-        # max_message_bytes of requests and expected responses (so a sender of big messages, or
-        # a caller that never reads its answers, holds at most about twice that); then gRPC flow
-        # control slows the sender. All of a stream's messages are one caller to the batcher.
+        # Read-ahead stops at stream_window messages, or while the connection holds its share
+        # of requests and expected answers (budget.py: a caller that never reads stops being
+        # read, and is cut after stall_timeout_s); then gRPC flow control slows the sender.
+        # All of a stream's messages are one caller to the batcher.
         in_flight: asyncio.Queue = asyncio.Queue(maxsize=self.limits.stream_window)
-        budget, held = self.limits.max_message_bytes, [0]
-        room = asyncio.Condition()
+        account = await self._account(context)
         caller = object()
+        taken = []  # costs held by messages read and not yet answered
         self.metrics.streams_open.inc()
 
         async def read_requests():
-            async for request in request_iterator:
+            requests = aiter(request_iterator)
+            while True:
+                await account.room()
+                try:
+                    request = await anext(requests)
+                except StopAsyncIteration:
+                    break
                 cost = self._memory_cost(request)
+                await account.take(cost)
+                taken.append(cost)
                 await in_flight.put((request.request_id, cost, asyncio.ensure_future(
                     self._embed("EmbedStream", request, caller))))
-                held[0] += cost
-                async with room:
-                    await room.wait_for(lambda: held[0] < budget)
             await in_flight.put(None)
 
         reader = asyncio.ensure_future(read_requests())
@@ -187,15 +218,17 @@ class EmbedderService(pb_grpc.EmbedderServicer):
             while (entry := await in_flight.get()) is not None:
                 request_id, cost, task = entry
                 try:
-                    yield await task
+                    response = await task
                 except EmbedError as error:
                     log.info("stream request failed", extra={"fields": {
                         "request_id": request_id, "kind": error.kind.value, "error": error.message}})
-                    yield pb.EmbedResponse(request_id=request_id, error=pb.Error(
+                    response = pb.EmbedResponse(request_id=request_id, error=pb.Error(
                         code=STATUS_CODES[error.kind].value[0], message=error.message))
-                held[0] -= cost
-                async with room:
-                    room.notify_all()
+                account.ready()
+                yield response  # returns once the client's flow control has taken it
+                account.sent()
+                taken.remove(cost)
+                account.give(cost)
             await reader  # re-raises a transport error from the reading side
         finally:
             self.metrics.streams_open.dec()
@@ -204,6 +237,10 @@ class EmbedderService(pb_grpc.EmbedderServicer):
                 entry = in_flight.get_nowait()
                 if entry is not None:
                     entry[2].cancel()
+            if account.cut:  # gRPC may still hold its last answer: until the call ends
+                context.add_done_callback(lambda _, rest=sum(taken): account.give(rest))
+            else:
+                account.give(sum(taken))
 
     def _memory_cost(self, request: pb.EmbedRequest) -> int:
         try:
@@ -323,6 +360,8 @@ async def start_server(engine: Engine, limits: Limits, host: str = "127.0.0.1", 
     admission = Admission(limits.max_queue_texts, asyncio.get_running_loop())
     batcher = Batcher(engine, limits.max_batch_tokens, metrics, on_leave=admission.release)
     core = Core(engine, batcher, limits, admission)
+    budget = MemoryBudget(limits.max_held_bytes, limits.max_connection_held_bytes,
+                          limits.stall_timeout_s)
     interceptors = [DecodeErrorInterceptor()]
     if security.auth_tokens:  # runs first: the unauthenticated never reach anything else
         interceptors.insert(0, TokenAuthInterceptor(list(security.auth_tokens),
@@ -332,9 +371,11 @@ async def start_server(engine: Engine, limits: Limits, host: str = "127.0.0.1", 
                # Clients ping every KEEPALIVE_S while calls are open (client/core.py), to notice a
                # server that vanished; accept those pings instead of answering GOAWAY.
                ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
-               ("grpc.http2.max_ping_strikes", 0)]
+               ("grpc.http2.max_ping_strikes", 0),
+               # One connection opens at most this many calls at once (the HTTP/2 setting).
+               ("grpc.max_concurrent_streams", limits.max_concurrent_streams)]
     server = grpc.aio.server(options=options, interceptors=interceptors)
-    pb_grpc.add_EmbedderServicer_to_server(EmbedderService(core), server)
+    pb_grpc.add_EmbedderServicer_to_server(EmbedderService(core, budget), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

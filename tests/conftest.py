@@ -88,7 +88,7 @@ def engine():
 
 @pytest.fixture(scope="session")
 def server(engine):
-    from bertstream.server.service import Limits
+    from bertstream.server.limits import Limits
 
     running = ServerThread(engine, Limits(**TEST_LIMITS))
     yield running

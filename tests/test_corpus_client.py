@@ -329,7 +329,7 @@ class StuckEngine:
 
 
 def test_embed_command_gives_up_on_a_server_that_never_answers(engine, tmp_path, texts, capsys):
-    from bertstream.server.service import Limits
+    from bertstream.server.limits import Limits
 
     stuck = StuckEngine(engine)
     stuck.release.set()  # let the warm-up through

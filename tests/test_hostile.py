@@ -25,7 +25,7 @@ import pytest
 from bertstream.client import Client
 from bertstream.proto import embedder_pb2 as pb
 from bertstream.proto import embedder_pb2_grpc as pb_grpc
-from bertstream.server.service import Limits
+from bertstream.server.limits import Limits
 from tests.conftest import ServerThread, free_port, serve_process
 
 GB = 2**30

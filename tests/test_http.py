@@ -14,7 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from bertstream.client import Client
-from bertstream.server.service import Limits, Security
+from bertstream.server.limits import Limits
+from bertstream.server.service import Security
 from tests.conftest import TEST_LIMITS, ServerThread
 
 TOKEN = "http-test-token"

@@ -47,7 +47,7 @@ class Served:
         from sentence_transformers import SentenceTransformer
 
         from bertstream.server.engine import Engine
-        from bertstream.server.service import Limits
+        from bertstream.server.limits import Limits
 
         self.engine = Engine(str(folder) if folder else None, device=TEST_DEVICE,
                              dtype="float32")

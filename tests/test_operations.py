@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bertstream.client import Client
-from bertstream.server.cli import DEFAULT_BATCH_TOKENS
+from bertstream.server.limits import BATCH_TOKENS_BY_DEVICE
 from tests.conftest import TEST_DEVICE, free_port
 
 
@@ -127,7 +127,7 @@ def test_serve_command_logs_serves_and_stops():
         start = lines[-1]
         assert start["message"] == "serving" and start["device"] == TEST_DEVICE
         assert start["address"] == f"0.0.0.0:{port}"
-        assert start["max_batch_tokens"] == DEFAULT_BATCH_TOKENS[TEST_DEVICE.split(":")[0]]
+        assert start["max_batch_tokens"] == BATCH_TOKENS_BY_DEVICE[TEST_DEVICE.split(":")[0]]
         assert start["metrics"] == f"127.0.0.1:{metrics_port}"
         listening = subprocess.run(["ss", "-ltnH", f"sport = :{metrics_port}"],
                                    capture_output=True, text=True).stdout.split()

@@ -307,7 +307,7 @@ def test_a_tokenize_whose_caller_went_away_stops(client, engine, monkeypatch):
 def test_tokenize_answer_is_bounded(engine, corpus):
     """A Tokenize answer past max_response_bytes is refused, naming the limit, and its room in
     the queue is given back; one under it is answered."""
-    from bertstream.server.service import Limits
+    from bertstream.server.limits import Limits
     from tests.conftest import TEST_LIMITS, ServerThread
 
     server = ServerThread(engine, Limits(**{**TEST_LIMITS, "max_response_bytes": 20_000}))

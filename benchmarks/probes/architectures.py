@@ -17,7 +17,7 @@ from tests.tiny_models import MAX_SEQ_LENGTH, _tokenizer  # noqa: E402
 
 from bertstream.client import Client  # noqa: E402
 from bertstream.server.engine import Engine  # noqa: E402
-from bertstream.server.service import Limits  # noqa: E402
+from bertstream.server.limits import Limits  # noqa: E402
 
 # family -> (tokenizer kind from tests/tiny_models.py, pooling)
 FAMILIES = {"electra": ("bert", "mean"), "deberta-v2": ("bert", "cls"),

@@ -1,0 +1,164 @@
+"""The memory held on behalf of clients: requests read ahead and answers not yet taken, across
+every call, stream and connection.
+
+Each request is bounded by its own limits; this bounds what one client can do with many of them.
+Every connection (a gRPC peer, an HTTP connection) has an account. A request takes its cost (its
+bytes and its answer's, Core.memory_cost) before any compute and gives it back once its answer
+has left (or the call ended). A connection may hold at most `share` bytes, the server at most
+`total` (a request alone is always admitted, so no request is starved by its own size). Streams
+stop reading while their connection is over its share (gRPC flow control then slows the sender);
+a unary call that finds no room fails at once (RESOURCE_EXHAUSTED, as when the queue is full).
+A connection with answers ready that it does not take for `stall_s` seconds, while it is at its
+share or anyone waits for room, is cut: its calls are cancelled and its new calls refused until
+its calls have ended. (The time an answer takes to compute never counts: only the time it waits
+for its reader.) What a cut call held stays counted until gRPC ends the call: grpc Python cannot
+reset a stream or close a connection from the server, so the bytes its core has queued for a
+peer that never reads stay queued until the peer closes the stream or the connection.
+All on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+from bertstream.server.errors import EmbedError
+
+log = logging.getLogger("bertstream.budget")
+
+CHECK_S = 1.0  # how often the watchdog looks for stalled connections
+
+
+class Account:
+    """One connection's holdings, and the calls to cancel if it stalls."""
+
+    def __init__(self, budget: "MemoryBudget", key: str):
+        self.budget, self.key = budget, key
+        self.held = 0
+        self.users = 0  # calls open on it; the account goes when the last one ends
+        self.unsent = 0  # answers ready and not yet taken by the client
+        self.progress = time.monotonic()  # since when its oldest unsent answer waits (or less)
+        self.cancels: set[Callable[[], None]] = set()
+        self.cut = False
+
+    def full(self) -> bool:
+        return self.held >= self.budget.share
+
+    def ready(self) -> None:
+        """An answer is ready and goes to the client (taken: sent(), then give())."""
+        if not self.unsent:
+            self.progress = time.monotonic()
+        self.unsent += 1
+
+    def sent(self) -> None:
+        self.unsent -= 1
+        self.progress = time.monotonic()
+
+    def _fits(self, cost: int) -> bool:
+        budget = self.budget
+        return not self.held or (self.held + cost <= budget.share and
+                                 (not budget.held or budget.held + cost <= budget.total))
+
+    def try_take(self, cost: int) -> bool:
+        if self.cut or not self._fits(cost):
+            return False
+        self._add(cost)
+        return True
+
+    async def take(self, cost: int) -> None:
+        """Wait until `cost` fits this connection's share and the server's total."""
+        if not self.try_take(cost):
+            await self._wait(lambda: self.cut or self._fits(cost))
+            if self.cut:
+                raise EmbedError.overloaded(self.budget.cut_message(self.key))
+            self._add(cost)
+
+    async def room(self) -> None:
+        """Wait until this connection is under its share (before a stream reads on)."""
+        if self.full():
+            await self._wait(lambda: self.cut or not self.full())
+
+    async def _wait(self, predicate) -> None:
+        budget = self.budget
+        budget.waiting += 1
+        try:
+            async with budget.changed:
+                await budget.changed.wait_for(predicate)
+        finally:
+            budget.waiting -= 1
+
+    def _add(self, cost: int) -> None:
+        self.held += cost
+        self.budget.held += cost
+        self.budget.peak = max(self.budget.peak, self.budget.held)
+
+    def give(self, cost: int) -> None:
+        self.held -= cost
+        self.budget.held -= cost
+        self.budget.notify()
+
+
+class MemoryBudget:
+    def __init__(self, total: int, share: int, stall_s: float):
+        self.total, self.share, self.stall_s = total, share, stall_s
+        self.held = 0
+        self.peak = 0
+        self.waiting = 0  # calls and streams waiting for room
+        self.cuts = 0
+        self.accounts: dict[str, Account] = {}
+        self.changed = asyncio.Condition()
+        self._watch: asyncio.Task | None = None
+
+    def open(self, key: str, cancel: Callable[[], None] | None = None) -> Account:
+        """The account of connection `key`, for one more call (close() it when the call ends);
+        cancel() is called if the connection is cut."""
+        account = self.accounts.get(key)
+        if account is None:
+            account = self.accounts[key] = Account(self, key)
+        account.users += 1
+        if cancel is not None:
+            account.cancels.add(cancel)
+        if self._watch is None:
+            self._watch = asyncio.ensure_future(self._watch_stalls())
+        return account
+
+    def close(self, account: Account, cancel: Callable[[], None] | None = None) -> None:
+        account.cancels.discard(cancel)
+        account.users -= 1
+        if account.users <= 0 and self.accounts.get(account.key) is account:
+            del self.accounts[account.key]
+
+    def notify(self) -> None:
+        async def wake():
+            async with self.changed:
+                self.changed.notify_all()
+        asyncio.ensure_future(wake())
+
+    def cut_message(self, key: str) -> str:
+        return (f"connection {key} held its share of {self.share:,} bytes of answers "
+                f"(max_connection_held_bytes) for {self.stall_s:g} s without reading them; "
+                f"its calls are cancelled")
+
+    def stalled(self, account: Account, now: float) -> bool:
+        blocking = account.full() or self.waiting
+        return account.unsent and blocking and now - account.progress > self.stall_s
+
+    async def _watch_stalls(self) -> None:
+        while True:
+            await asyncio.sleep(CHECK_S)
+            now = time.monotonic()
+            for account in [a for a in self.accounts.values() if self.stalled(a, now)]:
+                account.cut = True
+                self.cuts += 1
+                log.warning("connection cut", extra={"fields": {
+                    "peer": account.key, "held_bytes": account.held, "calls": account.users,
+                    "reason": self.cut_message(account.key)}})
+                for cancel in list(account.cancels):
+                    cancel()
+                self.notify()
+
+    def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()

@@ -1,0 +1,26 @@
+"""The server's limits and their defaults, in one place: the command line's flags are built from
+these defaults, Info reports them, the front-ends and the core enforce them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Measured (BENCHMARKS.md): on the CPU, small batches keep activations in cache; 1024 tokens was
+# the fastest budget for float32 and bfloat16 alike. A GPU wants big batches.
+BATCH_TOKENS_BY_DEVICE = {"cpu": 1024, "cuda": 32768}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_texts_per_request: int = 10_000
+    max_chars_per_text: int = 100_000
+    max_batch_tokens: int = BATCH_TOKENS_BY_DEVICE["cpu"]
+    max_message_bytes: int = 64 * 2**20
+    stream_window: int = 64  # stream messages read ahead of their responses
+    max_queue_texts: int = 100_000  # texts admitted and still waiting in the pool, all callers
+    max_response_bytes: int = 64 * 2**20  # one response's tensor bytes, known before any compute
+    # Held on behalf of clients (budget.py): requests read ahead and answers not yet taken.
+    max_held_bytes: int = 2**30  # all clients together
+    max_connection_held_bytes: int = 256 * 2**20  # one connection's share
+    stall_timeout_s: float = 30.0  # a connection at its share taking no answer this long is cut
+    max_concurrent_streams: int = 100  # gRPC calls open at once on one connection
