@@ -223,7 +223,8 @@ def info_of(response: pb.InfoResponse) -> dict:
         "model": response.model, "hidden_size": response.hidden_size,
         "num_layers": response.num_layers, "max_input_tokens": response.max_input_tokens,
         "device": response.device, "dtype": response.dtype,
-        "limits": {field.name: value for field, value in response.limits.ListFields()},
+        "limits": {field.name: getattr(response.limits, field.name)
+                   for field in response.limits.DESCRIPTOR.fields},
         "pipeline": pipeline_of(response.pipeline),
     }
 

@@ -46,6 +46,17 @@ class Account:
     def full(self) -> bool:
         return self.held >= self.budget.share
 
+    def refusal(self) -> EmbedError:
+        """Why a call that does not wait got no room (RESOURCE_EXHAUSTED / 429)."""
+        if self.cut:
+            return EmbedError.overloaded(self.budget.cut_message(self.key))
+        budget = self.budget
+        return EmbedError.overloaded(
+            f"this connection holds {self.held:,} bytes of requests and answers not yet taken "
+            f"(its share: {budget.share:,}, max_connection_held_bytes), the server "
+            f"{budget.held:,} (max_held_bytes {budget.total:,}); read your answers, or retry "
+            f"later")
+
     def ready(self) -> None:
         """An answer is ready and goes to the client (taken: sent(), then give())."""
         if not self.unsent:
@@ -72,7 +83,7 @@ class Account:
         if not self.try_take(cost):
             await self._wait(lambda: self.cut or self._fits(cost))
             if self.cut:
-                raise EmbedError.overloaded(self.budget.cut_message(self.key))
+                raise self.refusal()
             self._add(cost)
 
     async def room(self) -> None:

@@ -53,6 +53,13 @@ def serve_parser(subparsers) -> None:
     p.add_argument("--max-concurrent-streams", type=int, default=Limits.max_concurrent_streams,
                    help="gRPC calls open at once on one connection (default "
                         f"{Limits.max_concurrent_streams})")
+    p.add_argument("--http-read-timeout", type=float, default=Limits.http_read_timeout_s,
+                   help="seconds an HTTP request's headers and body may take to arrive, from the "
+                        f"connection's start or its previous answer (default "
+                        f"{Limits.http_read_timeout_s:g}); then 408")
+    p.add_argument("--max-http-connections", type=int, default=Limits.max_http_connections,
+                   help="HTTP connections open at once; more get 503 (default: half the file "
+                        "descriptors free at start, the rest kept for gRPC)")
     p.add_argument("--tls-cert", help="server certificate (PEM): serve TLS")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to: "
@@ -130,6 +137,8 @@ async def serve(args) -> None:
         max_connection_held_bytes=args.max_connection_held_bytes,
         stall_timeout_s=args.stall_timeout,
         max_concurrent_streams=args.max_concurrent_streams,
+        http_read_timeout_s=args.http_read_timeout,
+        max_http_connections=args.max_http_connections,
     )
     running = await start_server(engine, limits, args.host, args.port, security,
                                  http_port=args.http_port,

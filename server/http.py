@@ -15,6 +15,8 @@ import asyncio
 import base64
 import contextlib
 import logging
+import os
+import time
 from json.decoder import scanstring
 from typing import Annotated, Iterable, Literal, Union
 
@@ -24,9 +26,11 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, Field, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from bertstream.server.budget import MemoryBudget
 from bertstream.server.core import Core, EmbedCall
 from bertstream.server.errors import EmbedError, ErrorKind
 from bertstream.server.security import bearer_allowed
@@ -38,37 +42,50 @@ HTTP_STATUS = {ErrorKind.INVALID: 400, ErrorKind.TOO_LARGE: 413, ErrorKind.OVERL
 STATUS_LABELS = {kind: str(status) for kind, status in HTTP_STATUS.items()}  # metric labels
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 413: "invalid_request_error",
-               429: "rate_limit_error", 500: "server_error"}
+               429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 OPEN_PATHS = ("/docs", "/openapi.json")  # no data behind them
 OTHER_STRINGS = 32  # a body's strings besides its texts: field names, model, prompt_name, ...
 
 
+def whole_unicode(text: str) -> str:
+    """JSON can spell a lone surrogate (\\ud800), which is no Unicode text: the tokenizer and the
+    JSON encoder refuse it (it got 500), so the request gets 400 naming it."""
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError as error:
+            raise ValueError(f"a lone surrogate (U+{ord(text[error.start]):04X}) at character "
+                             f"{error.start}; send whole Unicode characters") from None
+    return text
+
+
+Text = Annotated[StrictStr, AfterValidator(whole_unicode)]
 # Lists fail at their first bad item: pydantic otherwise makes an error for every item, for each
 # member of a union (30 million ints in a 60 MB body took 7 GB).
-Texts = Annotated[list[StrictStr], Field(fail_fast=True)]
+Texts = Annotated[list[Text], Field(fail_fast=True)]
 TokenIds = Annotated[list[StrictInt], Field(fail_fast=True)]
 
 
 class OpenAIEmbeddingRequest(BaseModel):
-    input: Union[StrictStr, Texts, TokenIds, Annotated[list[TokenIds], Field(fail_fast=True)]] = \
+    input: Union[Text, Texts, TokenIds, Annotated[list[TokenIds], Field(fail_fast=True)]] = \
         Field(description="A text or a list of texts. Token-id arrays are refused: they would be "
                           "another tokenizer's ids.")
-    model: str | None = Field(None, description="Accepted and echoed; the server has one model.")
+    model: Text | None = Field(None, description="Accepted and echoed; the server has one model.")
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, description="Keep the first N values (renormalized).")
-    user: str | None = None
+    user: Text | None = None
 
 
 class TEIEmbedRequest(BaseModel):
-    inputs: Union[StrictStr, Texts]
+    inputs: Union[Text, Texts]
     normalize: bool = True
     truncate: bool = False
-    prompt_name: str | None = None
+    prompt_name: Text | None = None
     dimensions: int | None = None
 
 
 class TEITokenizeRequest(BaseModel):
-    inputs: Union[StrictStr, Texts]
+    inputs: Union[Text, Texts]
 
 
 def error_response(status: int, message: str, code: str | None = None) -> JSONResponse:
@@ -92,16 +109,21 @@ def texts_of(value) -> list[str]:
 JSON_PIECE_VALUES = 1 << 16
 
 
-def json_stream(head: bytes, pieces: Iterable[bytes], tail: bytes) -> StreamingResponse:
+def json_stream(head: bytes, pieces: Iterable[bytes], tail: bytes,
+                sent=lambda: None) -> StreamingResponse:
     """head, then the pieces (each some items of one JSON array, encoded, no brackets) joined by
     commas, then tail. Sent as they are encoded, so the answer is never whole in memory twice,
-    and a caller that does not read stops the encoding (the transport's flow control)."""
+    and a caller that does not read stops the encoding (the transport's flow control). sent():
+    once the answer has gone, or the caller with it."""
     async def body():
-        yield head
-        for number, piece in enumerate(pieces):
-            yield b"," + piece if number else piece
-            await asyncio.sleep(0)  # let the loop serve others between pieces
-        yield tail
+        try:
+            yield head
+            for number, piece in enumerate(pieces):
+                yield b"," + piece if number else piece
+                await asyncio.sleep(0)  # let the loop serve others between pieces
+            yield tail
+        finally:
+            sent()
 
     return StreamingResponse(body(), media_type="application/json")
 
@@ -114,9 +136,16 @@ def row_pieces(vectors: np.ndarray, encode) -> Iterable[bytes]:
                            option=orjson.OPT_SERIALIZE_NUMPY)[1:-1]
 
 
-def create_app(core: Core, serving, tokens: list[bytes] = (), health_open: bool = True,
-               metrics: bool = False) -> FastAPI:
-    """serving(): whether to answer health with 200 (warmed up, healthy, not stopping)."""
+def client_key(request: Request) -> str:
+    """The connection a request came on: its account in the memory budget."""
+    host, port = request.client or ("?", 0)
+    return f"http:{host}:{port}"
+
+
+def create_app(core: Core, serving, budget: MemoryBudget, tokens: list[bytes] = (),
+               health_open: bool = True, metrics: bool = False) -> FastAPI:
+    """serving(): whether to answer health with 200 (warmed up, healthy, not stopping). budget:
+    what one connection may hold (budget.py), shared with gRPC."""
     app = FastAPI(title="bertstream", summary="Text embeddings over HTTP (OpenAI and "
                   "text-embeddings-inference compatible) beside gRPC", version="1")
     engine = core.engine
@@ -147,12 +176,35 @@ def create_app(core: Core, serving, tokens: list[bytes] = (), health_open: bool 
                                                      "error": error.message}})
         return error_response(HTTP_STATUS[error.kind], error.message)
 
-    async def embed(call: EmbedCall):
-        return await core.observed_embed("http", call, codes=STATUS_LABELS)
+    async def embed(request: Request, call: EmbedCall):
+        """The result, and sent(): to call once the answer has gone. The request and its answer
+        are held against the connection's share (budget.py) until then; no room: 429."""
+        task = asyncio.current_task()
+        account = budget.open(client_key(request), task.cancel)
+        cost = core.memory_cost(call, int(request.headers.get("content-length") or 0))
+        taken = account.try_take(cost)
+
+        def sent():
+            account.sent()
+            account.give(cost)
+            budget.close(account, task.cancel)
+
+        try:
+            if not taken:
+                raise account.refusal()
+            result = await core.observed_embed("http", call, codes=STATUS_LABELS)
+        except BaseException:
+            if taken:
+                account.give(cost)
+            budget.close(account, task.cancel)
+            raise
+        account.ready()
+        return result, sent
 
     @app.post("/v1/embeddings", summary="OpenAI-compatible embeddings")
-    async def openai_embeddings(body: OpenAIEmbeddingRequest):
-        result = await embed(EmbedCall(texts_of(body.input), dimensions=body.dimensions or 0))
+    async def openai_embeddings(request: Request, body: OpenAIEmbeddingRequest):
+        result, sent = await embed(request, EmbedCall(texts_of(body.input),
+                                                      dimensions=body.dimensions or 0))
         vectors = np.frombuffer(result.embeddings.data, "<f4").reshape(result.embeddings.shape)
         if body.encoding_format == "base64":
             def value(row):
@@ -169,15 +221,15 @@ def create_app(core: Core, serving, tokens: list[bytes] = (), health_open: bool 
         tail = orjson.dumps({"model": body.model or engine.model_name,
                              "usage": {"prompt_tokens": tokens_used, "total_tokens": tokens_used}})
         return json_stream(b'{"object":"list","data":[', row_pieces(vectors, items),
-                           b"]," + tail[1:])
+                           b"]," + tail[1:], sent)
 
     @app.post("/embed", summary="text-embeddings-inference-compatible embeddings")
-    async def tei_embed(body: TEIEmbedRequest):
-        result = await embed(EmbedCall(texts_of(body.inputs), normalize=body.normalize,
-                                       truncate=body.truncate, prompt_name=body.prompt_name,
-                                       dimensions=body.dimensions or 0))
+    async def tei_embed(request: Request, body: TEIEmbedRequest):
+        result, sent = await embed(request, EmbedCall(
+            texts_of(body.inputs), normalize=body.normalize, truncate=body.truncate,
+            prompt_name=body.prompt_name, dimensions=body.dimensions or 0))
         vectors = np.frombuffer(result.embeddings.data, "<f4").reshape(result.embeddings.shape)
-        return json_stream(b"[", row_pieces(vectors, lambda first, rows: rows), b"]")
+        return json_stream(b"[", row_pieces(vectors, lambda first, rows: rows), b"]", sent)
 
     @app.post("/tokenize", summary="The model's tokens of each text, with character offsets")
     async def tokenize(body: TEITokenizeRequest):
@@ -292,6 +344,139 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
+class ShutdownAnswers:
+    """ASGI: a request still computing when shutdown's grace runs out (uvicorn cancels it) gets
+    503 in OpenAI's error shape, not uvicorn's plain-text 500; a request cancelled because its
+    connection was cut (budget.py) just ends."""
+
+    def __init__(self, app, stopping):
+        self.app, self.stopping = app, stopping
+
+    async def __call__(self, scope, receive, send):
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except asyncio.CancelledError:
+            if not self.stopping():
+                return  # cut: the connection is closed after this
+            if not started:
+                await error_response(503, "the server is shutting down; retry on another "
+                                          "replica or later")(scope, receive, send)
+
+
+class GuardedH11(H11Protocol):
+    """uvicorn's HTTP/1.1 with bounds for slow and idle clients: a request's headers and body
+    must arrive within `read_timeout_s` of the connection's start or of its previous answer
+    (else 408 and closed; uvicorn alone waits forever: 1,100 such connections filled the
+    descriptor table and locked gRPC out), and past `max_connections` open a new connection
+    gets 503 and is closed at once. start_http sets both on a subclass of its own."""
+
+    read_timeout_s = 10.0
+    max_connections = 1000
+    _refused_logged = 0.0
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self._read_deadline = None
+        if len(self.connections) > self.max_connections:
+            now = time.monotonic()
+            if now - GuardedH11._refused_logged > LOG_EVERY_S:
+                GuardedH11._refused_logged = now
+                log.warning("HTTP connections at their cap: new ones get 503", extra={
+                    "fields": {"max_connections": self.max_connections}})
+            transport.write(raw_response(503, "too many open connections; retry later"))
+            transport.close()
+            return
+        self._arm()
+
+    def _arm(self):
+        self._disarm()
+        self._read_deadline = self.loop.call_later(self.read_timeout_s, self._read_timed_out)
+
+    def _disarm(self):
+        if self._read_deadline is not None:
+            self._read_deadline.cancel()
+            self._read_deadline = None
+
+    def _reading(self) -> bool:
+        """A request has not arrived whole yet (none begun, or its body still coming)."""
+        cycle = self.cycle
+        return cycle is None or cycle.response_complete or cycle.more_body
+
+    def handle_events(self):
+        super().handle_events()
+        if not self._reading():
+            self._disarm()
+
+    def on_response_complete(self):
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm()
+
+    def connection_lost(self, exc):
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _read_timed_out(self):
+        self._read_deadline = None
+        if self.transport.is_closing() or not self._reading():
+            return
+        if self.cycle is None or not self.cycle.response_started:
+            self.transport.write(raw_response(408, f"the request did not arrive within "
+                                                   f"{self.read_timeout_s:g} s"))
+        self.transport.close()
+
+
+def raw_response(status: int, message: str) -> bytes:
+    """A whole HTTP/1.1 answer in OpenAI's error shape, written past h11 (no request read)."""
+    body = orjson.dumps({"error": {"message": message, "type": ERROR_TYPES.get(status, "error"),
+                                   "param": None, "code": None}})
+    reason = {408: "Request Timeout", 503: "Service Unavailable"}[status]
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
+
+
+LOG_EVERY_S = 10.0  # the same complaint (a full descriptor table, the connection cap) at most this often
+
+
+def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """asyncio logs a traceback for every failed accept() when the descriptor table is full;
+    log one line per LOG_EVERY_S instead (and everything else as before)."""
+    last = [0.0]
+    default = loop.get_exception_handler()
+
+    def handler(loop, context):
+        if "accept" in str(context.get("message", "")):
+            now = time.monotonic()
+            if now - last[0] > LOG_EVERY_S:
+                last[0] = now
+                log.warning("accept failed: %s (logged once per %g s)",
+                            context.get("exception"), LOG_EVERY_S)
+            return
+        if default is None:
+            loop.default_exception_handler(context)
+        else:
+            default(loop, context)
+
+    loop.set_exception_handler(handler)
+
+
+def connection_cap(requested: int | None) -> int:
+    """HTTP connections allowed open at once: the request, or half the descriptors free at start
+    (the other half stays for gRPC, the model's files and the rest)."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    free = soft - len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else soft
+    return requested or max(16, free // 2)
+
+
 class _Server(uvicorn.Server):
     """uvicorn on the gRPC server's loop: signals stay the CLI's (it stops both front-ends)."""
 
@@ -300,10 +485,12 @@ class _Server(uvicorn.Server):
 
 
 async def start_http(app: FastAPI, host: str, port: int, body_limit: int, max_texts: int,
-                     tls_cert=None, tls_key=None, tls_client_ca=None) -> _Server:
+                     stopping, tls_cert=None, tls_key=None, tls_client_ca=None,
+                     read_timeout_s: float = 10.0, max_connections: int | None = None) -> _Server:
     """Serve `app` on host:port (TLS with the gRPC flags' files; with a client CA, mutual TLS)
     on the running loop; returns once listening. server.should_exit = True stops it. Bodies:
-    at most body_limit bytes, and room for max_texts texts' strings (and the other fields')."""
+    at most body_limit bytes, and room for max_texts texts' strings (and the other fields').
+    stopping(): whether the server is shutting down (cut requests then get 503)."""
     import ssl
 
     options = {}
@@ -311,8 +498,11 @@ async def start_http(app: FastAPI, host: str, port: int, body_limit: int, max_te
         options = dict(ssl_certfile=tls_cert, ssl_keyfile=tls_key)
         if tls_client_ca:
             options.update(ssl_ca_certs=tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
-    body_limited = BodyLimit(app, body_limit, max_texts + OTHER_STRINGS)
-    server = _Server(uvicorn.Config(body_limited, host=host, port=port,
+    wrapped = ShutdownAnswers(BodyLimit(app, body_limit, max_texts + OTHER_STRINGS), stopping)
+    protocol = type("GuardedH11", (GuardedH11,), {
+        "read_timeout_s": read_timeout_s, "max_connections": connection_cap(max_connections)})
+    quiet_accept_errors(asyncio.get_running_loop())
+    server = _Server(uvicorn.Config(wrapped, host=host, port=port, http=protocol,
                                     log_level="warning", lifespan="off", **options))
     server.task = asyncio.ensure_future(server.serve())
     while not server.started:

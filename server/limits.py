@@ -24,3 +24,5 @@ class Limits:
     max_connection_held_bytes: int = 256 * 2**20  # one connection's share
     stall_timeout_s: float = 30.0  # a connection at its share taking no answer this long is cut
     max_concurrent_streams: int = 100  # gRPC calls open at once on one connection
+    http_read_timeout_s: float = 10.0  # an HTTP request's headers and body, from its start
+    max_http_connections: int = 0  # open at once; 0: half the file descriptors free at start

@@ -162,7 +162,7 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         account = self.budget.open(context.peer(), task.cancel)
         context.add_done_callback(lambda _: self.budget.close(account, task.cancel))
         if account.cut:
-            await abort(context, EmbedError.overloaded(self.budget.cut_message(account.key)))
+            await abort(context, account.refusal())
         return account
 
     # ------------------------------------------------------------------ RPCs
@@ -171,11 +171,7 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         account = await self._account(context)
         cost = self._memory_cost(request)
         if not account.try_take(cost):
-            await abort(context, EmbedError.overloaded(
-                f"this connection holds {account.held:,} bytes of requests and answers not yet "
-                f"taken (share {self.budget.share:,}, max_connection_held_bytes) or the server "
-                f"its total ({self.budget.total:,}, max_held_bytes); read your answers, or "
-                f"retry later"))
+            await abort(context, account.refusal())
         # Held until the answer has left (or the call ended), not until this returns.
         context.add_done_callback(lambda _: account.give(cost))
         try:
@@ -396,11 +392,12 @@ async def start_server(engine: Engine, limits: Limits, host: str = "127.0.0.1", 
     if http_port is not None:
         from bertstream.server.http import create_app, start_http
 
-        app = create_app(core, running.serving, list(security.auth_tokens),
+        app = create_app(core, running.serving, budget, list(security.auth_tokens),
                          security.health_open, metrics=http_metrics)
-        running.http = await start_http(app, host, http_port, limits.max_message_bytes,
-                                        limits.max_texts_per_request, security.tls_cert,
-                                        security.tls_key, security.tls_client_ca)
+        running.http = await start_http(
+            app, host, http_port, limits.max_message_bytes, limits.max_texts_per_request,
+            lambda: running.stopping, security.tls_cert, security.tls_key,
+            security.tls_client_ca, limits.http_read_timeout_s, limits.max_http_connections)
         running.http_port = running.http.servers[0].sockets[0].getsockname()[1]
     await warm_up(core)
     running.warmed = True
