@@ -9,11 +9,10 @@ has left (or the call ended). A connection may hold at most `share` bytes, the s
 stop reading while their connection is over its share (gRPC flow control then slows the sender);
 a unary call that finds no room fails at once (RESOURCE_EXHAUSTED, as when the queue is full).
 A connection with answers ready that it does not take for `stall_s` seconds, while it is at its
-share or anyone waits for room, is cut: its calls are cancelled and its new calls refused until
-its calls have ended. (The time an answer takes to compute never counts: only the time it waits
-for its reader.) What a cut call held stays counted until gRPC ends the call: grpc Python cannot
-reset a stream or close a connection from the server, so the bytes its core has queued for a
-peer that never reads stay queued until the peer closes the stream or the connection.
+share or anyone waits for room, is cut: its calls are cancelled (what they held is freed) and its
+new calls refused, with RESOURCE_EXHAUSTED naming why, for CUT_MEMORY_S. (The time an answer
+takes to compute never counts: only the time it waits for its reader.) grpc Python cannot close
+a connection from the server, so the connection itself stays open until its client closes it.
 All on the event loop.
 """
 
@@ -29,6 +28,7 @@ from bertstream.server.errors import EmbedError
 log = logging.getLogger("bertstream.budget")
 
 CHECK_S = 1.0  # how often the watchdog looks for stalled connections
+CUT_MEMORY_S = 600.0  # a cut connection's new calls are refused this long
 
 
 class Account:
@@ -119,6 +119,7 @@ class MemoryBudget:
         self.waiting = 0  # calls and streams waiting for room
         self.cuts = 0
         self.accounts: dict[str, Account] = {}
+        self.cut_keys: dict[str, float] = {}  # connection -> when it was cut
         self.changed = asyncio.Condition()
         self._watch: asyncio.Task | None = None
 
@@ -128,6 +129,8 @@ class MemoryBudget:
         account = self.accounts.get(key)
         if account is None:
             account = self.accounts[key] = Account(self, key)
+            cut_at = self.cut_keys.get(key)
+            account.cut = cut_at is not None and time.monotonic() - cut_at < CUT_MEMORY_S
         account.users += 1
         if cancel is not None:
             account.cancels.add(cancel)
@@ -160,9 +163,13 @@ class MemoryBudget:
         while True:
             await asyncio.sleep(CHECK_S)
             now = time.monotonic()
-            for account in [a for a in self.accounts.values() if self.stalled(a, now)]:
+            for key in [k for k, at in self.cut_keys.items() if now - at >= CUT_MEMORY_S]:
+                del self.cut_keys[key]
+            for account in [a for a in self.accounts.values()
+                            if not a.cut and self.stalled(a, now)]:
                 account.cut = True
                 self.cuts += 1
+                self.cut_keys[account.key] = now
                 log.warning("connection cut", extra={"fields": {
                     "peer": account.key, "held_bytes": account.held, "calls": account.users,
                     "reason": self.cut_message(account.key)}})

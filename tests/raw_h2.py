@@ -88,10 +88,12 @@ class RawConnection:
                 self.goaway = self.goaway or "connection closed"
                 return
             for event in self.conn.receive_data(data):
-                if isinstance(event, h2.events.TrailersReceived):
-                    self.ended[event.stream_id] = dict(
-                        (k.decode() if isinstance(k, bytes) else k,
-                         v.decode() if isinstance(v, bytes) else v) for k, v in event.headers)
+                if isinstance(event, (h2.events.TrailersReceived, h2.events.ResponseReceived)):
+                    headers = {(k.decode() if isinstance(k, bytes) else k):
+                               (v.decode() if isinstance(v, bytes) else v)
+                               for k, v in event.headers}
+                    if "grpc-status" in headers:  # trailers, or a trailers-only answer
+                        self.ended[event.stream_id] = headers
                 elif isinstance(event, h2.events.StreamReset):
                     self.ended.setdefault(event.stream_id, {"reset": str(event.error_code)})
                 elif isinstance(event, h2.events.ConnectionTerminated):

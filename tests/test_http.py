@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -213,6 +214,24 @@ def test_bad_requests_get_the_documented_status(served, body, raw, status, messa
     assert error["error"]["type"]
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/v1/embeddings", b'{"input": "abc\\ud800def"}'),
+    ("/v1/embeddings", b'{"input": ["fine", "abc\\udfffdef"]}'),
+    ("/v1/embeddings", b'{"input": "fine", "model": "\\ud800"}'),
+    ("/v1/embeddings", b'{"input": "fine", "user": "\\ud800"}'),
+    ("/embed", b'{"inputs": ["abc\\ud800"]}'),
+    ("/embed", b'{"inputs": "fine", "prompt_name": "\\ud800"}'),
+    ("/tokenize", b'{"inputs": "abc\\ud800def"}'),
+])
+def test_a_lone_surrogate_gets_400_naming_it(served, path, body):
+    """JSON can spell a lone surrogate; it is no text: 400, never a 500 (it got a plain-text
+    500 from the tokenizer, or from the JSON encoder after the embedding was computed)."""
+    got, error = post(served, path, None, raw=body)
+    assert got == 400, error
+    assert "lone surrogate" in error["error"]["message"], error
+    assert post(served, "/v1/embeddings", None, raw=b'{"input": "a pair \\ud83d\\ude00 is fine"}')[0] == 200
+
+
 def test_missing_token(served):
     status, error = post(served, "/v1/embeddings", {"input": ["x"]}, token=None)
     assert status == 401 and error["error"]["type"] == "authentication_error"
@@ -284,3 +303,20 @@ def test_fuzzed_bodies_never_get_a_500(served, body, path):
     assert status in (200, 400, 413), (status, reply)
     if status != 200:
         assert reply["error"]["message"]
+
+
+def test_a_request_cut_by_shutdown_gets_503_in_openai_shape(engine, corpus):
+    """A request still computing when shutdown's grace runs out: 503 with OpenAI's error body
+    (uvicorn alone answered a plain-text 500)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = ServerThread(engine, Limits(**TEST_LIMITS), http_port=0)
+    server.base = f"http://127.0.0.1:{server.running.http_port}"
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(post, server, "/v1/embeddings",
+                              {"input": [max(corpus, key=len)] * 500}, None)
+        time.sleep(1.0)  # admitted and computing (500 texts of 256 tokens: seconds)
+        server.stop(grace=0.1)
+        status, error = pending.result(timeout=60)
+    assert status == 503, error
+    assert error["error"]["type"] == "server_error" and "shutting down" in error["error"]["message"]
