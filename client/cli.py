@@ -11,8 +11,9 @@ import time
 import grpc
 
 from bertstream.client.core import EmbedStreamError
-from bertstream.client.corpus_io import (InputError, count_texts, input_format, open_writer,
-                                         read_texts)
+from bertstream.client import run_record
+from bertstream.client.corpus_io import (InputError, committed_rows, count_texts, input_format,
+                                         open_writer, read_texts)
 from bertstream.client.sync import Client
 
 
@@ -64,32 +65,39 @@ def embed_parser(subparsers) -> None:
 
 
 def run_embed(args) -> int:
-    """Exit status: 0 done, 1 server or output trouble, 2 bad input, 130 interrupted."""
+    """Exit status: 0 done, 1 server or output trouble, 2 bad input (or a --resume that is not
+    the same run), 130 interrupted."""
     started = time.perf_counter()
     token = args.token or os.environ.get("BERTSTREAM_TOKEN")
     fmt = input_format(args.input, args.input_format)
     writer = None
     try:
-        writer = open_writer(args.output, args.resume, args.commit_rows)
-        done = writer.rows
         total = count_texts(args.input, fmt)
-        texts = itertools.islice(read_texts(args.input, fmt, args.field), done, None)
         options = dict(pooling=args.pooling, layers=args.layers, layer_combine=args.layer_combine,
                        normalize=args.normalize, dtype=args.dtype, truncate=args.truncate,
                        prompt_name=args.prompt_name, prompt=args.prompt,
                        dimensions=args.dimensions)
         tokens = 0
         with Client(args.server if len(args.server) > 1 else args.server[0], token=token,
-                    tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key) as client, \
-                _progress(args.progress, total, done) as bar:
-            for vectors in client.stream(texts, args.batch_size, args.window,
-                                         message_timeout=args.timeout, **options):
-                writer.append(vectors)
-                tokens += client.last_usage.tokens
-                if bar is not None:
-                    bar.update(len(vectors))
-                    bar.set_postfix_str(f"{tokens / (time.perf_counter() - started):,.0f} tokens/s",
-                                        refresh=False)
+                    tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key) as client:
+            first, texts = run_record.with_identity(read_texts(args.input, fmt, args.field))
+            record = run_record.describe(args.input, fmt, args.field, first, options,
+                                         client.info()["model"])
+            done = committed_rows(args.output) if args.resume else 0
+            if done:  # checked before the output is touched
+                texts = _same_run(args, record, texts, done, total)
+            writer = open_writer(args.output, args.resume, args.commit_rows)
+            run_record.write(args.output, record)
+            with _progress(args.progress, total, done) as bar:
+                for vectors in client.stream(texts, args.batch_size, args.window,
+                                             message_timeout=args.timeout, **options):
+                    writer.append(vectors)
+                    tokens += client.last_usage.tokens
+                    if bar is not None:
+                        bar.update(len(vectors))
+                        bar.set_postfix_str(
+                            f"{tokens / (time.perf_counter() - started):,.0f} tokens/s",
+                            refresh=False)
         writer.close()
         seconds = time.perf_counter() - started
         embedded = writer.rows - done
@@ -99,6 +107,8 @@ def run_embed(args) -> int:
         return 0
     except InputError as exc:
         return _fail(f"input: {exc}", 2)
+    except NotTheSameRun as exc:
+        return _fail(f"--resume: {exc}; {args.output} is left as it was", 2)
     except KeyboardInterrupt:
         _commit(writer)
         return _fail(f"interrupted with {writer.rows if writer else 0:,} rows written; "
@@ -112,6 +122,31 @@ def run_embed(args) -> int:
                      f"{writer.rows if writer else 0:,} rows written, --resume continues", 1)
     except OSError as exc:
         return _fail(f"{exc}", 1)
+
+
+class NotTheSameRun(Exception):
+    """A --resume whose input, options or model differ from those that wrote the output."""
+
+
+def _same_run(args, record: dict, texts, done: int, total: int | None):
+    """The texts after the `done` committed rows, once the output's record says this is the run
+    that wrote them; else NotTheSameRun, naming what differs."""
+    saved = run_record.read(args.output)
+    if saved is None:
+        raise NotTheSameRun(f"{args.output} holds {done:,} rows but no record of the run that "
+                            f"wrote them ({run_record.record_path(args.output).name}); run "
+                            f"without --resume to start over")
+    changed = run_record.differences(saved, record)
+    if changed:
+        raise NotTheSameRun(f"not the run that wrote {args.output}: " + "; ".join(changed))
+    if total is not None and done > total:
+        raise NotTheSameRun(f"{args.output} holds {done:,} rows, more than the {total:,} texts "
+                            f"of {args.input}")
+    skipped = sum(1 for _ in itertools.islice(texts, done))
+    if skipped < done:  # standard input, which cannot be counted ahead
+        raise NotTheSameRun(f"{args.output} holds {done:,} rows, more than the {skipped:,} "
+                            f"texts of {args.input}")
+    return texts
 
 
 def _commit(writer) -> None:

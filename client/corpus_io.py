@@ -83,9 +83,16 @@ def _json_field(path: str, number: int, line: str, field: str) -> str:
         raise InputError(f"{path}:{number}: not JSON ({exc.msg})") from None
     if not isinstance(record, dict) or field not in record:
         raise InputError(f"{path}:{number}: no field {field!r} (use --field)")
-    if not isinstance(record[field], str):
+    text = record[field]
+    if not isinstance(text, str):
         raise InputError(f"{path}:{number}: field {field!r} is not a string")
-    return record[field]
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError as exc:  # JSON can spell a lone surrogate (\ud800)
+            raise InputError(f"{path}:{number}: field {field!r} holds a lone surrogate "
+                             f"(U+{ord(text[exc.start]):04X}), which is no text") from None
+    return text
 
 
 def _parquet_texts(path: str, column: str) -> Iterator[str]:
@@ -107,6 +114,21 @@ def _parquet_texts(path: str, column: str) -> Iterator[str]:
 
 
 # ---------------------------------------------------------------------- output
+
+def committed_rows(path: str) -> int:
+    """The rows an output holds committed, read without changing it (0 if there is none)."""
+    if Path(path).suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        if os.path.exists(path):
+            return pq.ParquetFile(path).metadata.num_rows
+        parts = Path(path + ".parts")
+        return sum(pq.ParquetFile(part).metadata.num_rows
+                   for part in sorted(parts.glob("part-*.parquet"))) if parts.exists() else 0
+    if not os.path.exists(path) or os.path.getsize(path) < NpyWriter.HEADER_BYTES:
+        return 0
+    return NpyWriter.committed(path)[0]
+
 
 def open_writer(path: str, resume: bool, commit_rows: int = 8192):
     if Path(path).suffix.lower() == ".parquet":
@@ -145,7 +167,7 @@ class NpyWriter:
         self.rows, self.width = 0, None
         # Shorter than a header: a run stopped before its first commit; start over.
         if resume and os.path.exists(path) and os.path.getsize(path) >= self.HEADER_BYTES:
-            self.rows, self.width = self._committed()
+            self.rows, self.width = self.committed(path)
             if not self.rows:
                 self.width = None  # nothing committed: the first batch sets the width
             self._file = open(path, "r+b")
@@ -154,17 +176,19 @@ class NpyWriter:
         else:
             self._file = open(path, "wb")
 
-    def _committed(self) -> tuple[int, int]:
-        with open(self.path, "rb") as file:
+    @classmethod
+    def committed(cls, path: str) -> tuple[int, int]:
+        """(rows, width) the file at `path` holds committed; read only."""
+        with open(path, "rb") as file:
             preamble = file.read(10)
             if preamble[:6] != b"\x93NUMPY":
-                raise InputError(f"{self.path}: not a .npy file; cannot resume into it")
+                raise InputError(f"{path}: not a .npy file; cannot resume into it")
             header = ast.literal_eval(file.read(int.from_bytes(preamble[8:10], "little"))
                                       .decode("latin1"))
         if header.get("descr") != "<f4" or len(header.get("shape", ())) != 2:
-            raise InputError(f"{self.path}: not a 2-d float32 array; cannot resume into it")
+            raise InputError(f"{path}: not a 2-d float32 array; cannot resume into it")
         rows, width = header["shape"]
-        present = (os.path.getsize(self.path) - self.HEADER_BYTES) // (4 * width) if width else 0
+        present = (os.path.getsize(path) - cls.HEADER_BYTES) // (4 * width) if width else 0
         return min(rows, max(present, 0)), width
 
     def _write_header(self) -> None:

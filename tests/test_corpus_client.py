@@ -245,6 +245,88 @@ def test_resume_of_a_finished_file_adds_nothing(server, tmp_path, texts):
     np.testing.assert_array_equal(np.load(out), first)
 
 
+def _untouched(paths) -> dict:
+    return {path: path.read_bytes() for path in paths if path.exists()}
+
+
+@pytest.mark.parametrize("output", ["m.npy", "m.parquet"])
+@pytest.mark.parametrize("change, message", [
+    ("other input", "input: "),
+    ("--pooling cls", "--pooling: None then, 'cls' now"),
+    ("--normalize", "--normalize: None then, True now"),
+    ("input shrunk", "input size (bytes)"),
+    ("first texts edited", "first 10 texts differ"),
+    ("no record", "no record of the run"),
+])
+def test_a_resume_that_is_not_the_same_run_is_refused(server, tmp_path, texts, capsys,
+                                                      monkeypatch, output, change, message):
+    """Resumed with another input, other options or an input that changed, `--resume` once
+    exited 0 with the rows of two runs mixed: now it exits 2 naming what differs, and leaves
+    the output (and its record) as they were."""
+    from bertstream.client import run_record
+
+    monkeypatch.setattr(run_record, "HASHED_TEXTS", 10)
+    source, other = tmp_path / "a.txt", tmp_path / "b.txt"
+    source.write_text("\n".join(texts[:40]) + "\n", encoding="utf-8")
+    other.write_text("\n".join(texts[40:80]) + "\n", encoding="utf-8")
+    target = tmp_path / output
+    assert run_cli(source, "-o", target, "--server", server.target, "--batch-size", 8) == 0
+    extra = []
+    if change == "other input":
+        source = other
+    elif change.startswith("--"):
+        extra = change.split()
+    elif change == "input shrunk":
+        source.write_text("\n".join(texts[:20]) + "\n", encoding="utf-8")
+    elif change == "first texts edited":
+        first = texts[0]
+        edited = first[::-1] if len(set(first)) > 1 else first + "x"  # the same size
+        source.write_text("\n".join([edited[:len(first)]] + texts[1:40]) + "\n",
+                          encoding="utf-8")
+    else:
+        run_record.record_path(str(target)).unlink()
+    kept = _untouched([target, run_record.record_path(str(target))])
+    capsys.readouterr()
+    assert run_cli(source, "-o", target, "--server", server.target, "--resume", *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "--resume" in err and len(err.splitlines()) == 1, err
+    assert _untouched(kept) == kept
+
+
+def test_a_resume_with_more_rows_than_its_input_is_refused(server, tmp_path, texts, capsys,
+                                                           monkeypatch):
+    """Standard input cannot be counted ahead: the committed rows are skipped first, and an
+    input that ends before them is refused (once 3,000 rows resumed against 500 lines exited 0,
+    "embedded 0 texts")."""
+    import io
+
+    from bertstream.client import run_record
+
+    monkeypatch.setattr(run_record, "HASHED_TEXTS", 10)
+    target = tmp_path / "s.npy"
+
+    def from_stdin(lines, *extra):
+        monkeypatch.setattr(sys, "stdin", type("Stdin", (), {
+            "buffer": io.BytesIO(("\n".join(lines) + "\n").encode())})())
+        return run_cli("-", "-o", target, "--server", server.target, *extra)
+
+    assert from_stdin(texts[:40]) == 0
+    kept = _untouched([target])
+    capsys.readouterr()
+    assert from_stdin(texts[:25], "--resume") == 2  # the same first texts, fewer of them
+    err = capsys.readouterr().err
+    assert "holds 40 rows, more than the 25 texts" in err, err
+    assert _untouched(kept) == kept
+
+
+def test_a_lone_surrogate_in_json_lines_is_an_input_error(server, tmp_path, capsys):
+    source = tmp_path / "s.jsonl"
+    source.write_text('{"text": "fine"}\n{"text": "abc\\ud800"}\n', encoding="utf-8")
+    assert run_cli(source, "-o", tmp_path / "o.npy", "--server", server.target) == 2
+    err = capsys.readouterr().err.strip()
+    assert "s.jsonl:2: field 'text' holds a lone surrogate" in err and len(err.splitlines()) == 1
+
+
 # ---------------------------------------------------------------- replicas
 
 def _served(metrics_port: int) -> float:
