@@ -72,7 +72,7 @@ class Engine:
     def __init__(self, model: str | None = None, device: str = "auto", dtype: str | None = None,
                  max_length: int | None = None, threads: int | None = None,
                  forward_workers: int | None = None):
-        from transformers import AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
         # torch computes only on the batcher's forward workers, each on its share of `threads`
         # (set_forward_threads). A second OpenMP team anywhere else in the process (even an idle
@@ -91,9 +91,12 @@ class Engine:
         encoder = str(Path(folder, self.pipeline.transformer_path)) if Path(folder).is_dir() \
             else folder
         local = Path(encoder).is_dir()
+        model_config = AutoConfig.from_pretrained(encoder, local_files_only=local)
+        check_size(encoder, model_config, TORCH_DTYPES[self.dtype].itemsize, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(encoder, local_files_only=local)
         if not self.tokenizer.is_fast:
             raise ValueError(f"{self.model_name}: no fast (Rust) tokenizer; bertstream needs one")
+        check_token_ids(encoder, self.tokenizer, model_config)
         self.model, self.attention = load_encoder(encoder, local, TORCH_DTYPES[self.dtype])
         self.model = self.model.to(self.device).eval()
         config = self.model.config
@@ -373,6 +376,55 @@ def usable_positions(model) -> int:
     positions = getattr(model.config, "max_position_embeddings", None) or 10**6
     padding_idx = getattr(getattr(model, "embeddings", None), "padding_idx", None)
     return positions - (padding_idx + 1 if isinstance(padding_idx, int) else 0)
+
+
+def encoder_parameters(config) -> int:
+    """The parameters a BERT-shaped encoder of this config holds, from the config alone:
+    embeddings, then per layer attention (4 h^2) and the feed-forward (2 h i), biases aside."""
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+    intermediate = int(getattr(config, "intermediate_size", 0) or 4 * hidden)
+    embeddings = (int(getattr(config, "vocab_size", 0) or 0)
+                  + int(getattr(config, "max_position_embeddings", 0) or 0)) * hidden
+    return embeddings + layers * (4 * hidden * hidden + 2 * hidden * intermediate)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for the model: the GPU's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_size(folder: str, config, value_bytes: int, device: torch.device) -> None:
+    """Refuse, before allocating anything, a model whose config alone says it cannot fit the
+    memory at hand (a config of 100,000 layers once loaded for minutes, growing past 2 GB)."""
+    needed = encoder_parameters(config) * value_bytes
+    free = available_memory(device)
+    if free is not None and needed > free:
+        raise ValueError(
+            f"{folder}/config.json: hidden_size {config.hidden_size}, num_hidden_layers "
+            f"{config.num_hidden_layers}, vocab_size {getattr(config, 'vocab_size', '?')} make "
+            f"about {needed / 2**30:,.1f} GiB of weights, more than the {free / 2**30:,.1f} GiB "
+            f"free on {device}")
+
+
+def check_token_ids(folder: str, tokenizer, config) -> None:
+    """Every id the tokenizer can give must have a row in the model's embeddings: an added token
+    past the vocabulary would fail on the first request that holds it, not at start."""
+    vocab = getattr(config, "vocab_size", None)
+    largest = max(tokenizer.get_vocab().values(), default=-1)
+    if vocab is not None and largest >= vocab:
+        token = tokenizer.convert_ids_to_tokens(largest)
+        raise ValueError(f"{folder}: the tokenizer gives id {largest} ({token!r}), past the "
+                         f"model's vocabulary (vocab_size {vocab})")
 
 
 def load_encoder(folder: str, local: bool, dtype: torch.dtype):

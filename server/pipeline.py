@@ -108,12 +108,12 @@ def read_pipeline(folder: str | Path) -> Pipeline:
             f"{modules_file}: modules {kinds} are not Transformer, Pooling, then Dense/Normalize "
             f"steps; bertstream serves only that shape")
     transformer = modules[0].get("path", "")
-    config = _json(folder / transformer / "sentence_bert_config.json")
-    pooling, include_prompt = _pooling(folder / modules[1]["path"])
+    config = _json(inside(folder, transformer) / "sentence_bert_config.json")
+    pooling, include_prompt = _pooling(inside(folder, modules[1]["path"]))
     steps = []
     for module, kind in zip(modules[2:], kinds[2:]):
-        steps.append(_dense(folder / module["path"]) if kind == "Dense"
-                     else _normalize(folder / module["path"]))
+        steps.append(_dense(inside(folder, module["path"])) if kind == "Dense"
+                     else _normalize(inside(folder, module["path"])))
     st_config = _json(folder / "config_sentence_transformers.json")
     prompts = dict(st_config.get("prompts") or {})
     default_prompt = st_config.get("default_prompt_name")
@@ -126,6 +126,16 @@ def read_pipeline(folder: str | Path) -> Pipeline:
         steps=tuple(steps), max_seq_length=config.get("max_seq_length"),
         do_lower_case=bool(config.get("do_lower_case", False)), prompts=prompts,
         default_prompt_name=default_prompt)
+
+
+def inside(folder: Path, relative: str) -> Path:
+    """folder/relative, which must stay inside the folder (links resolved): a modules.json path
+    like '../x' would read files the model's authors never shipped."""
+    path = (folder / relative).resolve()
+    if not path.is_relative_to(folder.resolve()):
+        raise PipelineError(f"{folder / 'modules.json'}: module path {relative!r} leaves the "
+                            f"model folder; bertstream reads only what is inside it")
+    return path
 
 
 def _json(path: Path) -> dict:

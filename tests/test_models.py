@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 
 import grpc
 import numpy as np
@@ -292,3 +293,44 @@ def test_hub_id_finds_its_sentence_transformers_files_in_the_cache(folders, tmp_
 
     engine = Engine("tiny/bert-cls", device="cpu")
     assert engine.pipeline.pooling == ("cls",) and engine.pipeline.normalizes
+
+
+def test_a_module_path_that_leaves_the_folder_is_refused(folders, tmp_path):
+    """modules.json paths with ../ were followed outside the model folder."""
+    folder = tmp_path / "escaping"
+    shutil.copytree(folders["bert"], folder)
+    shutil.copytree(folder / "1_Pooling", tmp_path / "outside")
+    modules = json.loads((folder / "modules.json").read_text())
+    modules[1]["path"] = "../outside"
+    (folder / "modules.json").write_text(json.dumps(modules))
+    stderr = _serve_fails("--model", str(folder))
+    assert "module path '../outside' leaves the model folder" in stderr
+
+
+def test_a_config_too_big_for_memory_is_refused_before_loading(folders, tmp_path):
+    """num_hidden_layers: 100000 loaded for minutes, past 2 GB and climbing, with no error."""
+    folder = tmp_path / "huge"
+    shutil.copytree(folders["bert"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(num_hidden_layers=100_000, hidden_size=4096, intermediate_size=16384,
+                  num_attention_heads=64)
+    (folder / "config.json").write_text(json.dumps(config))
+    started = time.monotonic()
+    stderr = _serve_fails("--model", str(folder))
+    assert "num_hidden_layers 100000" in stderr and "GiB of weights, more than" in stderr
+    assert time.monotonic() - started < 60
+
+
+def test_added_token_ids_past_the_vocabulary_are_refused(folders, tmp_path):
+    """A tokenizer whose added ids run past the embeddings started without complaint."""
+    folder = tmp_path / "overflowing"
+    shutil.copytree(folders["bert"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer["added_tokens"].append({"id": config["vocab_size"] + 5, "content": "[FAR]",
+                                      "single_word": False, "lstrip": False, "rstrip": False,
+                                      "normalized": False, "special": True})
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    stderr = _serve_fails("--model", str(folder))
+    assert "'[FAR]'" in stderr
+    assert f"past the model's vocabulary (vocab_size {config['vocab_size']})" in stderr
