@@ -5,7 +5,8 @@ Each request is bounded by its own limits; this bounds what one client can do wi
 Every connection (a gRPC peer, an HTTP connection) has an account. A request takes its cost (its
 bytes and its answer's, Core.memory_cost) before any compute and gives it back once its answer
 has left (or the call ended). A connection may hold at most `share` bytes, the server at most
-`total` (a request alone is always admitted, so no request is starved by its own size). Streams
+`total` (a request alone on its connection, or on the server, is always admitted: none is
+starved by its own size). Streams
 stop reading while their connection is over its share (gRPC flow control then slows the sender);
 a unary call that finds no room fails at once (RESOURCE_EXHAUSTED, as when the queue is full).
 A connection with answers ready that it does not take for `stall_s` seconds, while it is at its
@@ -29,6 +30,28 @@ log = logging.getLogger("bertstream.budget")
 
 CHECK_S = 1.0  # how often the watchdog looks for stalled connections
 CUT_MEMORY_S = 600.0  # a cut connection's new calls are refused this long
+
+
+class Hold:
+    """Bytes one request holds against its connection: ready() once its answer is ready to go,
+    release() once it has gone or the call ended (idempotent)."""
+
+    def __init__(self, account: "Account", cost: int):
+        self.account, self.cost = account, cost
+        self._ready = self._released = False
+
+    def ready(self) -> None:
+        if not self._ready and not self._released:
+            self._ready = True
+            self.account._answer_ready()
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        if self._ready:
+            self.account._answer_taken()
+        self.account._give(self.cost)
 
 
 class Account:
@@ -57,39 +80,33 @@ class Account:
             f"{budget.held:,} (max_held_bytes {budget.total:,}); read your answers, or retry "
             f"later")
 
-    def ready(self) -> None:
-        """An answer is ready and goes to the client (taken: sent(), then give())."""
-        if not self.unsent:
-            self.progress = time.monotonic()
-        self.unsent += 1
-
-    def sent(self) -> None:
-        self.unsent -= 1
-        self.progress = time.monotonic()
-
-    def _fits(self, cost: int) -> bool:
-        budget = self.budget
-        return not self.held or (self.held + cost <= budget.share and
-                                 (not budget.held or budget.held + cost <= budget.total))
-
-    def try_take(self, cost: int) -> bool:
+    def try_hold(self, cost: int) -> Hold:
+        """Hold `cost` now, or EmbedError (overloaded) saying why there is no room."""
         if self.cut or not self._fits(cost):
-            return False
+            raise self.refusal()
         self._add(cost)
-        return True
+        return Hold(self, cost)
 
-    async def take(self, cost: int) -> None:
-        """Wait until `cost` fits this connection's share and the server's total."""
-        if not self.try_take(cost):
+    async def hold(self, cost: int) -> Hold:
+        """Hold `cost`, waiting until it fits this connection's share and the server's total."""
+        if self.cut or not self._fits(cost):
             await self._wait(lambda: self.cut or self._fits(cost))
             if self.cut:
                 raise self.refusal()
-            self._add(cost)
+        self._add(cost)
+        return Hold(self, cost)
 
     async def room(self) -> None:
         """Wait until this connection is under its share (before a stream reads on)."""
         if self.full():
             await self._wait(lambda: self.cut or not self.full())
+
+    def _fits(self, cost: int) -> bool:
+        """Within the connection's share and the server's total; one request alone on its
+        connection, or on the server, always fits (none is starved by its own size)."""
+        budget = self.budget
+        return ((not self.held or self.held + cost <= budget.share)
+                and (not budget.held or budget.held + cost <= budget.total))
 
     async def _wait(self, predicate) -> None:
         budget = self.budget
@@ -105,10 +122,19 @@ class Account:
         self.budget.held += cost
         self.budget.peak = max(self.budget.peak, self.budget.held)
 
-    def give(self, cost: int) -> None:
+    def _give(self, cost: int) -> None:
         self.held -= cost
         self.budget.held -= cost
         self.budget.notify()
+
+    def _answer_ready(self) -> None:
+        if not self.unsent:
+            self.progress = time.monotonic()
+        self.unsent += 1
+
+    def _answer_taken(self) -> None:
+        self.unsent -= 1
+        self.progress = time.monotonic()
 
 
 class MemoryBudget:

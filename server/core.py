@@ -105,6 +105,11 @@ class Core:
         return request_bytes + min(response_bytes(rows, options.width, call.dtype),
                                    self.limits.max_response_bytes)
 
+    def tokenize_cost(self, request_bytes: int) -> int:
+        """What a Tokenize request may hold: its bytes and its answer's (some 16 bytes a token,
+        a token some 4 bytes of text; at most max_response_bytes)."""
+        return request_bytes + min(4 * request_bytes, self.limits.max_response_bytes)
+
     def info(self) -> dict:
         """What the server runs, as plain values: model, sizes, device, precision, limits and
         the default pipeline (the front-ends' Info and /info)."""

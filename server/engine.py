@@ -125,7 +125,9 @@ class Engine:
         self._truncating.enable_truncation(self.max_length)
         self._full = type(self._truncating).from_str(self._truncating.to_str())
         self._full.no_truncation()
-        self._special_ids = set(self.tokenizer.all_special_ids)
+        # A text that spells a special token ('[SEP]') gets its id, as Hugging Face tokenizers and
+        # so sentence-transformers do: the vectors stay equal to SentenceTransformer.encode's.
+        self.special_ids = frozenset(self.tokenizer.all_special_ids)
         self._prompt_lengths: dict[str, int] = {}
 
     def _check_pipeline_widths(self) -> int:
@@ -231,7 +233,7 @@ class Engine:
             if len(self._prompt_lengths) > 1024:  # free-text prompts: keep the cache bounded
                 self._prompt_lengths.clear()
             ids = self._truncating.encode(prompt).ids
-            self._prompt_lengths[prompt] = len(ids) - (1 if ids and ids[-1] in self._special_ids
+            self._prompt_lengths[prompt] = len(ids) - (1 if ids and ids[-1] in self.special_ids
                                                        else 0)
         return self._prompt_lengths[prompt]
 

@@ -176,30 +176,36 @@ def create_app(core: Core, serving, budget: MemoryBudget, tokens: list[bytes] = 
                                                      "error": error.message}})
         return error_response(HTTP_STATUS[error.kind], error.message)
 
-    async def embed(request: Request, call: EmbedCall):
-        """The result, and sent(): to call once the answer has gone. The request and its answer
-        are held against the connection's share (budget.py) until then; no room: 429."""
+    async def within_share(request: Request, cost: int, work):
+        """await work() holding `cost` bytes against the request's connection (budget.py):
+        its result, and sent() to call once the answer has gone. No room: EmbedError (429)."""
         task = asyncio.current_task()
         account = budget.open(client_key(request), task.cancel)
-        cost = core.memory_cost(call, int(request.headers.get("content-length") or 0))
-        taken = account.try_take(cost)
+        hold, done = None, []
 
         def sent():
-            account.sent()
-            account.give(cost)
-            budget.close(account, task.cancel)
+            if not done:
+                done.append(True)
+                if hold is not None:
+                    hold.release()
+                budget.close(account, task.cancel)
 
         try:
-            if not taken:
-                raise account.refusal()
-            result = await core.observed_embed("http", call, codes=STATUS_LABELS)
+            hold = account.try_hold(cost)
+            result = await work()
         except BaseException:
-            if taken:
-                account.give(cost)
-            budget.close(account, task.cancel)
+            sent()
             raise
-        account.ready()
+        hold.ready()
         return result, sent
+
+    def request_bytes(request: Request) -> int:
+        return int(request.headers.get("content-length") or 0)
+
+    async def embed(request: Request, call: EmbedCall):
+        return await within_share(
+            request, core.memory_cost(call, request_bytes(request)),
+            lambda: core.observed_embed("http", call, codes=STATUS_LABELS))
 
     @app.post("/v1/embeddings", summary="OpenAI-compatible embeddings")
     async def openai_embeddings(request: Request, body: OpenAIEmbeddingRequest):
@@ -232,18 +238,21 @@ def create_app(core: Core, serving, budget: MemoryBudget, tokens: list[bytes] = 
         return json_stream(b"[", row_pieces(vectors, lambda first, rows: rows), b"]", sent)
 
     @app.post("/tokenize", summary="The model's tokens of each text, with character offsets")
-    async def tokenize(body: TEITokenizeRequest):
+    async def tokenize(request: Request, body: TEITokenizeRequest):
         pieces = []
+
+        special_ids = engine.special_ids  # by id: a text spelling "[SEP]" gets the real one
 
         def add(chunk) -> int:  # on a tokenizer thread
             pieces.append(orjson.dumps([
-                [{"id": i, "text": t, "start": start, "stop": end, "special": start == end == 0}
+                [{"id": i, "text": t, "start": start, "stop": end, "special": i in special_ids}
                  for i, t, (start, end) in zip(ids.tolist(), strings, offsets)]
                 for ids, strings, offsets in zip(chunk.ids, chunk.tokens, chunk.offsets)])[1:-1])
             return len(pieces[-1])
 
-        await core.tokenize(texts_of(body.inputs), True, add)
-        return json_stream(b"[", pieces, b"]")
+        _, sent = await within_share(request, core.tokenize_cost(request_bytes(request)),
+                                     lambda: core.tokenize(texts_of(body.inputs), True, add))
+        return json_stream(b"[", pieces, b"]", sent)
 
     @app.get("/info", summary="The model, its default pipeline and the limits")
     async def info():

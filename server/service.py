@@ -169,17 +169,14 @@ class EmbedderService(pb_grpc.EmbedderServicer):
 
     async def Embed(self, request, context):
         account = await self._account(context)
-        cost = self._memory_cost(request)
-        if not account.try_take(cost):
-            await abort(context, account.refusal())
-        # Held until the answer has left (or the call ended), not until this returns.
-        context.add_done_callback(lambda _: account.give(cost))
         try:
+            hold = account.try_hold(self._memory_cost(request))
+            # Held until the answer has left (or the call ended), not until this returns.
+            context.add_done_callback(lambda _: hold.release())
             response = await self._embed("Embed", request)
         except EmbedError as error:
             await abort(context, error)
-        account.ready()
-        context.add_done_callback(lambda _: account.sent())
+        hold.ready()
         return response
 
     async def EmbedStream(self, request_iterator, context):
@@ -191,7 +188,7 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         in_flight: asyncio.Queue = asyncio.Queue(maxsize=self.limits.stream_window)
         account = await self._account(context)
         caller = object()
-        taken = []  # costs held by messages read and not yet answered
+        holds = []  # of the messages read and not yet answered, in order
         self.metrics.streams_open.inc()
 
         async def read_requests():
@@ -202,17 +199,15 @@ class EmbedderService(pb_grpc.EmbedderServicer):
                     request = await anext(requests)
                 except StopAsyncIteration:
                     break
-                cost = self._memory_cost(request)
-                await account.take(cost)
-                taken.append(cost)
-                await in_flight.put((request.request_id, cost, asyncio.ensure_future(
+                holds.append(await account.hold(self._memory_cost(request)))
+                await in_flight.put((request.request_id, asyncio.ensure_future(
                     self._embed("EmbedStream", request, caller))))
             await in_flight.put(None)
 
         reader = asyncio.ensure_future(read_requests())
         try:
             while (entry := await in_flight.get()) is not None:
-                request_id, cost, task = entry
+                request_id, task = entry
                 try:
                     response = await task
                 except EmbedError as error:
@@ -220,11 +215,9 @@ class EmbedderService(pb_grpc.EmbedderServicer):
                         "request_id": request_id, "kind": error.kind.value, "error": error.message}})
                     response = pb.EmbedResponse(request_id=request_id, error=pb.Error(
                         code=STATUS_CODES[error.kind].value[0], message=error.message))
-                account.ready()
+                holds[0].ready()
                 yield response  # returns once the client's flow control has taken it
-                account.sent()
-                taken.remove(cost)
-                account.give(cost)
+                holds.pop(0).release()
             await reader  # re-raises a transport error from the reading side
         finally:
             self.metrics.streams_open.dec()
@@ -232,11 +225,9 @@ class EmbedderService(pb_grpc.EmbedderServicer):
             while not in_flight.empty():
                 entry = in_flight.get_nowait()
                 if entry is not None:
-                    entry[2].cancel()
-            if account.cut:  # gRPC may still hold its last answer: until the call ends
-                context.add_done_callback(lambda _, rest=sum(taken): account.give(rest))
-            else:
-                account.give(sum(taken))
+                    entry[1].cancel()
+            for hold in holds:
+                hold.release()
 
     def _memory_cost(self, request: pb.EmbedRequest) -> int:
         try:
@@ -260,10 +251,14 @@ class EmbedderService(pb_grpc.EmbedderServicer):
                 size += text.ByteSize()
             return size
 
+        account = await self._account(context)
         try:
+            hold = account.try_hold(self.core.tokenize_cost(request.ByteSize()))
+            context.add_done_callback(lambda _: hold.release())
             await self.core.tokenize(request.texts, truncate, add)
         except EmbedError as error:
             await abort(context, error)
+        hold.ready()
         return response
 
     async def Info(self, request, context):

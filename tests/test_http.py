@@ -320,3 +320,17 @@ def test_a_request_cut_by_shutdown_gets_503_in_openai_shape(engine, corpus):
         status, error = pending.result(timeout=60)
     assert status == 503, error
     assert error["error"]["type"] == "server_error" and "shutting down" in error["error"]["message"]
+
+
+def test_a_text_that_spells_a_special_token_is_reported_as_embedded(served, grpc_client):
+    """"[SEP]" inside a text gets the real [SEP] id (as Hugging Face tokenizers and
+    sentence-transformers give it), and /tokenize says so: it reported it "special": false."""
+    status, body = post(served, "/tokenize", {"inputs": "before [SEP] after"})
+    assert status == 200
+    tokens = body[0]
+    inner = [t for t in tokens if t["text"] == "[SEP]" and t["stop"] > 0]
+    assert len(inner) == 1 and inner[0]["special"], tokens
+    assert tokens[-1]["text"] == "[SEP]" and tokens[-1]["special"]  # the one the tokenizer adds
+    assert [t["id"] for t in tokens] == [t["id"] for t in grpc_client.tokenize(
+        ["before [SEP] after"])[0]]
+    assert not any(t["special"] for t in tokens[1:-1] if t["text"] != "[SEP]")
