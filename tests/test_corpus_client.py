@@ -108,16 +108,26 @@ def test_errors_are_one_line_and_nonzero(server, tmp_path, setup, message, statu
 
 # ---------------------------------------------------------------- resume
 
+RESUMED_TEXTS = 800
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(server, tmp_path_factory, corpus):
+    """An uninterrupted run's input and output, once for every interruption below."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    source = folder / "in.txt"
+    source.write_text("\n".join(corpus[i % len(corpus)] for i in range(RESUMED_TEXTS)) + "\n",
+                      encoding="utf-8")
+    assert run_cli(source, "-o", folder / "whole.npy", "--server", server.target) == 0
+    return source, read_output(folder / "whole.npy")
+
+
 @pytest.mark.parametrize("output, stop", [("r.npy", signal.SIGKILL),
                                           ("r.parquet", signal.SIGKILL),
                                           ("r.npy", signal.SIGINT)])  # Ctrl-C
-def test_resume_after_interruption_equals_uninterrupted_run(server, tmp_path, corpus, output,
-                                                            stop):
-    texts = [corpus[i % len(corpus)] for i in range(1500)]
-    source = tmp_path / "in.txt"
-    source.write_text("\n".join(texts) + "\n", encoding="utf-8")
-    whole = tmp_path / ("whole" + output[1:])
-    assert run_cli(source, "-o", whole, "--server", server.target) == 0
+def test_resume_after_interruption_equals_uninterrupted_run(server, tmp_path, uninterrupted,
+                                                            output, stop):
+    source, whole = uninterrupted
     target = tmp_path / output
     command = [sys.executable, "-m", "bertstream.server.cli", "embed", str(source), "-o",
                str(target), "--server", server.target, "--batch-size", "32", "--window", "4",
@@ -136,14 +146,14 @@ def test_resume_after_interruption_equals_uninterrupted_run(server, tmp_path, co
     process.send_signal(stop)
     _, err = process.communicate(timeout=60)
     interrupted_at = committed_rows(target)
-    assert 0 < interrupted_at < 1500, "the stop did not interrupt the run"
+    assert 0 < interrupted_at < RESUMED_TEXTS, "the stop did not interrupt the run"
     if stop == signal.SIGINT:
         assert process.returncode == 130, err
         assert "interrupted with" in err and "--resume" in err and "Traceback" not in err
     assert run_cli(source, "-o", target, "--server", server.target, "--resume") == 0
-    resumed, uninterrupted = read_output(target), read_output(whole)
-    assert resumed.shape == uninterrupted.shape == (1500, 384)
-    np.testing.assert_allclose(resumed, uninterrupted, atol=1e-4)
+    resumed = read_output(target)
+    assert resumed.shape == whole.shape == (RESUMED_TEXTS, 384)
+    np.testing.assert_allclose(resumed, whole, atol=1e-4)
 
 
 def committed_rows(path) -> int:
@@ -346,7 +356,7 @@ def test_three_replicas_share_work_and_survive_one_dying(tmp_path, corpus, clien
             process, target = serve_process("--metrics-port", str(metrics), "--threads", "1",
                                             "--log-level", "WARNING")
             replicas.append((process, target, metrics))
-        texts = [corpus[i % len(corpus)] for i in range(1200)]
+        texts = [corpus[i % len(corpus)] for i in range(600)]
         expected = np.concatenate(list(client.stream(texts, batch_size=400)))
         results, killed_at = [], None
         with Client([target for _, target, _ in replicas], timeout=120) as spread:
@@ -359,7 +369,7 @@ def test_three_replicas_share_work_and_survive_one_dying(tmp_path, corpus, clien
                     killed_at = i
         assert killed_at is not None and killed_at < 50, "not every replica received work"
         vectors = np.concatenate(results)
-        assert vectors.shape == (1200, 384)  # nothing lost, nothing duplicated
+        assert vectors.shape == (600, 384)  # nothing lost, nothing duplicated
         # Rows are in input order, whichever replica computed them, before or after the kill.
         np.testing.assert_allclose(vectors, expected, atol=1e-4)  # every row, resent or not
     finally:

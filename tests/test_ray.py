@@ -1,6 +1,6 @@
 """bertstream.client.ray against a local Ray instance and two real server replicas.
 
-5,000 corpus paragraphs as Parquet shards: every row once, in input order, with its id, equal to
+1,500 corpus paragraphs as Parquet shards: every row once, in input order, with its id, equal to
 Client.embed within 1e-5; still every row once and exact by id when a Ray actor dies mid-run and
 when a replica is killed with SIGKILL mid-run (the last test: that replica stays dead).
 """
@@ -29,7 +29,7 @@ from bertstream.client.ray import embed
 from tests.conftest import serve_process
 from tests.corpus import stdlib_paragraphs
 
-ROWS, SHARDS = 5_000, 10
+ROWS, SHARDS = 1_500, 10
 
 
 @pytest.fixture(scope="module")
@@ -190,15 +190,15 @@ def test_exact_when_a_ray_actor_dies_mid_run(replicas, local_ray, shards, refere
         os.kill(pids[0], signal.SIGKILL)
         killed.append(pids[0])
 
-    run_killing(embed(read(shards, 2_000), targets, batch_size=200), tmp_path / "out",
+    run_killing(embed(read(shards, 800), targets, batch_size=50), tmp_path / "out",
                 kill_an_actor)
     assert killed[0] not in ray_actor_pids()
-    check_exact(tmp_path / "out", reference, 2_000)
+    check_exact(tmp_path / "out", reference, 800)
 
 
 def test_exact_when_a_replica_is_killed_mid_run(replicas, local_ray, shards, reference, tmp_path):
     (doomed, doomed_target), (_, survivor) = replicas
-    run_killing(embed(read(shards), [doomed_target, survivor], batch_size=250),
+    run_killing(embed(read(shards), [doomed_target, survivor], batch_size=50),
                 tmp_path / "out", lambda: doomed.send_signal(signal.SIGKILL))
     assert doomed.wait(timeout=10) == -signal.SIGKILL
     with Client(doomed_target, timeout=2) as client, pytest.raises(grpc.RpcError):
