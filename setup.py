@@ -69,6 +69,14 @@ def generate_stubs() -> None:
     (package / "__init__.py").write_text(textwrap.dedent('''\
         """Generated from proto/bertstream/v1/embedder.proto at build time; never edit by hand."""
         from bertstream.proto import embedder_pb2, embedder_pb2_grpc  # noqa: F401
+
+
+        def labels(enum) -> dict[str, int]:
+            """An enum's values by their `label` option ("mean" -> POOLING_MEAN): the names
+            the client, the command line and the server use, defined once, in the .proto."""
+            return {value.GetOptions().Extensions[embedder_pb2.label]: value.number
+                    for value in enum.DESCRIPTOR.values
+                    if value.GetOptions().HasExtension(embedder_pb2.label)}
         '''))
     shutil.copy(ROOT / PROTO, package / PROTO.name)  # shipped, for other languages' stub generators
 

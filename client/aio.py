@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import time
 from typing import AsyncIterable, AsyncIterator, Iterable, Sequence
 
 import grpc
 import numpy as np
 
-from bertstream.client.core import (SEND_ATTEMPTS, Usage, batches, build_request,
-                                    check_combine_strategy, combine_tokens, decode_response,
-                                    embed_request, make_channel, send_again, tokens_request)
+from bertstream.client.core import (SEND_ATTEMPTS, EmbedStreamError, Usage, batches,
+                                    build_request, check_combine_strategy, combine_tokens,
+                                    decode_response, embed_request, make_channel, send_again,
+                                    tokens_request)
 from bertstream.client.sync import info_of, tokens_of
 from bertstream.proto import embedder_pb2 as pb
 from bertstream.proto import embedder_pb2_grpc as pb_grpc
@@ -63,53 +66,72 @@ class AsyncClient:
 
     async def stream(self, texts: Iterable[str] | AsyncIterable[str], batch_size: int = 64,
                      window: int = 64, spread: bool | None = None,
-                     **options) -> AsyncIterator:
+                     message_timeout: float | None = None, **options) -> AsyncIterator:
         """As Client.stream, for a plain or an async iterable of texts."""
         if window < 1:
             raise ValueError("window must be >= 1")
         requests = _requests(texts, batch_size, options)
         if self._replicas if spread is None else spread:
-            results = self._spread(requests, window)
+            results = self._spread(requests, window, message_timeout)
         else:
-            results = self._one_stream(requests, window)
+            results = self._one_stream(requests, window, message_timeout)
         async for result in results:
             yield result
 
-    async def _one_stream(self, requests, window: int):
+    async def _one_stream(self, requests, window: int, message_timeout: float | None):
         slots = asyncio.Semaphore(window)
+        sent_at = collections.deque()  # when each unanswered message went out, oldest first
 
         async def paced():
             async for request in requests:
                 await slots.acquire()
+                sent_at.append((request.request_id, time.monotonic()))
                 yield request
 
         call = self._stub.EmbedStream(paced(), timeout=self.timeout, metadata=self._metadata)
+        responses = call.__aiter__()
         try:
-            async for response in call:
+            while True:
+                reading = asyncio.ensure_future(anext(responses))
+                while not reading.done():  # waits; past message_timeout on the oldest: gives up
+                    await asyncio.wait({reading}, timeout=message_timeout / 4
+                                       if message_timeout else None)
+                    if (not reading.done() and message_timeout and sent_at
+                            and time.monotonic() - sent_at[0][1] > message_timeout):
+                        reading.cancel()
+                        raise EmbedStreamError(sent_at[0][0], grpc.StatusCode.DEADLINE_EXCEEDED,
+                                               f"no answer within {message_timeout} s")
+                try:
+                    response = reading.result()
+                except StopAsyncIteration:
+                    return
+                sent_at.popleft()
                 slots.release()
                 self.last_usage = Usage.of(response)
                 yield decode_response(response)
         finally:
             call.cancel()
 
-    async def _spread(self, requests, window: int):
+    async def _spread(self, requests, window: int, message_timeout: float | None = None):
         in_flight: list[tuple[pb.EmbedRequest, asyncio.Task]] = []
+        timeout = message_timeout or self.timeout
         try:
             async for request in requests:
-                in_flight.append((request, self._send(request)))
+                in_flight.append((request, self._send(request, timeout)))
                 if len(in_flight) >= window:
-                    yield await self._settle(*in_flight.pop(0))
+                    yield await self._settle(*in_flight.pop(0), timeout)
             while in_flight:
-                yield await self._settle(*in_flight.pop(0))
+                yield await self._settle(*in_flight.pop(0), timeout)
         finally:
             for _, task in in_flight:
                 task.cancel()
 
-    def _send(self, request: pb.EmbedRequest) -> asyncio.Task:
-        return asyncio.ensure_future(self._stub.Embed(request, timeout=self.timeout,
+    def _send(self, request: pb.EmbedRequest, timeout: float | None) -> asyncio.Task:
+        return asyncio.ensure_future(self._stub.Embed(request, timeout=timeout,
                                                       metadata=self._metadata))
 
-    async def _settle(self, request: pb.EmbedRequest, task: asyncio.Task):
+    async def _settle(self, request: pb.EmbedRequest, task: asyncio.Task,
+                      timeout: float | None):
         for attempt in range(1, SEND_ATTEMPTS + 1):
             try:
                 response = await task
@@ -117,7 +139,7 @@ class AsyncClient:
             except grpc.RpcError as error:
                 if not send_again(error, attempt):
                     raise
-                task = self._send(request)  # its replica went away: another one takes it
+                task = self._send(request, timeout)  # its replica went away: another takes it
         self.last_usage = Usage.of(response)
         return decode_response(response)
 

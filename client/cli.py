@@ -10,7 +10,7 @@ import time
 
 import grpc
 
-from bertstream.client.core import EmbedStreamError
+from bertstream.client.core import COMBINES, DTYPES, POOLINGS, QUANTIZED, EmbedStreamError
 from bertstream.client import run_record
 from bertstream.client.corpus_io import (InputError, committed_rows, count_texts, input_format,
                                          open_writer, read_texts)
@@ -32,12 +32,11 @@ def embed_parser(subparsers) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run: skip the rows OUTPUT already holds")
     p.add_argument("--pooling", default=None,
-                   choices=("mean", "max", "cls", "mean_max", "mean_sqrt_len", "weightedmean",
-                            "lasttoken"),
+                   choices=[name for name in POOLINGS if name not in (None, "none")],
                    help="a raw pooling (default: the model's own pipeline: its pooling, Dense, "
                         "Normalize and default prompt)")
     p.add_argument("--layers", type=int, nargs="+", default=[-1])
-    p.add_argument("--layer-combine", choices=("concat", "mean"), default="concat")
+    p.add_argument("--layer-combine", choices=list(COMBINES), default="concat")
     p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                    help="L2-normalise each vector, or not (default: the model's choice with its "
                         "own pipeline, off with --pooling)")
@@ -45,7 +44,8 @@ def embed_parser(subparsers) -> None:
     p.add_argument("--prompt", help="free-text prompt prepended to every text")
     p.add_argument("--dimensions", type=int, default=None,
                    help="keep the first N values of each vector (renormalized if normalized)")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+    p.add_argument("--dtype", choices=[d for d in DTYPES if d not in QUANTIZED],
+                   default="float32",
                    help="wire precision (output is float32 either way)")
     p.add_argument("--no-truncate", dest="truncate", action="store_false",
                    help="fail on texts over the model's length instead of cutting them")
@@ -82,7 +82,7 @@ def run_embed(args) -> int:
                     tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key) as client:
             first, texts = run_record.with_identity(read_texts(args.input, fmt, args.field))
             record = run_record.describe(args.input, fmt, args.field, first, options,
-                                         client.info()["model"])
+                                         run_record.model_of(client.info()))
             done = committed_rows(args.output) if args.resume else 0
             if done:  # checked before the output is touched
                 texts = _same_run(args, record, texts, done, total)

@@ -11,16 +11,14 @@ import grpc
 import numpy as np
 
 from bertstream.proto import embedder_pb2 as pb
+from bertstream.proto import labels
 
 # None: the model's own pipeline (pooling, Dense, Normalize, default prompt), as the server reports
 # it in info()["pipeline"]; a name: that raw pooling.
-POOLINGS = {None: pb.POOLING_UNSPECIFIED, "mean": pb.POOLING_MEAN, "max": pb.POOLING_MAX,
-            "cls": pb.POOLING_CLS, "mean_max": pb.POOLING_MEAN_MAX, "none": pb.POOLING_NONE,
-            "mean_sqrt_len": pb.POOLING_MEAN_SQRT_LEN, "weightedmean": pb.POOLING_WEIGHTED_MEAN,
-            "lasttoken": pb.POOLING_LAST_TOKEN}
-COMBINES = {"concat": pb.LAYER_COMBINE_CONCAT, "mean": pb.LAYER_COMBINE_MEAN}
-DTYPES = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16,
-          "bfloat16": pb.DTYPE_BFLOAT16, "int8": pb.DTYPE_INT8, "binary": pb.DTYPE_BINARY}
+POOLINGS = {None: pb.POOLING_UNSPECIFIED, **labels(pb.Pooling)}
+COMBINES = labels(pb.LayerCombine)
+DTYPES = labels(pb.DType)
+QUANTIZED = ("int8", "binary")  # not float vectors: embed() returns them as they are
 STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 # Spread calls over every address a target has (several replicas, or a DNS name with many

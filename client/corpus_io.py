@@ -236,9 +236,10 @@ class ParquetWriter:
         self.commit_rows = commit_rows
         self.parts = Path(path + ".parts")
         self._pending: list[np.ndarray] = []
-        if not resume:
+        if not resume:  # a new run: nothing of an earlier one may be counted as committed
             for old in self.parts.glob("*") if self.parts.exists() else ():
                 old.unlink()
+            Path(path).unlink(missing_ok=True)
         self.parts.mkdir(exist_ok=True)
         if resume and os.path.exists(path):
             # A finished file holds every part: parts still here are ones a crash in close()

@@ -3,8 +3,8 @@ continues the same run or refuses, saying what changed.
 
 A resumed run trusted whatever the output held: resumed with another input file, other options
 or against another model, it exited 0 with rows of two runs mixed. The record names the input
-(its path, size, format and field, and a hash of its first texts), the embedding options and the
-model as the server's Info names it. It is written (atomically) before the first row is.
+(its path, size, format and field, and a hash of its first texts), the embedding options and,
+from the server's Info, the model, its precision, its length limit and its default pipeline. It is written (atomically) before the first row is.
 """
 
 from __future__ import annotations
@@ -38,8 +38,15 @@ def with_identity(texts: Iterator[str]) -> tuple[dict, Iterator[str]]:
     return {"texts": len(first), "sha256": texts_hash(first)}, itertools.chain(first, texts)
 
 
+def model_of(info: dict) -> dict:
+    """What of the server's Info decides the vectors: the model, its precision, its length
+    limit and its default pipeline."""
+    return {key: info[key] for key in ("model", "dtype", "max_input_tokens", "hidden_size",
+                                       "pipeline")}
+
+
 def describe(input_path: str, fmt: str, field: str, first: dict, options: dict,
-             model: str) -> dict:
+             model: dict) -> dict:
     source = {"path": input_path if input_path == "-" else str(Path(input_path).resolve()),
               "size": None if input_path == "-" else os.path.getsize(input_path),
               "format": fmt, "field": field if fmt != "text" else None, "first": first}
@@ -75,8 +82,11 @@ def differences(saved: dict, now: dict) -> list[str]:
     if was.get("first") != now_input["first"]:
         found.append(f"the input's first {now_input['first']['texts']:,} texts differ from "
                      f"those of the run that wrote the rows")
-    if saved.get("model") != now["model"]:
-        found.append(f"model: {saved.get('model')!r} then, {now['model']!r} now")
+    was_model = saved.get("model") if isinstance(saved.get("model"), dict) else {}
+    for key, value in now["model"].items():
+        if was_model.get(key) != value:
+            found.append(f"the server's {key}: {was_model.get(key)!r} then, {value!r} now"
+                         if key != "pipeline" else "the server's default pipeline differs")
     for key in sorted(set(saved.get("options", {})) | set(now["options"])):
         before, after = saved.get("options", {}).get(key), now["options"].get(key)
         if before != after:

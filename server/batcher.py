@@ -26,10 +26,10 @@ from typing import Callable
 
 import numpy as np
 
-from bertstream import ext
 from bertstream.server.engine import EmbedOptions, Engine
 from bertstream.server.errors import EmbedError, ErrorKind
 from bertstream.server.metrics import Metrics
+from bertstream.server.wire import Packed, pack
 
 log = logging.getLogger("bertstream.batcher")
 
@@ -39,16 +39,6 @@ class Usage:
     truncated_items: int = 0
     queue_ns: int = 0
     compute_ns: int = 0
-
-
-@dataclass
-class Packed:
-    """A result tensor in its wire dtype: little-endian bytes, logical shape, int8 scales."""
-
-    dtype: str
-    shape: tuple[int, ...]
-    data: bytes
-    scales: np.ndarray | None = None
 
 
 @dataclass
@@ -81,23 +71,6 @@ class Job:
         self._remaining = len(self.ids)
         self.usage.tokens = sum(len(ids) for ids in self.ids)
         self.usage.truncated_items = self.truncated_items
-
-
-def pack(vectors: np.ndarray, dtype: str) -> Packed:
-    """float32 vectors -> wire bytes in `dtype` (the ext kernels do the conversion)."""
-    shape = tuple(vectors.shape)
-    if dtype == "float32":
-        return Packed(dtype, shape, vectors.astype("<f4", copy=False).tobytes())
-    if dtype == "float16":
-        return Packed(dtype, shape, ext.pack_float16(vectors).tobytes())
-    if dtype == "bfloat16":
-        return Packed(dtype, shape, ext.pack_bfloat16(vectors).astype("<u2", copy=False).tobytes())
-    if dtype == "int8":
-        q, scales = ext.pack_int8(vectors)
-        return Packed(dtype, shape, q.tobytes(), scales)
-    if dtype == "binary":
-        return Packed(dtype, shape, ext.pack_binary(vectors).tobytes())
-    raise ValueError(f"unknown wire dtype {dtype!r}")
 
 
 @dataclass(eq=False)

@@ -12,7 +12,8 @@ a unary call that finds no room fails at once (RESOURCE_EXHAUSTED, as when the q
 A connection with answers ready that it does not take for `stall_s` seconds, while it is at its
 share or anyone waits for room, is cut: its calls are cancelled (what they held is freed) and its
 new calls refused, with RESOURCE_EXHAUSTED naming why, for CUT_MEMORY_S. (The time an answer
-takes to compute never counts: only the time it waits for its reader.) grpc Python cannot close
+takes to compute never counts: only the time it waits for its reader, beyond what its size needs
+at MIN_READ_RATE.) grpc Python cannot close
 a connection from the server, so the connection itself stays open until its client closes it.
 All on the event loop.
 """
@@ -29,7 +30,8 @@ from bertstream.server.errors import EmbedError
 log = logging.getLogger("bertstream.budget")
 
 CHECK_S = 1.0  # how often the watchdog looks for stalled connections
-CUT_MEMORY_S = 600.0  # a cut connection's new calls are refused this long
+CUT_MEMORY_S = 60.0  # a cut connection's new calls are refused this long (ports get reused)
+MIN_READ_RATE = 16 * 2**20  # bytes/s: an answer this big may take size / rate more to be read
 
 
 class Hold:
@@ -43,7 +45,7 @@ class Hold:
     def ready(self) -> None:
         if not self._ready and not self._released:
             self._ready = True
-            self.account._answer_ready()
+            self.account._answer_ready(self.cost)
 
     def release(self) -> None:
         if self._released:
@@ -63,6 +65,8 @@ class Account:
         self.users = 0  # calls open on it; the account goes when the last one ends
         self.unsent = 0  # answers ready and not yet taken by the client
         self.progress = time.monotonic()  # since when its oldest unsent answer waits (or less)
+        self.progress_bytes = 0  # and how big that answer is
+        self.waiting = 0  # its calls and streams waiting for room
         self.cancels: set[Callable[[], None]] = set()
         self.cut = False
 
@@ -111,11 +115,13 @@ class Account:
     async def _wait(self, predicate) -> None:
         budget = self.budget
         budget.waiting += 1
+        self.waiting += 1
         try:
             async with budget.changed:
                 await budget.changed.wait_for(predicate)
         finally:
             budget.waiting -= 1
+            self.waiting -= 1
 
     def _add(self, cost: int) -> None:
         self.held += cost
@@ -127,9 +133,9 @@ class Account:
         self.budget.held -= cost
         self.budget.notify()
 
-    def _answer_ready(self) -> None:
+    def _answer_ready(self, cost: int) -> None:
         if not self.unsent:
-            self.progress = time.monotonic()
+            self.progress, self.progress_bytes = time.monotonic(), cost
         self.unsent += 1
 
     def _answer_taken(self) -> None:
@@ -182,26 +188,36 @@ class MemoryBudget:
                 f"its calls are cancelled")
 
     def stalled(self, account: Account, now: float) -> bool:
-        blocking = account.full() or self.waiting
-        return account.unsent and blocking and now - account.progress > self.stall_s
+        """It has an answer ready that waits for its reader, beyond stall_s (and what the
+        answer's size needs), while it keeps its own calls, or anyone, from room: it is at its
+        share, or its calls wait, or the server's total is all but full and someone waits."""
+        total_full = self.waiting and self.held + self.share > self.total
+        blocking = account.full() or account.waiting or total_full
+        patience = self.stall_s + account.progress_bytes / MIN_READ_RATE
+        return bool(account.unsent and blocking and now - account.progress > patience)
 
     async def _watch_stalls(self) -> None:
         while True:
             await asyncio.sleep(CHECK_S)
-            now = time.monotonic()
-            for key in [k for k, at in self.cut_keys.items() if now - at >= CUT_MEMORY_S]:
-                del self.cut_keys[key]
-            for account in [a for a in self.accounts.values()
-                            if not a.cut and self.stalled(a, now)]:
-                account.cut = True
-                self.cuts += 1
+            try:
+                self._cut_stalled(time.monotonic())
+            except Exception:  # never lose the watchdog
+                log.exception("the memory budget's watchdog failed a round")
+
+    def _cut_stalled(self, now: float) -> None:
+        for key in [k for k, at in self.cut_keys.items() if now - at >= CUT_MEMORY_S]:
+            del self.cut_keys[key]
+        for account in [a for a in self.accounts.values() if not a.cut and self.stalled(a, now)]:
+            account.cut = True
+            self.cuts += 1
+            if not account.key.startswith("http:"):  # an HTTP connection is closed with it
                 self.cut_keys[account.key] = now
-                log.warning("connection cut", extra={"fields": {
-                    "peer": account.key, "held_bytes": account.held, "calls": account.users,
-                    "reason": self.cut_message(account.key)}})
-                for cancel in list(account.cancels):
-                    cancel()
-                self.notify()
+            log.warning("connection cut", extra={"fields": {
+                "peer": account.key, "held_bytes": account.held, "calls": account.users,
+                "reason": self.cut_message(account.key)}})
+            for cancel in list(account.cancels):
+                cancel()
+            self.notify()
 
     def stop(self) -> None:
         if self._watch is not None:

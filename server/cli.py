@@ -8,8 +8,8 @@ import json
 import logging
 import signal
 import sys
+from importlib.metadata import entry_points
 
-from bertstream.client.cli import embed_parser
 from bertstream.server.limits import BATCH_TOKENS_BY_DEVICE, Limits
 
 log = logging.getLogger("bertstream")
@@ -113,7 +113,8 @@ class LogFormatter(logging.Formatter):
 async def serve(args) -> None:
     from bertstream.server.engine import Engine
     from bertstream.server.security import read_tokens
-    from bertstream.server.service import Security, start_server
+    from bertstream.server.app import start_server
+    from bertstream.server.security import Security
 
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
@@ -199,7 +200,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bertstream", description="BERT embeddings over gRPC")
     subparsers = parser.add_subparsers(dest="command", required=True)
     serve_parser(subparsers)
-    embed_parser(subparsers)
+    # Other commands come from the packages that declare them (pyproject's entry points: the
+    # client's `embed`), so the server imports no client code.
+    for command in entry_points(group="bertstream.commands"):
+        command.load()(subparsers)
     args = parser.parse_args(argv)
     handler = logging.StreamHandler()
     handler.setFormatter(LogFormatter(as_json=getattr(args, "log_format", "text") == "json"))

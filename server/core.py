@@ -23,6 +23,7 @@ from bertstream.server.batcher import Batcher, Job, JobResult
 from bertstream.server.engine import EmbedOptions, Engine, Tokenized
 from bertstream.server.errors import EmbedError
 from bertstream.server.limits import Limits
+from bertstream.server.wire import WIRE_DTYPES, response_bytes
 
 # Requests up to this many characters are tokenized on the event loop (tens of microseconds);
 # bigger ones on a worker thread so the loop keeps serving.
@@ -240,19 +241,6 @@ class Core:
             self.metrics.requests.labels(rpc, code).inc()
             self.metrics.texts.labels(rpc, code).inc(texts)
             self.metrics.latency.labels(rpc).observe(time.perf_counter() - started)
-
-
-WIRE_DTYPES = ("float32", "float16", "bfloat16", "int8", "binary")
-
-
-def response_bytes(rows: int, width: int, dtype: str) -> int:
-    """Bytes of a response tensor: rows x width values in the wire dtype (int8 adds a float32
-    scale per row; binary packs 8 values a byte)."""
-    if dtype == "binary":
-        return rows * -(-width // 8)
-    if dtype == "int8":
-        return rows * (width + 4)
-    return rows * width * (4 if dtype == "float32" else 2)
 
 
 def completion() -> tuple[asyncio.Future, Callable]:

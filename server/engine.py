@@ -21,7 +21,8 @@ log = logging.getLogger("bertstream.engine")
 
 # Explicit poolings a request may name; "none" is token-level. The model's own pipeline is what a
 # request that names none gets (Engine.options).
-POOLINGS = ("mean", "max", "cls", "mean_max", "mean_sqrt_len", "weightedmean", "lasttoken", "none")
+# The kernels' modes, their pairs, and token-level output (no pooling).
+POOLINGS = (*ext.POOLING_MODES, *ext.MODE_ALIASES, "none")
 DTYPES = ("float32", "float16", "bfloat16")
 # Characters per kept token beyond which a text is cut before tokenizing (Engine.tokenize): English
 # takes 4-5 per token, so 12 keeps every token that truncation keeps with a wide margin (and a

@@ -136,9 +136,9 @@ def row_pieces(vectors: np.ndarray, encode) -> Iterable[bytes]:
                            option=orjson.OPT_SERIALIZE_NUMPY)[1:-1]
 
 
-def client_key(request: Request) -> str:
+def connection_key(scope) -> str:
     """The connection a request came on: its account in the memory budget."""
-    host, port = request.client or ("?", 0)
+    host, port = scope.get("client") or ("?", 0)
     return f"http:{host}:{port}"
 
 
@@ -180,7 +180,7 @@ def create_app(core: Core, serving, budget: MemoryBudget, tokens: list[bytes] = 
         """await work() holding `cost` bytes against the request's connection (budget.py):
         its result, and sent() to call once the answer has gone. No room: EmbedError (429)."""
         task = asyncio.current_task()
-        account = budget.open(client_key(request), task.cancel)
+        account = budget.open(connection_key(request.scope), task.cancel)
         hold, done = None, []
 
         def sent():
@@ -199,19 +199,16 @@ def create_app(core: Core, serving, budget: MemoryBudget, tokens: list[bytes] = 
         hold.ready()
         return result, sent
 
-    def request_bytes(request: Request) -> int:
-        return int(request.headers.get("content-length") or 0)
-
     async def embed(request: Request, call: EmbedCall):
         return await within_share(
-            request, core.memory_cost(call, request_bytes(request)),
+            request, core.memory_cost(call, 0),  # the body: held by BodyLimit
             lambda: core.observed_embed("http", call, codes=STATUS_LABELS))
 
     @app.post("/v1/embeddings", summary="OpenAI-compatible embeddings")
     async def openai_embeddings(request: Request, body: OpenAIEmbeddingRequest):
         result, sent = await embed(request, EmbedCall(texts_of(body.input),
                                                       dimensions=body.dimensions or 0))
-        vectors = np.frombuffer(result.embeddings.data, "<f4").reshape(result.embeddings.shape)
+        vectors = result.embeddings.as_float32()
         if body.encoding_format == "base64":
             def value(row):
                 return base64.b64encode(row.tobytes()).decode()
@@ -234,7 +231,7 @@ def create_app(core: Core, serving, budget: MemoryBudget, tokens: list[bytes] = 
         result, sent = await embed(request, EmbedCall(
             texts_of(body.inputs), normalize=body.normalize, truncate=body.truncate,
             prompt_name=body.prompt_name, dimensions=body.dimensions or 0))
-        vectors = np.frombuffer(result.embeddings.data, "<f4").reshape(result.embeddings.shape)
+        vectors = result.embeddings.as_float32()
         return json_stream(b"[", row_pieces(vectors, lambda first, rows: rows), b"]", sent)
 
     @app.post("/tokenize", summary="The model's tokens of each text, with character offsets")
@@ -250,7 +247,8 @@ def create_app(core: Core, serving, budget: MemoryBudget, tokens: list[bytes] = 
                 for ids, strings, offsets in zip(chunk.ids, chunk.tokens, chunk.offsets)])[1:-1])
             return len(pieces[-1])
 
-        _, sent = await within_share(request, core.tokenize_cost(request_bytes(request)),
+        _, sent = await within_share(request, core.tokenize_cost(
+                                         int(request.headers.get("content-length") or 0)),
                                      lambda: core.tokenize(texts_of(body.inputs), True, add))
         return json_stream(b"[", pieces, b"]", sent)
 
@@ -308,8 +306,8 @@ class BodyLimit:
     them).
     Any other body is read whole, then handed to the app."""
 
-    def __init__(self, app, limit: int, strings: int):
-        self.app, self.limit, self.strings = app, limit, strings
+    def __init__(self, app, limit: int, strings: int, budget: MemoryBudget):
+        self.app, self.limit, self.strings, self.budget = app, limit, strings, budget
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -317,12 +315,27 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await self._too_large(scope, receive, send)
+        # The body is held against the connection's share as it arrives, until its answer has
+        # gone (500 connections could each hold a 64 MiB body otherwise).
+        account = self.budget.open(connection_key(scope))
+        holds = []
+        try:
+            await self._read_held(scope, receive, send, account, holds)
+        except EmbedError as error:  # no room for the body
+            await error_response(HTTP_STATUS[error.kind], error.message)(scope, receive, send)
+        finally:
+            for hold in holds:
+                hold.release()
+            self.budget.close(account)
+
+    async def _read_held(self, scope, receive, send, account, holds):
         body, more = [], True
         while more:
             message = await receive()
             if message["type"] != "http.request":  # the client went away
                 return
             body.append(message.get("body", b""))
+            holds.append(account.try_hold(len(body[-1])))
             more = message.get("more_body", False)
             if sum(map(len, body)) > self.limit:
                 return await self._too_large(scope, receive, send)
@@ -380,11 +393,13 @@ class ShutdownAnswers:
 
 
 class GuardedH11(H11Protocol):
-    """uvicorn's HTTP/1.1 with bounds for slow and idle clients: a request's headers and body
-    must arrive within `read_timeout_s` of the connection's start or of its previous answer
-    (else 408 and closed; uvicorn alone waits forever: 1,100 such connections filled the
-    descriptor table and locked gRPC out), and past `max_connections` open a new connection
-    gets 503 and is closed at once. start_http sets both on a subclass of its own."""
+    """uvicorn's HTTP/1.1 with bounds for slow and idle clients: a request's headers must arrive
+    within `read_timeout_s` of the connection's start or of its previous answer, and its body
+    within as long again plus a second per MIN_BODY_RATE bytes it declares (else 408 and closed;
+    uvicorn alone waits forever: 1,100 such connections filled the descriptor table and locked
+    gRPC out); past `max_connections` open, a new connection gets 503 and is closed at once.
+    start_http sets both on a subclass of its own. (With TLS, a connection counts from the end
+    of its handshake, which asyncio bounds at 60 s.)"""
 
     read_timeout_s = 10.0
     max_connections = 1000
@@ -404,9 +419,10 @@ class GuardedH11(H11Protocol):
             return
         self._arm()
 
-    def _arm(self):
+    def _arm(self, seconds: float | None = None):
         self._disarm()
-        self._read_deadline = self.loop.call_later(self.read_timeout_s, self._read_timed_out)
+        self._read_deadline = self.loop.call_later(seconds or self.read_timeout_s,
+                                                   self._read_timed_out)
 
     def _disarm(self):
         if self._read_deadline is not None:
@@ -419,9 +435,14 @@ class GuardedH11(H11Protocol):
         return cycle is None or cycle.response_complete or cycle.more_body
 
     def handle_events(self):
+        cycle = self.cycle
         super().handle_events()
         if not self._reading():
             self._disarm()
+        elif self.cycle is not cycle:  # a new request's headers are in: time for its body
+            declared = dict(self.headers or ()).get(b"content-length", b"0")
+            body = int(declared) if declared.isdigit() else 0
+            self._arm(self.read_timeout_s + body / MIN_BODY_RATE)
 
     def on_response_complete(self):
         super().on_response_complete()
@@ -436,9 +457,11 @@ class GuardedH11(H11Protocol):
         self._read_deadline = None
         if self.transport.is_closing() or not self._reading():
             return
-        if self.cycle is None or not self.cycle.response_started:
-            self.transport.write(raw_response(408, f"the request did not arrive within "
-                                                   f"{self.read_timeout_s:g} s"))
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete or not cycle.response_started:
+            self.transport.write(raw_response(408, "the request did not arrive in time "
+                                                   f"(http_read_timeout_s {self.read_timeout_s:g}"
+                                                   f", and 1 s per {MIN_BODY_RATE:,} body bytes)"))
         self.transport.close()
 
 
@@ -451,6 +474,7 @@ def raw_response(status: int, message: str) -> bytes:
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
 
 
+MIN_BODY_RATE = 1 << 20  # bytes/s a request body may arrive at, at the slowest
 LOG_EVERY_S = 10.0  # the same complaint (a full descriptor table, the connection cap) at most this often
 
 
@@ -494,7 +518,7 @@ class _Server(uvicorn.Server):
 
 
 async def start_http(app: FastAPI, host: str, port: int, body_limit: int, max_texts: int,
-                     stopping, tls_cert=None, tls_key=None, tls_client_ca=None,
+                     budget: MemoryBudget, stopping, tls_cert=None, tls_key=None, tls_client_ca=None,
                      read_timeout_s: float = 10.0, max_connections: int | None = None) -> _Server:
     """Serve `app` on host:port (TLS with the gRPC flags' files; with a client CA, mutual TLS)
     on the running loop; returns once listening. server.should_exit = True stops it. Bodies:
@@ -507,7 +531,8 @@ async def start_http(app: FastAPI, host: str, port: int, body_limit: int, max_te
         options = dict(ssl_certfile=tls_cert, ssl_keyfile=tls_key)
         if tls_client_ca:
             options.update(ssl_ca_certs=tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
-    wrapped = ShutdownAnswers(BodyLimit(app, body_limit, max_texts + OTHER_STRINGS), stopping)
+    wrapped = ShutdownAnswers(BodyLimit(app, body_limit, max_texts + OTHER_STRINGS, budget),
+                              stopping)
     protocol = type("GuardedH11", (GuardedH11,), {
         "read_timeout_s": read_timeout_s, "max_connections": connection_cap(max_connections)})
     quiet_accept_errors(asyncio.get_running_loop())

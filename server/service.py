@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -20,15 +20,12 @@ from grpc_reflection.v1alpha import reflection
 
 from bertstream.proto import embedder_pb2 as pb
 from bertstream.proto import embedder_pb2_grpc as pb_grpc
-from bertstream.server.admission import Admission
-from bertstream.server.batcher import Batcher, JobResult
+from bertstream.proto import labels
+from bertstream.server.batcher import JobResult
 from bertstream.server.budget import MemoryBudget
-from bertstream.server.core import Core, EmbedCall, warm_up
-from bertstream.server.limits import Limits
-from bertstream.server.engine import Engine
+from bertstream.server.core import Core, EmbedCall
 from bertstream.server.errors import EmbedError, ErrorKind
-from bertstream.server.metrics import Metrics
-from bertstream.server.security import TokenAuthInterceptor, server_credentials
+from bertstream.server.security import Security, bearer_allowed
 
 log = logging.getLogger("bertstream.service")
 
@@ -41,27 +38,62 @@ STATUS_CODES = {
     ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 
+CUT_STATUS_S = 1.0  # how long a cut call may take to send its status
+
 STATUS_NAMES = {kind: code.name for kind, code in STATUS_CODES.items()}  # metric labels
-# POOLING_UNSPECIFIED (None) is the model's own pipeline.
-POOLING_NAMES = {pb.POOLING_UNSPECIFIED: None, pb.POOLING_MEAN: "mean", pb.POOLING_MAX: "max",
-                 pb.POOLING_CLS: "cls", pb.POOLING_MEAN_MAX: "mean_max", pb.POOLING_NONE: "none",
-                 pb.POOLING_MEAN_SQRT_LEN: "mean_sqrt_len",
-                 pb.POOLING_WEIGHTED_MEAN: "weightedmean", pb.POOLING_LAST_TOKEN: "lasttoken"}
-COMBINE_NAMES = {pb.LAYER_COMBINE_UNSPECIFIED: "concat", pb.LAYER_COMBINE_CONCAT: "concat",
-                 pb.LAYER_COMBINE_MEAN: "mean"}
-DTYPE_NAMES = {pb.DTYPE_UNSPECIFIED: "float32", pb.DTYPE_FLOAT32: "float32",
-               pb.DTYPE_FLOAT16: "float16", pb.DTYPE_BFLOAT16: "bfloat16", pb.DTYPE_INT8: "int8",
-               pb.DTYPE_BINARY: "binary"}
+# The names of the proto's enum values are its `label`s; UNSPECIFIED (0) is the default: the
+# model's own pipeline (None), concatenated layers, float32.
+POOLING_NAMES = {0: None, **{number: name for name, number in labels(pb.Pooling).items()}}
+COMBINE_NAMES = {0: "concat", **{number: name for name, number in labels(pb.LayerCombine).items()}}
+DTYPE_NAMES = {0: "float32", **{number: name for name, number in labels(pb.DType).items()}}
 DTYPE_ENUMS = {name: number for number, name in DTYPE_NAMES.items() if number}
 
 
-@dataclass(frozen=True)
-class Security:
-    auth_tokens: tuple[bytes, ...] = ()  # empty: no authentication
-    health_open: bool = True  # health checks need no token (for probes)
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_client_ca: str | None = None  # set: mutual TLS
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Requires `authorization: Bearer <token>` metadata matching one of the tokens.
+
+    Tokens are compared in constant time (hmac.compare_digest), every token checked, so the time
+    taken says nothing about how much of a guess was right. Health checks may stay open so that
+    probes need no secret.
+    """
+
+    def __init__(self, tokens: list[bytes], health_open: bool = True):
+        self._tokens = tokens
+        self._health_open = health_open
+
+        async def refuse(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or wrong bearer token (authorization metadata)")
+
+        async def refuse_stream(request_iterator, context):
+            await refuse(None, context)
+            yield  # pragma: no cover - makes this an async generator
+
+        self._refusals = {
+            (False, False): grpc.unary_unary_rpc_method_handler(refuse),
+            (False, True): grpc.unary_stream_rpc_method_handler(refuse_stream),
+            (True, False): grpc.stream_unary_rpc_method_handler(refuse_stream),
+            (True, True): grpc.stream_stream_rpc_method_handler(refuse_stream),
+        }
+
+    def _allowed(self, metadata) -> bool:
+        return bearer_allowed(self._tokens, next(
+            (value for key, value in metadata or () if key == "authorization"), b""))
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if self._health_open and method.startswith(HEALTH_PREFIX):
+            return await continuation(handler_call_details)
+        if self._allowed(handler_call_details.invocation_metadata):
+            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        if handler is None:  # unknown method: let gRPC say UNIMPLEMENTED
+            return None
+        return self._refusals[(handler.request_streaming, handler.response_streaming)]
+
 
 
 class _Undecodable:
@@ -170,14 +202,27 @@ class EmbedderService(pb_grpc.EmbedderServicer):
     async def Embed(self, request, context):
         account = await self._account(context)
         try:
-            hold = account.try_hold(self._memory_cost(request))
+            # Waits while this connection is at its share (its deadline bounds the wait).
+            hold = await account.hold(self._memory_cost(request))
             # Held until the answer has left (or the call ended), not until this returns.
             context.add_done_callback(lambda _: hold.release())
             response = await self._embed("Embed", request)
         except EmbedError as error:
             await abort(context, error)
+        except asyncio.CancelledError:
+            await self._say_cut(account, context)
+            raise
         hold.ready()
         return response
+
+    async def _say_cut(self, account, context) -> None:
+        """A call cancelled because its connection was cut ends with RESOURCE_EXHAUSTED saying
+        why, if the status can still get out (a peer that reads nothing never sees it)."""
+        if account.cut:
+            try:
+                await asyncio.wait_for(abort(context, account.refusal()), CUT_STATUS_S)
+            except asyncio.TimeoutError:
+                pass
 
     async def EmbedStream(self, request_iterator, context):
         # Requests are read ahead of their responses and answered strictly in request order.
@@ -219,6 +264,11 @@ class EmbedderService(pb_grpc.EmbedderServicer):
                 yield response  # returns once the client's flow control has taken it
                 holds.pop(0).release()
             await reader  # re-raises a transport error from the reading side
+        except asyncio.CancelledError:
+            for hold in holds:
+                hold.release()
+            await self._say_cut(account, context)
+            raise
         finally:
             self.metrics.streams_open.dec()
             reader.cancel()
@@ -253,7 +303,7 @@ class EmbedderService(pb_grpc.EmbedderServicer):
 
         account = await self._account(context)
         try:
-            hold = account.try_hold(self.core.tokenize_cost(request.ByteSize()))
+            hold = await account.hold(self.core.tokenize_cost(request.ByteSize()))
             context.add_done_callback(lambda _: hold.release())
             await self.core.tokenize(request.texts, truncate, add)
         except EmbedError as error:
@@ -306,116 +356,64 @@ def to_response(request_id: str, result: JobResult) -> pb.EmbedResponse:
                        queue_ns=usage.queue_ns, compute_ns=usage.compute_ns))
 
 
-@dataclass
-class RunningServer:
-    server: grpc.aio.Server
-    port: int
-    batcher: Batcher
-    health: health.aio.HealthServicer
-    admission: Admission
-    watch: asyncio.Task | None = None  # keeps gRPC health current, from the warm-up on
-    http: object = None  # the HTTP front-end's server, when there is one
-    http_port: int | None = None
-    warmed: bool = False
-    stopping: bool = False
+class GrpcFrontEnd:
+    """The gRPC server over a core: the Embedder service, health and reflection, TLS and bearer
+    tokens, listening on host:port (port 0: any free one, see .port). Health says NOT_SERVING
+    until set_serving(True)."""
 
-    def serving(self) -> bool:
-        """Warmed up, healthy and not stopping (HTTP /health; gRPC health says the same)."""
-        return self.warmed and not self.stopping and self.batcher.healthy()
+    def __init__(self, core: Core, budget: MemoryBudget, security: Security):
+        limits = core.limits
+        interceptors = [DecodeErrorInterceptor()]
+        if security.auth_tokens:  # runs first: the unauthenticated never reach anything else
+            interceptors.insert(0, TokenAuthInterceptor(list(security.auth_tokens),
+                                                        security.health_open))
+        options = [("grpc.max_receive_message_length", limits.max_message_bytes),
+                   ("grpc.max_send_message_length", -1),
+                   # Clients ping every KEEPALIVE_S while calls are open (client/core.py), to
+                   # notice a server that vanished; accept those pings instead of GOAWAY.
+                   ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
+                   ("grpc.http2.max_ping_strikes", 0),
+                   # One connection opens at most this many calls at once (the HTTP/2 setting).
+                   ("grpc.max_concurrent_streams", limits.max_concurrent_streams)]
+        self.security = security
+        self.server = grpc.aio.server(options=options, interceptors=interceptors)
+        pb_grpc.add_EmbedderServicer_to_server(EmbedderService(core, budget), self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), self.server)
+        self.port: int | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        await self.set_serving(False)
+        address, security = f"{host}:{port}", self.security
+        if security.tls_cert:
+            self.port = self.server.add_secure_port(address, server_credentials(
+                security.tls_cert, security.tls_key, security.tls_client_ca))
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"could not listen on {address}")
+        await self.server.start()
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else \
+            health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
 
     async def stop(self, grace: float) -> None:
-        """Health NOT_SERVING, refuse new calls, give calls in flight `grace` seconds, then
-        finish the batcher's work and stop its threads."""
-        self.stopping = True
-        if self.watch is not None:
-            self.watch.cancel()
+        """NOT_SERVING, new calls refused, calls in flight get `grace` seconds."""
         await self.health.enter_graceful_shutdown()
-        if self.http is not None:
-            self.http.config.timeout_graceful_shutdown = grace
-            self.http.should_exit = True
         await self.server.stop(grace)
-        if self.http is not None:
-            await self.http.task
-        await asyncio.get_running_loop().run_in_executor(None, self.batcher.close)
 
 
-async def start_server(engine: Engine, limits: Limits, host: str = "127.0.0.1", port: int = 50051,
-                       security: Security = Security(), http_port: int | None = None,
-                       http_metrics: bool = False) -> RunningServer:
-    """Start serving gRPC (port 0: any free port, see .port) and, with http_port, HTTP on the
-    same core and loop. Health says NOT_SERVING (HTTP /health 503) until one warm-up text has
-    gone through the model. batcher.metrics holds the Prometheus registry."""
-    metrics = Metrics()
-    metrics.model.info({"model": engine.model_name, "device": str(engine.device),
-                        "dtype": engine.dtype, "max_length": str(engine.max_length)})
-    admission = Admission(limits.max_queue_texts, asyncio.get_running_loop())
-    batcher = Batcher(engine, limits.max_batch_tokens, metrics, on_leave=admission.release)
-    core = Core(engine, batcher, limits, admission)
-    budget = MemoryBudget(limits.max_held_bytes, limits.max_connection_held_bytes,
-                          limits.stall_timeout_s)
-    interceptors = [DecodeErrorInterceptor()]
-    if security.auth_tokens:  # runs first: the unauthenticated never reach anything else
-        interceptors.insert(0, TokenAuthInterceptor(list(security.auth_tokens),
-                                                    security.health_open))
-    options = [("grpc.max_receive_message_length", limits.max_message_bytes),
-               ("grpc.max_send_message_length", -1),
-               # Clients ping every KEEPALIVE_S while calls are open (client/core.py), to notice a
-               # server that vanished; accept those pings instead of answering GOAWAY.
-               ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
-               ("grpc.http2.max_ping_strikes", 0),
-               # One connection opens at most this many calls at once (the HTTP/2 setting).
-               ("grpc.max_concurrent_streams", limits.max_concurrent_streams)]
-    server = grpc.aio.server(options=options, interceptors=interceptors)
-    pb_grpc.add_EmbedderServicer_to_server(EmbedderService(core, budget), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server)
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    address = f"{host}:{port}"
-    if security.tls_cert:
-        bound = server.add_secure_port(address, server_credentials(
-            security.tls_cert, security.tls_key, security.tls_client_ca))
-    else:
-        bound = server.add_insecure_port(address)
-    if not bound:
-        raise OSError(f"could not listen on {address}")
-    await server.start()
-    running = RunningServer(server, bound, batcher, health_servicer, admission)
-    if http_port is not None:
-        from bertstream.server.http import create_app, start_http
-
-        app = create_app(core, running.serving, budget, list(security.auth_tokens),
-                         security.health_open, metrics=http_metrics)
-        running.http = await start_http(
-            app, host, http_port, limits.max_message_bytes, limits.max_texts_per_request,
-            lambda: running.stopping, security.tls_cert, security.tls_key,
-            security.tls_client_ca, limits.http_read_timeout_s, limits.max_http_connections)
-        running.http_port = running.http.servers[0].sockets[0].getsockname()[1]
-    await warm_up(core)
-    running.warmed = True
-    running.watch = asyncio.ensure_future(watch_health(batcher, health_servicer))
-    return running
-
-
-HEALTH_CHECK_S = 0.5
-
-
-async def watch_health(batcher: Batcher, servicer: health.aio.HealthServicer) -> None:
-    """SERVING while the batcher is healthy (every forward worker alive, the engine not failing
-    pass after pass); NOT_SERVING otherwise, so probes and balancers move traffic away."""
-    serving = None
-    while True:
-        healthy = batcher.healthy()
-        if healthy != serving:
-            status = health_pb2.HealthCheckResponse.SERVING if healthy else \
-                health_pb2.HealthCheckResponse.NOT_SERVING
-            for name in ("", SERVICE_NAME):
-                await servicer.set(name, status)
-            if serving is not None:
-                log.warning("health: %s", "SERVING" if healthy else
-                            "NOT_SERVING (forward workers died or the engine keeps failing)")
-            serving = healthy
-        await asyncio.sleep(HEALTH_CHECK_S)
+def server_credentials(cert: str, key: str, client_ca: str | None = None):
+    """TLS with the server's certificate and key; with client_ca, mutual TLS: a client must show
+    a certificate signed by that CA or the handshake fails."""
+    pair = [(Path(key).read_bytes(), Path(cert).read_bytes())]
+    if client_ca:
+        return grpc.ssl_server_credentials(pair, root_certificates=Path(client_ca).read_bytes(),
+                                           require_client_auth=True)
+    return grpc.ssl_server_credentials(pair)

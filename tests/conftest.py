@@ -27,7 +27,7 @@ class ServerThread:
     """A server with its own event loop on a background thread."""
 
     def __init__(self, engine, limits, **start_options):
-        from bertstream.server.service import start_server
+        from bertstream.server.app import start_server
 
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)

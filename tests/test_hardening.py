@@ -17,7 +17,7 @@ from bertstream.client import Client, decode_tensor
 from bertstream.proto import embedder_pb2 as pb
 from bertstream.proto import embedder_pb2_grpc as pb_grpc
 from bertstream.server.limits import Limits
-from bertstream.server.service import Security
+from bertstream.server.security import Security
 from tests.conftest import TEST_LIMITS, ServerThread, serve_process
 
 # ---------------------------------------------------------------- certificates made here

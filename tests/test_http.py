@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from bertstream.client import Client
 from bertstream.server.limits import Limits
-from bertstream.server.service import Security
+from bertstream.server.security import Security
 from tests.conftest import TEST_LIMITS, ServerThread
 
 TOKEN = "http-test-token"

@@ -1,5 +1,7 @@
 """The installed distribution: one import name, generated stubs, compiled kernels."""
 
+import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -7,23 +9,19 @@ import bertstream.ext
 import bertstream.proto
 
 
-def installed_files() -> list[str]:
-    """The RECORD of the distribution in the site-packages the package imports from (not the
-    egg-info a build leaves in the source tree)."""
-    site_packages = Path(bertstream.ext.__file__).parents[2]
-    [dist] = [d for d in metadata.distributions(path=[str(site_packages)])
-              if d.metadata["Name"] == "bertstream"]
-    return [str(f) for f in dist.files]
-
-
-def test_everything_installs_under_bertstream():
-    files = installed_files()
-    top_level = {f.split("/")[0] for f in files if not f.startswith("..")}
-    assert top_level == {"bertstream", f"bertstream-{metadata.version('bertstream')}.dist-info"}
-    for generated in ("bertstream/proto/embedder_pb2.py", "bertstream/proto/embedder_pb2.pyi",
-                      "bertstream/proto/embedder_pb2_grpc.py", "bertstream/proto/embedder.proto"):
-        assert generated in files
-    assert any(f.startswith("bertstream/ext/_kernels") and f.endswith(".so") for f in files)
+def test_everything_installs_under_bertstream(tmp_path):
+    """One import name: the distribution's only top-level name is `bertstream`, and outside the
+    checkout no `server`, `client`, `ext` or `proto` module can be imported."""
+    assert metadata.distribution("bertstream").read_text("top_level.txt").split() == ["bertstream"]
+    probe = subprocess.run(
+        [sys.executable, "-c", "import importlib.util as u; "
+         "print([n for n in ('server', 'client', 'ext', 'proto') if u.find_spec(n)])"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert probe.stdout.strip() == "[]", probe.stdout + probe.stderr
+    stubs = Path(bertstream.proto.__file__).parent
+    for generated in ("embedder_pb2.py", "embedder_pb2.pyi", "embedder_pb2_grpc.py",
+                      "embedder.proto"):  # the .proto ships too, for other languages' stubs
+        assert (stubs / generated).is_file(), generated
 
 
 def test_generated_modules_import_as_bertstream_proto():
@@ -31,3 +29,13 @@ def test_generated_modules_import_as_bertstream_proto():
     service = bertstream.proto.embedder_pb2.DESCRIPTOR.services_by_name["Embedder"]
     assert [m.name for m in service.methods] == ["Embed", "EmbedStream", "Tokenize", "Info"]
     assert bertstream.ext._kernels.__file__.endswith(".so")
+
+
+def test_every_enum_value_has_its_label():
+    """The names the client, the command line and the server use come from the .proto's
+    `label` options: every value but UNSPECIFIED has one, and no two of an enum share one."""
+    pb = bertstream.proto.embedder_pb2
+    for enum in (pb.Pooling, pb.LayerCombine, pb.DType):
+        labels = bertstream.proto.labels(enum)
+        assert sorted(labels.values()) == [v.number for v in enum.DESCRIPTOR.values if v.number]
+    assert bertstream.proto.labels(pb.Pooling)["weightedmean"] == pb.POOLING_WEIGHTED_MEAN

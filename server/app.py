@@ -1,0 +1,107 @@
+"""The composition root: builds the server from its parts and owns their lifecycle.
+
+engine -> batcher (with the queue's admission) -> core -> the front-ends (gRPC always, HTTP on
+request), all on one event loop. Nothing below this module knows how the others are put
+together: the front-ends are adapters over the core, and neither imports the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from bertstream.server.admission import Admission
+from bertstream.server.batcher import Batcher
+from bertstream.server.budget import MemoryBudget
+from bertstream.server.core import Core, warm_up
+from bertstream.server.engine import Engine
+from bertstream.server.limits import Limits
+from bertstream.server.metrics import Metrics
+from bertstream.server.security import Security
+from bertstream.server.service import GrpcFrontEnd
+
+log = logging.getLogger("bertstream.app")
+
+HEALTH_CHECK_S = 0.5
+
+
+@dataclass
+class RunningServer:
+    grpc: GrpcFrontEnd
+    port: int
+    batcher: Batcher
+    admission: Admission
+    budget: MemoryBudget
+    watch: asyncio.Task | None = None  # keeps health current, from the warm-up on
+    http: object = None  # the HTTP front-end's server, when there is one
+    http_port: int | None = None
+    warmed: bool = False
+    stopping: bool = False
+
+    def serving(self) -> bool:
+        """Warmed up, healthy and not stopping (HTTP /health; gRPC health says the same)."""
+        return self.warmed and not self.stopping and self.batcher.healthy()
+
+    async def stop(self, grace: float) -> None:
+        """Health NOT_SERVING, refuse new calls, give calls in flight `grace` seconds, then
+        finish the batcher's work and stop its threads."""
+        self.stopping = True
+        if self.watch is not None:
+            self.watch.cancel()
+        if self.http is not None:
+            self.http.config.timeout_graceful_shutdown = grace
+            self.http.should_exit = True
+        await self.grpc.stop(grace)
+        if self.http is not None:
+            await self.http.task
+        self.budget.stop()
+        await asyncio.get_running_loop().run_in_executor(None, self.batcher.close)
+
+    async def watch_health(self) -> None:
+        """SERVING while the batcher is healthy (every forward worker alive, the engine not
+        failing pass after pass); NOT_SERVING otherwise, so probes and balancers move traffic
+        away."""
+        serving = None
+        while True:
+            healthy = self.batcher.healthy()
+            if healthy != serving:
+                await self.grpc.set_serving(healthy)
+                if serving is not None:
+                    log.warning("health: %s", "SERVING" if healthy else
+                                "NOT_SERVING (forward workers died or the engine keeps failing)")
+                serving = healthy
+            await asyncio.sleep(HEALTH_CHECK_S)
+
+
+async def start_server(engine: Engine, limits: Limits, host: str = "127.0.0.1", port: int = 50051,
+                       security: Security = Security(), http_port: int | None = None,
+                       http_metrics: bool = False) -> RunningServer:
+    """Start serving gRPC (port 0: any free port, see .port) and, with http_port, HTTP on the
+    same core and loop. Health says NOT_SERVING (HTTP /health 503) until one warm-up text has
+    gone through the model. batcher.metrics holds the Prometheus registry."""
+    metrics = Metrics()
+    metrics.model.info({"model": engine.model_name, "device": str(engine.device),
+                        "dtype": engine.dtype, "max_length": str(engine.max_length)})
+    admission = Admission(limits.max_queue_texts, asyncio.get_running_loop())
+    batcher = Batcher(engine, limits.max_batch_tokens, metrics, on_leave=admission.release)
+    core = Core(engine, batcher, limits, admission)
+    budget = MemoryBudget(limits.max_held_bytes, limits.max_connection_held_bytes,
+                          limits.stall_timeout_s)
+    front = GrpcFrontEnd(core, budget, security)
+    await front.start(host, port)
+    running = RunningServer(front, front.port, batcher, admission, budget)
+    if http_port is not None:
+        from bertstream.server.http import create_app, start_http  # FastAPI only when asked
+
+        app = create_app(core, running.serving, budget, list(security.auth_tokens),
+                         security.health_open, metrics=http_metrics)
+        running.http = await start_http(
+            app, host, http_port, limits.max_message_bytes, limits.max_texts_per_request,
+            budget, lambda: running.stopping, security.tls_cert, security.tls_key,
+            security.tls_client_ca, limits.http_read_timeout_s, limits.max_http_connections)
+        running.http_port = running.http.servers[0].sockets[0].getsockname()[1]
+    await warm_up(core)
+    running.warmed = True
+    running.watch = asyncio.ensure_future(running.watch_health())
+    return running
