@@ -177,6 +177,10 @@ class MemoryBudget:
             del self.accounts[account.key]
 
     def notify(self) -> None:
+        """Wake the calls waiting for room (none: nothing to do, as for almost every call)."""
+        if not self.waiting:
+            return
+
         async def wake():
             async with self.changed:
                 self.changed.notify_all()
