@@ -59,7 +59,7 @@ def test_streams_that_never_read_are_bounded_per_connection():
     its share (256 MiB), the server stays within +1 GB, and once the connection has held its
     share without reading for stall_timeout_s it is cut: its new calls get RESOURCE_EXHAUSTED
     (a trailers-only answer, which flow control does not hold back); others are served."""
-    process, target = serve_process("--log-level", "WARNING", "--stall-timeout", "3")
+    process, target = serve_process("--log-level", "WARNING", "--stall-timeout", "2")
     try:
         with Client(target, timeout=60) as client:
             client.embed(["warm up a normal request"] * 64)
@@ -72,7 +72,7 @@ def test_streams_that_never_read_are_bounded_per_connection():
             for message in range(2):
                 request.request_id = f"{stream}-{message}"
                 connection.send(stream_id, request)
-        connection.pump(12)  # the server computes what the share lets it read, then waits
+        connection.pump(8)  # the server computes what the share lets it read, then waits
         grown = peak_rss(process.pid) - baseline
         HOSTILE_REPORT["25 never-reading streams on one connection"] = f"+{grown / 2**20:,.0f} MB"
         assert grown <= GB, f"peak RSS grew by {grown / 2**20:,.0f} MB"
@@ -157,7 +157,7 @@ def test_slow_http_clients_leave_grpc_answering():
 
 
 def _flood(target: str, results) -> None:
-    results.put(rapid_reset(target, pb.EmbedRequest(texts=["a text to embed"] * 8), 8))
+    results.put(rapid_reset(target, pb.EmbedRequest(texts=["a text to embed"] * 8), 5))
 
 
 def test_a_rapid_reset_flood_does_not_disturb_other_callers():
@@ -179,10 +179,10 @@ def test_a_rapid_reset_flood_does_not_disturb_other_callers():
                 target=_flood, args=(flooded, results))
             flooder.start()
             time.sleep(0.5)
-            latencies, codes = small_calls(target, 6)
+            latencies, codes = small_calls(target, 4)
             flooder.join(timeout=30)
             flood = results.get(timeout=10)
-            assert flood["sent"] > 20_000, flood
+            assert flood["sent"] > 15_000, flood
             assert set(codes) == {"OK"}, (name, codes)
             p99s[name] = p99(latencies)
         HOSTILE_REPORT["rapid reset"] = (

@@ -1,6 +1,6 @@
 """bertstream.client.ray against a local Ray instance and two real server replicas.
 
-1,500 corpus paragraphs as Parquet shards: every row once, in input order, with its id, equal to
+600 corpus paragraphs as Parquet shards: every row once, in input order, with its id, equal to
 Client.embed within 1e-5; still every row once and exact by id when a Ray actor dies mid-run and
 when a replica is killed with SIGKILL mid-run (the last test: that replica stays dead).
 """
@@ -29,7 +29,7 @@ from bertstream.client.ray import embed
 from tests.conftest import serve_process
 from tests.corpus import stdlib_paragraphs
 
-ROWS, SHARDS = 1_500, 10
+ROWS, SHARDS = 600, 6
 
 
 @pytest.fixture(scope="module")
@@ -115,14 +115,14 @@ def test_every_embedding_option_reaches_the_servers(replicas, local_ray, shards)
     """Three stages in one pipeline, each with other options, against Client on the same texts
     (an actor each: six would not fit in the two CPUs beside the read tasks)."""
     targets = [target for _, target in replicas]
-    texts = shards[1][:300]
+    texts = shards[1][:120]
     options = dict(prompt="query: ", dimensions=128, normalize=True)
-    pipeline = embed(read(shards, 300), targets, concurrency=1, **options)
+    pipeline = embed(read(shards, 120), targets, concurrency=1, **options)
     pipeline = embed(pipeline, targets, concurrency=1, dtype="int8", output_column="q")
     pipeline = embed(pipeline, targets, concurrency=1, pooling="none", layers=[-2],
                      output_column="tokens")
     table = pa.concat_tables(ray.get(pipeline.to_arrow_refs()))
-    assert table.column("id").to_pylist() == list(range(300))
+    assert table.column("id").to_pylist() == list(range(120))
     with Client(targets[0], timeout=120) as client:
         assert table.column("embedding").type == pa.list_(pa.float32(), 128)
         got = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
@@ -190,15 +190,15 @@ def test_exact_when_a_ray_actor_dies_mid_run(replicas, local_ray, shards, refere
         os.kill(pids[0], signal.SIGKILL)
         killed.append(pids[0])
 
-    run_killing(embed(read(shards, 800), targets, batch_size=50), tmp_path / "out",
+    run_killing(embed(read(shards, 400), targets, batch_size=25), tmp_path / "out",
                 kill_an_actor)
     assert killed[0] not in ray_actor_pids()
-    check_exact(tmp_path / "out", reference, 800)
+    check_exact(tmp_path / "out", reference, 400)
 
 
 def test_exact_when_a_replica_is_killed_mid_run(replicas, local_ray, shards, reference, tmp_path):
     (doomed, doomed_target), (_, survivor) = replicas
-    run_killing(embed(read(shards), [doomed_target, survivor], batch_size=50),
+    run_killing(embed(read(shards), [doomed_target, survivor], batch_size=25),
                 tmp_path / "out", lambda: doomed.send_signal(signal.SIGKILL))
     assert doomed.wait(timeout=10) == -signal.SIGKILL
     with Client(doomed_target, timeout=2) as client, pytest.raises(grpc.RpcError):
