@@ -3,8 +3,8 @@ alternately), so a change is judged against the machine's noise.
 
     python benchmarks/probes/ab_servers.py REF_A REF_B [--dtype bfloat16] [--rounds 5]
 
-REF is a git revision, or WORKTREE for the files as they are. Each side is the installed bertstream
-package with server/ and client/ Python files taken from REF (the kernels and stubs as installed).
+REF is a git revision, or WORKTREE for the files as they are. Each side is a bertstream package
+with server/ and client/ Python files taken from REF (the kernels and stubs as built here).
 """
 import argparse
 import shutil
@@ -19,7 +19,6 @@ from benchmarks.bench_throughput import (BATCH_TOKENS, Server, concurrent_stream
                                          stream_all, timed, unary_latency)
 from tests.corpus import stdlib_paragraphs  # noqa: E402
 
-import bertstream.server  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("refs", nargs=2)
@@ -35,16 +34,30 @@ args = parser.parse_args()
 
 
 def package_tree(ref: str, where: Path) -> Path:
-    installed = Path(bertstream.server.__file__).parents[1]
+    """A `bertstream` package under `where`: server/ and client/ as at REF, the kernels and the
+    stubs as built here."""
+    import bertstream.ext
+    import bertstream.proto
+
     target = where / "bertstream"
-    shutil.copytree(installed, target, ignore=shutil.ignore_patterns("__pycache__"))
+    target.mkdir(parents=True)
+    (target / "__init__.py").write_text("")
+    for name, built in (("ext", bertstream.ext), ("proto", bertstream.proto)):
+        shutil.copytree(Path(built.__file__).parent, target / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.c", "*.pyx", "*.html"))
     for package in ("server", "client"):
-        for source in (ROOT / package).glob("*.py"):
-            name = f"{package}/{source.name}"
-            text = source.read_text() if ref == "WORKTREE" else subprocess.run(
-                ["git", "show", f"{ref}:{name}"], cwd=ROOT, capture_output=True, text=True,
-                check=True).stdout
-            (target / name).write_text(text)
+        (target / package).mkdir()
+        if ref == "WORKTREE":
+            names = [source.name for source in (ROOT / package).glob("*.py")]
+        else:
+            names = [name.split("/")[-1] for name in subprocess.run(
+                ["git", "ls-tree", "--name-only", f"{ref}:{package}/"], cwd=ROOT,
+                capture_output=True, text=True, check=True).stdout.split() if name.endswith(".py")]
+        for name in names:
+            text = (ROOT / package / name).read_text() if ref == "WORKTREE" else subprocess.run(
+                ["git", "show", f"{ref}:{package}/{name}"], cwd=ROOT, capture_output=True,
+                text=True, check=True).stdout
+            (target / package / name).write_text(text)
     return where
 
 

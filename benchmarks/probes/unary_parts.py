@@ -83,7 +83,8 @@ async def core_rest(repeat: int = 200) -> float:
     """Core.embed of the short text beyond its queue and compute time (p50, ms)."""
     from bertstream.server.admission import Admission
     from bertstream.server.batcher import Batcher
-    from bertstream.server.core import Core, EmbedCall, Limits
+    from bertstream.server.core import Core, EmbedCall
+    from bertstream.server.limits import Limits
 
     limits = Limits(max_batch_tokens=BATCH_TOKENS["cpu"])
     admission = Admission(limits.max_queue_texts, asyncio.get_running_loop())
