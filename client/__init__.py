@@ -8,11 +8,11 @@ Client (blocking) and AsyncClient (asyncio) share their methods: embed, embed_to
 tokenize, info, encode_sentences. RepresentationModel is a drop-in for simpletransformers'.
 """
 
-from bertstream.client.aio import AsyncClient
-from bertstream.client.compat import RepresentationModel
-from bertstream.client.core import (EmbedStreamError, Int8Embeddings, Usage, build_request,
-                                    decode_tensor, make_channel)
-from bertstream.client.sync import Client
+from .aio import AsyncClient
+from .compat import RepresentationModel
+from .core import (EmbedStreamError, Int8Embeddings, Usage, build_request,
+                   decode_tensor, make_channel)
+from .sync import Client
 
 __all__ = ["Client", "AsyncClient", "RepresentationModel", "Int8Embeddings", "Usage",
            "EmbedStreamError", "decode_tensor", "build_request", "make_channel"]

@@ -10,11 +10,11 @@ from typing import AsyncIterable, AsyncIterator, Iterable, Sequence
 import grpc
 import numpy as np
 
-from bertstream.client.core import (SEND_ATTEMPTS, EmbedStreamError, Usage, batches,
-                                    build_request, check_combine_strategy, combine_tokens,
-                                    decode_response, embed_request, make_channel, send_again,
-                                    tokens_request)
-from bertstream.client.sync import info_of, tokens_of
+from .core import (SEND_ATTEMPTS, EmbedStreamError, Usage, batches,
+                   build_request, check_combine_strategy, combine_tokens,
+                   decode_response, embed_request, make_channel, send_again,
+                   tokens_request)
+from .sync import info_of, tokens_of
 from bertstream.proto import embedder_pb2 as pb
 from bertstream.proto import embedder_pb2_grpc as pb_grpc
 

@@ -10,11 +10,11 @@ import time
 
 import grpc
 
-from bertstream.client.core import COMBINES, DTYPES, POOLINGS, QUANTIZED, EmbedStreamError
-from bertstream.client import run_record
-from bertstream.client.corpus_io import (InputError, committed_rows, count_texts, input_format,
-                                         open_writer, read_texts)
-from bertstream.client.sync import Client
+from .core import COMBINES, DTYPES, POOLINGS, QUANTIZED, EmbedStreamError
+from . import run_record
+from .corpus_io import (InputError, committed_rows, count_texts, input_format,
+                        open_writer, read_texts)
+from .sync import Client
 
 
 def embed_parser(subparsers) -> None:

@@ -1,7 +1,7 @@
 """A drop-in for simpletransformers' RepresentationModel that asks a bertstream server.
 
     # from simpletransformers.language_representation import RepresentationModel
-    from bertstream.client import RepresentationModel
+    from . import RepresentationModel
     model = RepresentationModel("bert", "bert-base-uncased", use_cuda=False)
     vectors = model.encode_sentences(sentences, combine_strategy="mean")
 
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 
-from bertstream.client.core import pad_tokens
-from bertstream.client.sync import Client
+from .core import pad_tokens
+from .sync import Client
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 

@@ -1,7 +1,7 @@
 """bertstream as a stage of a Ray Data pipeline: a fleet of servers embeds a dataset's text column.
 
     import ray.data
-    from bertstream.client.ray import embed
+    from .ray import embed
 
     docs = ray.data.read_parquet("s3://bucket/paragraphs/")            # columns: id, text
     embed(docs, ["embed-0:50051", "embed-1:50051"]).write_parquet("s3://bucket/vectors/")
@@ -28,8 +28,8 @@ import numpy as np
 import pyarrow as pa
 import ray.data
 
-from bertstream.client.core import Int8Embeddings, build_request
-from bertstream.client.sync import Client
+from .core import Int8Embeddings, build_request
+from .sync import Client
 
 # gRPC codes that a later try of the same batch can get past.
 PASSING = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,

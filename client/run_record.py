@@ -4,7 +4,8 @@ continues the same run or refuses, saying what changed.
 A resumed run trusted whatever the output held: resumed with another input file, other options
 or against another model, it exited 0 with rows of two runs mixed. The record names the input
 (its path, size, format and field, and a hash of its first texts), the embedding options and,
-from the server's Info, the model, its precision, its length limit and its default pipeline. It is written (atomically) before the first row is.
+from the server's Info, the model, its precision, its length limit and its default pipeline. It
+is written (atomically) before the first row is.
 """
 
 from __future__ import annotations

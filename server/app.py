@@ -11,15 +11,15 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from bertstream.server.admission import Admission
-from bertstream.server.batcher import Batcher
-from bertstream.server.budget import MemoryBudget
-from bertstream.server.core import Core, warm_up
-from bertstream.server.engine import Engine
-from bertstream.server.limits import Limits
-from bertstream.server.metrics import Metrics
-from bertstream.server.security import Security
-from bertstream.server.service import GrpcFrontEnd
+from .admission import Admission
+from .batcher import Batcher
+from .budget import MemoryBudget
+from .core import Core, warm_up
+from .engine import Engine
+from .limits import Limits
+from .metrics import Metrics
+from .security import Security
+from .service import GrpcFrontEnd
 
 log = logging.getLogger("bertstream.app")
 
@@ -92,7 +92,7 @@ async def start_server(engine: Engine, limits: Limits, host: str = "127.0.0.1", 
     await front.start(host, port)
     running = RunningServer(front, front.port, batcher, admission, budget)
     if http_port is not None:
-        from bertstream.server.http import create_app, start_http  # FastAPI only when asked
+        from .http import create_app, start_http  # FastAPI only when asked
 
         app = create_app(core, running.serving, budget, list(security.auth_tokens),
                          security.health_open, metrics=http_metrics)

@@ -25,7 +25,7 @@ import logging
 import time
 from typing import Callable
 
-from bertstream.server.errors import EmbedError
+from .errors import EmbedError
 
 log = logging.getLogger("bertstream.budget")
 

@@ -10,7 +10,7 @@ import signal
 import sys
 from importlib.metadata import entry_points
 
-from bertstream.server.limits import BATCH_TOKENS_BY_DEVICE, Limits
+from .limits import BATCH_TOKENS_BY_DEVICE, Limits
 
 log = logging.getLogger("bertstream")
 
@@ -111,10 +111,10 @@ class LogFormatter(logging.Formatter):
 
 
 async def serve(args) -> None:
-    from bertstream.server.engine import Engine
-    from bertstream.server.security import read_tokens
-    from bertstream.server.app import start_server
-    from bertstream.server.security import Security
+    from .engine import Engine
+    from .security import read_tokens
+    from .app import start_server
+    from .security import Security
 
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")

@@ -18,12 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from bertstream.server.admission import Admission
-from bertstream.server.batcher import Batcher, Job, JobResult
-from bertstream.server.engine import EmbedOptions, Engine, Tokenized
-from bertstream.server.errors import EmbedError
-from bertstream.server.limits import Limits
-from bertstream.server.wire import WIRE_DTYPES, response_bytes
+from .admission import Admission
+from .batcher import Batcher, Job, JobResult
+from .engine import EmbedOptions, Engine, Tokenized
+from .errors import EmbedError
+from .limits import Limits
+from .wire import WIRE_DTYPES, response_bytes
 
 # Requests up to this many characters are tokenized on the event loop (tens of microseconds);
 # bigger ones on a worker thread so the loop keeps serving.

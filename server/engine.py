@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from bertstream import ext
-from bertstream.server.errors import EmbedError
-from bertstream.server.pipeline import NORMALIZE, Pipeline, local_model_folder, read_pipeline
+from .errors import EmbedError
+from .pipeline import NORMALIZE, Pipeline, local_model_folder, read_pipeline
 
 log = logging.getLogger("bertstream.engine")
 

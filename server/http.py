@@ -30,10 +30,10 @@ from pydantic import AfterValidator, BaseModel, Field, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from bertstream.server.budget import MemoryBudget
-from bertstream.server.core import Core, EmbedCall
-from bertstream.server.errors import EmbedError, ErrorKind
-from bertstream.server.security import bearer_allowed
+from .budget import MemoryBudget
+from .core import Core, EmbedCall
+from .errors import EmbedError, ErrorKind
+from .security import bearer_allowed
 
 log = logging.getLogger("bertstream.http")
 
@@ -475,7 +475,7 @@ def raw_response(status: int, message: str) -> bytes:
 
 
 MIN_BODY_RATE = 1 << 20  # bytes/s a request body may arrive at, at the slowest
-LOG_EVERY_S = 10.0  # the same complaint (a full descriptor table, the connection cap) at most this often
+LOG_EVERY_S = 10.0  # one complaint (a full descriptor table, the connection cap) at most this often
 
 
 def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
@@ -518,8 +518,9 @@ class _Server(uvicorn.Server):
 
 
 async def start_http(app: FastAPI, host: str, port: int, body_limit: int, max_texts: int,
-                     budget: MemoryBudget, stopping, tls_cert=None, tls_key=None, tls_client_ca=None,
-                     read_timeout_s: float = 10.0, max_connections: int | None = None) -> _Server:
+                     budget: MemoryBudget, stopping, tls_cert=None, tls_key=None,
+                     tls_client_ca=None, read_timeout_s: float = 10.0,
+                     max_connections: int | None = None) -> _Server:
     """Serve `app` on host:port (TLS with the gRPC flags' files; with a client CA, mutual TLS)
     on the running loop; returns once listening. server.should_exit = True stops it. Bodies:
     at most body_limit bytes, and room for max_texts texts' strings (and the other fields').

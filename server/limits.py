@@ -21,7 +21,7 @@ class Limits:
     max_response_bytes: int = 64 * 2**20  # one response's tensor bytes, known before any compute
     # Held on behalf of clients (budget.py): requests read ahead and answers not yet taken.
     max_held_bytes: int = 2**30  # all clients together
-    max_connection_held_bytes: int = 256 * 2**20  # one connection's share
+    max_connection_held_bytes: int = 128 * 2**20  # one connection's share (two 60 MB answers)
     stall_timeout_s: float = 30.0  # a connection at its share taking no answer this long is cut
     max_concurrent_streams: int = 100  # gRPC calls open at once on one connection
     http_read_timeout_s: float = 10.0  # an HTTP request's headers and body, from its start

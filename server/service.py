@@ -21,11 +21,11 @@ from grpc_reflection.v1alpha import reflection
 from bertstream.proto import embedder_pb2 as pb
 from bertstream.proto import embedder_pb2_grpc as pb_grpc
 from bertstream.proto import labels
-from bertstream.server.batcher import JobResult
-from bertstream.server.budget import MemoryBudget
-from bertstream.server.core import Core, EmbedCall
-from bertstream.server.errors import EmbedError, ErrorKind
-from bertstream.server.security import Security, bearer_allowed
+from .batcher import JobResult
+from .budget import MemoryBudget
+from .core import Core, EmbedCall
+from .errors import EmbedError, ErrorKind
+from .security import Security, bearer_allowed
 
 log = logging.getLogger("bertstream.service")
 

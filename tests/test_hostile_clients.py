@@ -22,14 +22,6 @@ from tests.raw_h2 import RawConnection, rapid_reset
 from tests.test_hostile import GB, HOSTILE_REPORT, peak_rss
 
 
-def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
-
-
 def small_calls(target: str, seconds: float, pause: float = 0.2) -> tuple[list, list]:
     """An unrelated caller's 8-text Embed calls for `seconds`: (latencies of the OK ones, codes)."""
     latencies, codes = [], []
@@ -56,9 +48,10 @@ def test_streams_that_never_read_are_bounded_per_connection():
     25 EmbedStreams, each sending two token-level requests of 22 texts x 256 tokens, all 7
     layers (a 60 MB answer each, under the 64 MiB limit): 3 GB of answers that are never read.
     Before, RSS rose to 6.8-7.2 GB and stayed. Now the connection's streams stop being read at
-    its share (256 MiB), the server stays within +1 GB, and once the connection has held its
-    share without reading for stall_timeout_s it is cut: its new calls get RESOURCE_EXHAUSTED
-    (a trailers-only answer, which flow control does not hold back); others are served."""
+    its share (128 MiB), the server stays within +1 GB, and once the connection has held its
+    share without reading for stall_timeout_s it is cut: its streams end with RESOURCE_EXHAUSTED
+    saying why, and so does its next call (trailers, which flow control does not hold back);
+    others are served."""
     process, target = serve_process("--log-level", "WARNING", "--stall-timeout", "2")
     try:
         with Client(target, timeout=60) as client:
@@ -76,9 +69,17 @@ def test_streams_that_never_read_are_bounded_per_connection():
         grown = peak_rss(process.pid) - baseline
         HOSTILE_REPORT["25 never-reading streams on one connection"] = f"+{grown / 2**20:,.0f} MB"
         assert grown <= GB, f"peak RSS grew by {grown / 2**20:,.0f} MB"
+        deadline = time.monotonic() + 30  # the cut: its streams end, saying why
+        while not connection.ended and time.monotonic() < deadline:
+            connection.pump(1)
+        cut = list(connection.ended.values())
+        assert cut and all(end.get("grpc-status") == "8" and "without reading" in
+                           end.get("grpc-message", "") for end in cut), cut
         refused = connection.headers("Embed")  # the cut connection's next call
         connection.send(refused, pb.EmbedRequest(texts=["x"]), end_stream=True)
-        connection.pump(3)
+        deadline = time.monotonic() + 10
+        while refused not in connection.ended and time.monotonic() < deadline:
+            connection.pump(0.5)
         assert connection.ended.get(refused, {}).get("grpc-status") == "8", connection.ended
         assert "without reading" in connection.ended[refused].get("grpc-message", "")
         with Client(target, timeout=30) as client:

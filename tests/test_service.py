@@ -132,7 +132,7 @@ def test_info(client):
                               "max_batch_tokens": 2048, "max_message_bytes": 64 * 2**20,
                               "stream_window": 64, "max_queue_texts": 100_000,
                               "max_response_bytes": 64 * 2**20, "max_held_bytes": 2**30,
-                              "max_connection_held_bytes": 256 * 2**20, "stall_timeout_s": 30.0,
+                              "max_connection_held_bytes": 128 * 2**20, "stall_timeout_s": 30.0,
                               "max_concurrent_streams": 100, "http_read_timeout_s": 10.0,
                               "max_http_connections": 0}
 
