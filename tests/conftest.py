@@ -53,30 +53,39 @@ def free_port() -> int:
 
 def serve_process(*args: str, **popen) -> tuple[subprocess.Popen, str]:
     """`bertstream serve` as a user runs it, on a free port; returns once it answers Info."""
+    return serve_processes(1, *args, **popen)[0]
+
+
+def serve_processes(count: int, *args: str, **popen) -> list[tuple[subprocess.Popen, str]]:
+    """`count` servers started together (their model loads overlap), each as serve_process."""
     import grpc
 
     from bertstream.client import Client
 
-    port = free_port()
     # float32 unless a test asks otherwise: tests compare with float32 references, and on a GPU
     # the server's default is float16.
     precision = () if "--dtype" in args else ("--dtype", "float32")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bertstream.server.cli", "serve", "--port", str(port),
-         "--device", TEST_DEVICE, *precision, *args], env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        **popen)
-    target = f"127.0.0.1:{port}"
-    with Client(target, timeout=5) as probe:
-        deadline = time.time() + 180
-        while True:
-            try:
-                probe.info()
-                return process, target
-            except grpc.RpcError:
-                if time.time() > deadline or process.poll() is not None:
-                    process.kill()
-                    raise RuntimeError(f"bertstream serve {' '.join(args)} did not start")
-                time.sleep(0.3)
+    started = []
+    for _ in range(count):
+        port = free_port()
+        started.append((subprocess.Popen(
+            [sys.executable, "-m", "bertstream.server.cli", "serve", "--port", str(port),
+             "--device", TEST_DEVICE, *precision, *args],
+            env={**os.environ, "HF_HUB_OFFLINE": "1"}, **popen), f"127.0.0.1:{port}"))
+    deadline = time.time() + 180
+    for process, target in started:
+        with Client(target, timeout=5) as probe:
+            while True:
+                try:
+                    probe.info()
+                    break
+                except grpc.RpcError:
+                    if time.time() > deadline or process.poll() is not None:
+                        for other, _ in started:
+                            other.kill()
+                        raise RuntimeError(f"bertstream serve {' '.join(args)} did not start")
+                    time.sleep(0.3)
+    return started
 
 
 @pytest.fixture(scope="session")

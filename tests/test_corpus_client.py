@@ -20,7 +20,7 @@ import pytest
 
 from bertstream.client import AsyncClient, Client, RepresentationModel
 from bertstream.client.cli import main as embed_main
-from tests.conftest import ServerThread, free_port, serve_process
+from tests.conftest import ServerThread, free_port, serve_process, serve_processes
 
 
 def run_cli(*args) -> int:
@@ -382,7 +382,7 @@ def test_a_replica_that_stops_answering_without_a_reset_is_left_behind(tmp_path,
                                                                        client):
     """SIGSTOP: the replica's sockets stay open and silent (as after a power cut or a network
     partition). Client keepalive notices within seconds and its messages go to the other."""
-    replicas = [serve_process("--threads", "1", "--log-level", "WARNING") for _ in range(2)]
+    replicas = serve_processes(2, "--threads", "1", "--log-level", "WARNING")
     texts = list(corpus[:200])
     try:
         expected = client.embed(texts)

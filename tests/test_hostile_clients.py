@@ -17,7 +17,7 @@ import pytest
 
 from bertstream.client import Client
 from bertstream.proto import embedder_pb2 as pb
-from tests.conftest import free_port, serve_process
+from tests.conftest import free_port, serve_process, serve_processes
 from tests.raw_h2 import RawConnection, rapid_reset
 from tests.test_hostile import GB, HOSTILE_REPORT, peak_rss
 
@@ -169,8 +169,7 @@ def test_a_rapid_reset_flood_does_not_disturb_other_callers():
     this machine: on 2 cores the flood's own CPU slows everyone, and grpc.aio still runs Python
     for every call it opens; the ratio swings between 1.4x and 3.5x from run to run, so it is a
     figure (SECURITY.md), not an assertion."""
-    victim, target = serve_process("--log-level", "WARNING")
-    other, other_target = serve_process("--log-level", "WARNING")
+    (victim, target), (other, other_target) = serve_processes(2, "--log-level", "WARNING")
     try:
         small_calls(target, 1)  # warm
         p99s = {}

@@ -26,7 +26,7 @@ import ray.data
 
 from bertstream.client import Client
 from bertstream.client.ray import embed
-from tests.conftest import serve_process
+from tests.conftest import serve_processes
 from tests.corpus import stdlib_paragraphs
 
 ROWS, SHARDS = 600, 6
@@ -34,7 +34,7 @@ ROWS, SHARDS = 600, 6
 
 @pytest.fixture(scope="module")
 def replicas():
-    servers = [serve_process("--threads", "1", "--log-level", "WARNING") for _ in range(2)]
+    servers = serve_processes(2, "--threads", "1", "--log-level", "WARNING")
     yield servers
     for process, _ in servers:
         process.kill()
