@@ -56,8 +56,10 @@ def serve_process(*args: str, **popen) -> tuple[subprocess.Popen, str]:
     return serve_processes(1, *args, **popen)[0]
 
 
-def serve_processes(count: int, *args: str, **popen) -> list[tuple[subprocess.Popen, str]]:
-    """`count` servers started together (their model loads overlap), each as serve_process."""
+def serve_processes(count: int, *args: str, each=None,
+                    **popen) -> list[tuple[subprocess.Popen, str]]:
+    """`count` servers started together (their model loads overlap), each as serve_process;
+    each[i]: more arguments for the i-th."""
     import grpc
 
     from bertstream.client import Client
@@ -66,11 +68,11 @@ def serve_processes(count: int, *args: str, **popen) -> list[tuple[subprocess.Po
     # the server's default is float16.
     precision = () if "--dtype" in args else ("--dtype", "float32")
     started = []
-    for _ in range(count):
+    for number in range(count):
         port = free_port()
         started.append((subprocess.Popen(
             [sys.executable, "-m", "bertstream.server.cli", "serve", "--port", str(port),
-             "--device", TEST_DEVICE, *precision, *args],
+             "--device", TEST_DEVICE, *precision, *args, *(each[number] if each else ())],
             env={**os.environ, "HF_HUB_OFFLINE": "1"}, **popen), f"127.0.0.1:{port}"))
     deadline = time.time() + 180
     for process, target in started:

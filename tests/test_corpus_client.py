@@ -20,7 +20,7 @@ import pytest
 
 from bertstream.client import AsyncClient, Client, RepresentationModel
 from bertstream.client.cli import main as embed_main
-from tests.conftest import ServerThread, free_port, serve_process, serve_processes
+from tests.conftest import ServerThread, free_port, serve_processes
 
 
 def run_cli(*args) -> int:
@@ -349,13 +349,11 @@ def _served(metrics_port: int) -> float:
 
 
 def test_three_replicas_share_work_and_survive_one_dying(tmp_path, corpus, client):
-    replicas = []
+    metrics_ports = [free_port() for _ in range(3)]
+    replicas = [(process, target, metrics) for (process, target), metrics in zip(
+        serve_processes(3, "--threads", "1", "--log-level", "WARNING",
+                        each=[("--metrics-port", str(m)) for m in metrics_ports]), metrics_ports)]
     try:
-        for _ in range(3):
-            metrics = free_port()
-            process, target = serve_process("--metrics-port", str(metrics), "--threads", "1",
-                                            "--log-level", "WARNING")
-            replicas.append((process, target, metrics))
         texts = [corpus[i % len(corpus)] for i in range(600)]
         expected = np.concatenate(list(client.stream(texts, batch_size=400)))
         results, killed_at = [], None
