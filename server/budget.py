@@ -6,15 +6,14 @@ Every connection (a gRPC peer, an HTTP connection) has an account. A request tak
 bytes and its answer's, Core.memory_cost) before any compute and gives it back once its answer
 has left (or the call ended). A connection may hold at most `share` bytes, the server at most
 `total` (a request alone on its connection, or on the server, is always admitted: none is
-starved by its own size). Streams
-stop reading while their connection is over its share (gRPC flow control then slows the sender);
-a unary call that finds no room fails at once (RESOURCE_EXHAUSTED, as when the queue is full).
-A connection with answers ready that it does not take for `stall_s` seconds, while it is at its
-share or anyone waits for room, is cut: its calls are cancelled (what they held is freed) and its
-new calls refused, with RESOURCE_EXHAUSTED naming why, for CUT_MEMORY_S. (The time an answer
-takes to compute never counts: only the time it waits for its reader, beyond what its size needs
-at MIN_READ_RATE.) grpc Python cannot close
-a connection from the server, so the connection itself stays open until its client closes it.
+starved by its own size). Streams stop reading while their connection is over its share (gRPC
+flow control then slows the sender) and gRPC unary calls wait for room (within their deadline);
+an HTTP request that finds none gets 429. A connection with an answer ready that it does not take
+for `stall_s` seconds (and what the answer's size needs at MIN_READ_RATE), while it blocks its own
+calls or anyone waits on a nearly full total, is cut (MemoryBudget.stalled): its calls are cancelled
+(what they held is freed) and its new calls refused, with RESOURCE_EXHAUSTED naming why, for
+CUT_MEMORY_S. The time an answer takes to compute never counts. grpc Python cannot close a
+connection from the server, so the connection itself stays open until its client closes it.
 All on the event loop.
 """
 

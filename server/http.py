@@ -88,9 +88,14 @@ class TEITokenizeRequest(BaseModel):
     inputs: Union[Text, Texts]
 
 
+def error_body(status: int, message: str, code: str | None = None) -> dict:
+    """OpenAI's error shape."""
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "error"),
+                      "param": None, "code": code}}
+
+
 def error_response(status: int, message: str, code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": ERROR_TYPES.get(status, "error"),
-                                   "param": None, "code": code}}, status_code=status)
+    return JSONResponse(error_body(status, message, code), status_code=status)
 
 
 def texts_of(value) -> list[str]:
@@ -467,8 +472,7 @@ class GuardedH11(H11Protocol):
 
 def raw_response(status: int, message: str) -> bytes:
     """A whole HTTP/1.1 answer in OpenAI's error shape, written past h11 (no request read)."""
-    body = orjson.dumps({"error": {"message": message, "type": ERROR_TYPES.get(status, "error"),
-                                   "param": None, "code": None}})
+    body = orjson.dumps(error_body(status, message))
     reason = {408: "Request Timeout", 503: "Service Unavailable"}[status]
     return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
