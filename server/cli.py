@@ -25,21 +25,22 @@ def serve_parser(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 = any free)")
     p.add_argument("--max-batch-tokens", type=int, default=None,
-                   help="token budget of one forward pass, rows x longest (default 1024 on CPU, "
-                        "32768 on GPU)")
+                   help="token budget of one forward pass, rows x longest (default "
+                        f"{BATCH_TOKENS_BY_DEVICE['cpu']} on CPU, {BATCH_TOKENS_BY_DEVICE['cuda']} "
+                        "on GPU)")
     p.add_argument("--max-length", type=int, default=None,
                    help="max input tokens per text (default: the model's)")
-    p.add_argument("--max-texts-per-request", type=int, default=10_000)
-    p.add_argument("--max-chars-per-text", type=int, default=100_000)
-    p.add_argument("--max-message-bytes", type=int, default=64 * 2**20)
-    p.add_argument("--stream-window", type=int, default=64,
+    p.add_argument("--max-texts-per-request", type=int, default=Limits.max_texts_per_request)
+    p.add_argument("--max-chars-per-text", type=int, default=Limits.max_chars_per_text)
+    p.add_argument("--max-message-bytes", type=int, default=Limits.max_message_bytes)
+    p.add_argument("--stream-window", type=int, default=Limits.stream_window,
                    help="stream messages read ahead of their responses (per stream)")
-    p.add_argument("--max-queue-texts", type=int, default=100_000,
+    p.add_argument("--max-queue-texts", type=int, default=Limits.max_queue_texts,
                    help="texts admitted and waiting for a forward pass; beyond it Embed gets "
                         "RESOURCE_EXHAUSTED and stream messages wait their turn")
-    p.add_argument("--max-response-bytes", type=int, default=64 * 2**20,
+    p.add_argument("--max-response-bytes", type=int, default=Limits.max_response_bytes,
                    help="largest response tensor; bigger requests are refused before any compute "
-                        "(default 64 MiB)")
+                        f"(default {Limits.max_response_bytes // 2**20} MiB)")
     p.add_argument("--max-held-bytes", type=int, default=Limits.max_held_bytes,
                    help="requests read ahead and answers not yet taken, all clients together "
                         f"(default {Limits.max_held_bytes // 2**20} MiB)")

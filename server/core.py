@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from .admission import Admission
-from .batcher import Batcher, Job, JobResult
+from .batcher import Batcher
+from .jobs import Job, JobResult
 from .engine import EmbedOptions, Engine, Tokenized
 from .errors import EmbedError
 from .limits import Limits
@@ -57,7 +58,7 @@ class Core:
         self.admission = admission
         self.metrics = batcher.metrics
         # Tokenizing a big message takes milliseconds; keep it off the event loop.
-        self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bertstream-tok")
+        self._tokenizing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bertstream-tok")
         # Requests in the order they came: a stream's messages may finish tokenizing out of
         # order, and the batcher serves a caller's oldest first (Queue).
         self._sequence = itertools.count()
@@ -150,7 +151,7 @@ class Core:
         thread hop), else on a tokenizer thread so the loop keeps serving."""
         if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
             return work(*args)
-        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, work, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, work, *args)
 
     async def tokenize(self, texts: Sequence[str], truncate: bool,
                        add: Callable[[Tokenized], int]) -> None:

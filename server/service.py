@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from bertstream.proto import embedder_pb2 as pb
 from bertstream.proto import embedder_pb2_grpc as pb_grpc
 from bertstream.proto import labels
-from .batcher import JobResult
+from .jobs import JobResult
 from .budget import MemoryBudget
 from .core import Core, EmbedCall
 from .errors import EmbedError, ErrorKind

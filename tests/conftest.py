@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
+
+from tests.launcher import ServerProcess
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may download
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -51,15 +51,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_process(*args: str, **popen) -> tuple[subprocess.Popen, str]:
-    """`bertstream serve` as a user runs it, on a free port; returns once it answers Info."""
-    return serve_processes(1, *args, **popen)[0]
+def serve_process(*args: str, **options):
+    """`bertstream serve` on a free port (see serve_processes); returns once it answers Info."""
+    return serve_processes(1, *args, **options)[0]
 
 
-def serve_processes(count: int, *args: str, each=None,
-                    **popen) -> list[tuple[subprocess.Popen, str]]:
-    """`count` servers started together (their model loads overlap), each as serve_process;
-    each[i]: more arguments for the i-th."""
+def serve_processes(count: int, *args: str, each=None, output: str | None = None,
+                    max_open_files: int | None = None) -> list[tuple[ServerProcess, str]]:
+    """`count` servers of `bertstream serve ARGS` started together, each on a free port, as
+    children of the preloaded fork server (tests/launcher.py); each[i]: more arguments for the
+    i-th; output: a file for their logs; max_open_files: their descriptor limit. Returns
+    (process, target) pairs once every one answers Info."""
     import grpc
 
     from bertstream.client import Client
@@ -70,10 +72,9 @@ def serve_processes(count: int, *args: str, each=None,
     started = []
     for number in range(count):
         port = free_port()
-        started.append((subprocess.Popen(
-            [sys.executable, "-m", "bertstream.server.cli", "serve", "--port", str(port),
-             "--device", TEST_DEVICE, *precision, *args, *(each[number] if each else ())],
-            env={**os.environ, "HF_HUB_OFFLINE": "1"}, **popen), f"127.0.0.1:{port}"))
+        argv = ["serve", "--port", str(port), "--device", TEST_DEVICE, *precision, *args,
+                *(each[number] if each else ())]
+        started.append((ServerProcess(argv, output, max_open_files), f"127.0.0.1:{port}"))
     deadline = time.time() + 180
     for process, target in started:
         with Client(target, timeout=5) as probe:
@@ -86,7 +87,7 @@ def serve_processes(count: int, *args: str, each=None,
                         for other, _ in started:
                             other.kill()
                         raise RuntimeError(f"bertstream serve {' '.join(args)} did not start")
-                    time.sleep(0.3)
+                    time.sleep(0.1)
     return started
 
 

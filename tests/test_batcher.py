@@ -10,7 +10,8 @@ from concurrent.futures import Future
 import numpy as np
 import torch
 
-from bertstream.server.batcher import Batcher, Job
+from bertstream.server.batcher import Batcher
+from bertstream.server.jobs import Job
 
 
 class RecordingEngine:

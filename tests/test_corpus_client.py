@@ -108,7 +108,7 @@ def test_errors_are_one_line_and_nonzero(server, tmp_path, setup, message, statu
 
 # ---------------------------------------------------------------- resume
 
-RESUMED_TEXTS = 800
+RESUMED_TEXTS = 400
 
 
 @pytest.fixture(scope="module")

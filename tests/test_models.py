@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
+import tempfile
 import time
 
 import grpc
@@ -19,6 +18,7 @@ import pytest
 
 from bertstream.client import Client
 from tests.conftest import TEST_DEVICE, ServerThread
+from tests.launcher import ServerProcess
 from tests.tiny_models import MAX_SEQ_LENGTH, PIPELINES, PROMPTS, build
 
 ATOL = 1e-5  # float32 agrees to ~1e-7 here; 1e-5 still catches a wrong step or token
@@ -255,10 +255,11 @@ def test_plain_transformers_folder_gets_masked_mean(folders, probe_texts):
 
 def _serve_fails(*args: str) -> str:
     """`bertstream serve` that must fail at start: its one-line reason on standard error."""
-    done = subprocess.run([sys.executable, "-m", "bertstream.server.cli", "serve", "--port", "0",
-                           "--device", TEST_DEVICE, *args], capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0
-    return done.stderr
+    with tempfile.NamedTemporaryFile("r", suffix=".log") as output:
+        process = ServerProcess(["serve", "--port", "0", "--device", TEST_DEVICE, *args],
+                                output.name)
+        assert process.wait(timeout=120) != 0
+        return output.read()
 
 
 def test_an_unimplemented_module_stops_the_server_by_name(folders, tmp_path):

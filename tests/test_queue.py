@@ -12,18 +12,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bertstream.server.batcher import Queue
+from bertstream.server.text_queue import Queue
 
 
 SEQUENCE = itertools.count()
 
 
 class FakeJob:
-    """What the Queue reads of a Job: its texts' token ids and its caller."""
+    """What the Queue reads of a Job: its texts' token ids, whose turn they take, its order."""
 
     def __init__(self, lengths, caller=None):
         self.ids = [range(n) for n in lengths]
-        self.caller = caller
+        self.who = caller or self
         self.sequence = next(SEQUENCE)
 
 
@@ -82,7 +82,7 @@ def test_a_small_caller_behind_a_backlog_is_served_in_the_next_batch():
         queue.add(FakeJob([250] * 64, backlog))
     queue.cut()  # the backlog's first batch is under way
     queue.add(FakeJob([12], small))
-    assert any(item.job.caller is small for item in queue.cut())
+    assert any(item.job.who is small for item in queue.cut())
 
 
 def answers_ready(lengths_per_message, budget=1024):

@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.test_queue import FakeJob  # noqa: E402
 
-from bertstream.server.batcher import Queue  # noqa: E402
+from bertstream.server.text_queue import Queue  # noqa: E402
 
 random.seed(0)
 queue = Queue(1024)

@@ -1,0 +1,185 @@
+"""The texts waiting for a forward pass, from every caller, and the order batches are cut in."""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from dataclasses import dataclass
+
+from .jobs import Job
+
+
+@dataclass(eq=False)
+class Queued:
+    job: Job
+    index: int
+    length: int
+    arrival: int  # order of arrival: the smallest is the oldest
+    taken: bool = False  # cut into a batch (it may still sit in its caller's line)
+
+
+class _InLine:
+    """One job's texts in its caller's line; `start` skips those cut from the front."""
+
+    __slots__ = ("items", "start", "sequence", "by_length")
+
+    def __init__(self, items: list[Queued]):
+        self.items, self.start, self.sequence = items, 0, items[0].job.sequence
+        self.by_length = None
+
+    def oldest(self) -> Queued | None:
+        """The oldest text not cut yet (None: all are)."""
+        items = self.items
+        while self.start < len(items) and items[self.start].taken:
+            self.start += 1
+        return items[self.start] if self.start < len(items) else None
+
+    def left(self) -> list[Queued]:
+        """Its texts not cut yet, shortest first (sorted once, when first asked)."""
+        if self.by_length is None:
+            self.by_length = sorted(self.items, key=lambda item: item.length)
+        return [item for item in self.by_length if not item.taken]
+
+
+class Queue:
+    """The texts waiting for a forward pass, from every caller. Not thread-safe (the batcher
+    holds its lock around every call).
+
+    All of them wait in one line sorted by length (the "sorted" texts). Callers take turns: each cut serves the caller
+    served least recently, and within it, its oldest message first; so none starves (a backlog
+    delays another caller's request by about one batch).
+    - Usually the batch is the run of the sorted texts holding that caller's oldest text, where runs are
+      cut greedily from the shortest so that rows x longest fits the budget: with many texts waiting,
+      the batches of an offline loop over the sorted texts, so little is padded. (Starting the
+      run at that text instead, without the runs below it, doubled the padding: fragments.)
+    - A caller's first message (the first since its queue was empty: a new stream, a unary call)
+      is cut as a lead instead: its texts in groups of similar length (the longest at most
+      LEAD_SPREAD times the shortest; all of them when they fit one batch), each group filled
+      up with the longest texts of other callers that fit under the group's longest (and are
+      at least its longest / LEAD_SPREAD). Its answer then needs a batch or two, not a pass
+      over every length waiting, which is what sorted runs do to a message whose texts
+      have every length: a stream's first answer came after most of the job. The caller's own
+      later messages are not fillers: a batch without them is smaller, not more padded, and
+      finishes sooner (BENCHMARKS.md, probes/batch_order.py).
+    - One lead that needs more than one batch at a time: another new caller's long first
+      message meanwhile goes by sorted runs (see add()).
+    """
+
+    LEAD_SPREAD = 1.5
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.waiting = 0  # texts not yet cut
+        self._sorted: list[tuple[int, int, Queued]] = []  # (length, arrival, item), sorted
+        self._lines: dict[object, list[_InLine]] = {}  # caller -> its jobs, by sequence
+        self._leads: set = set()  # callers whose oldest job in line is cut as a lead
+        self._long_lead = None  # the one of them whose lead needs more than one batch, if any
+        self._arrivals = itertools.count()
+        self._cuts = 0  # batches cut so far
+        self._served: dict[object, int] = {}  # caller -> the cut that last served it
+
+    def add(self, job: Job) -> None:
+        caller = job.who
+        items = [Queued(job, index, len(ids), next(self._arrivals))
+                 for index, ids in enumerate(job.ids)]
+        if caller not in self._lines:
+            self._lines[caller] = []
+            # A lead helps when it is whole within a few cuts. Long leads side by side take
+            # turns, so none is (four new streams: the first answer after 7.7 batch times,
+            # against 10.1 with sorted runs only), while their groups padded the job 9% more
+            # (probes/batch_order.py --streams 4). So a lead that needs more than one batch is
+            # one only while no other such lead waits; a short one (a unary call) always is.
+            fits = len(items) * max(item.length for item in items) <= self.budget
+            if fits or self._long_lead is None:
+                self._leads.add(caller)
+                if not fits:
+                    self._long_lead = caller
+        bisect.insort(self._lines[caller], _InLine(items), key=lambda waiting: waiting.sequence)
+        entries = [(item.length, item.arrival, item) for item in items]
+        if len(entries) < 32:
+            for entry in entries:
+                bisect.insort(self._sorted, entry)
+        else:  # two sorted runs: one C-level merge, not an insertion per text
+            self._sorted.extend(sorted(entries))
+            self._sorted.sort()
+        self.waiting += len(items)
+
+    def cut(self) -> list[Queued]:
+        """The next batch, sorted by length (at least one text; the queue must not be empty)."""
+        heads = {caller: line[0].oldest() for caller, line in self._lines.items()}
+        self._served = {caller: self._served.get(caller, -1) for caller in heads}
+        turn = min(heads, key=lambda c: (self._served[c], heads[c].arrival))
+        self._cuts += 1
+        self._served[turn] = self._cuts
+        if turn in self._leads:
+            batch = self._lead_batch(self._lines[turn][0].left())
+            for item in batch:
+                del self._sorted[bisect.bisect_left(self._sorted, (item.length, item.arrival))]
+        else:
+            batch = self._run_holding(heads[turn])
+        self.waiting -= len(batch)
+        for caller in {item.job.who for item in batch}:
+            line = self._lines[caller]
+            while line and line[0].oldest() is None:
+                del line[0]
+                self._leads.discard(caller)  # its first message is all cut
+                if self._long_lead is caller:
+                    self._long_lead = None
+            if not line:
+                del self._lines[caller]
+        return batch
+
+    def _run_holding(self, anchor: Queued) -> list[Queued]:
+        """The run holding the anchor, of the runs that cut the sorted line of texts greedily from the
+        shortest (as an offline loop over the sorted texts would)."""
+        ordered, budget = self._sorted, self.budget
+        at = bisect.bisect_left(ordered, (anchor.length, anchor.arrival))
+        low = 0
+        end = len(ordered)
+        while True:  # runs from the shortest, each the longest that fits: gallop, then bisect
+            fits, step = low + 1, 1  # ordered[low:fits] fits (one text always does)
+            while fits + step <= end and (fits + step - low) * ordered[fits + step - 1][0] <= budget:
+                fits, step = fits + step, step * 2
+            over = min(fits + step, end + 1)  # ordered[low:over] does not fit, or runs past the end
+            while over - fits > 1:
+                middle = (fits + over) // 2
+                if (middle - low) * ordered[middle - 1][0] <= budget:  # sorted: the last is longest
+                    fits = middle
+                else:
+                    over = middle
+            if fits > at:
+                break
+            low = fits
+        high = fits
+        batch = [entry[2] for entry in ordered[low:high]]
+        del ordered[low:high]
+        for item in batch:
+            item.taken = True
+        return batch
+
+    def _lead_batch(self, texts: list[Queued]) -> list[Queued]:
+        """The shortest group of a lead job's texts (all of them if they fit one batch), filled
+        up with the other callers' longest texts that fit under the group's longest."""
+        if len(texts) * texts[-1].length <= self.budget:
+            group = texts  # the rest of it fits one batch: one pass
+        else:
+            group = texts[:1]
+            for item in texts[1:]:
+                if ((len(group) + 1) * item.length > self.budget
+                        or item.length > self.LEAD_SPREAD * group[0].length):
+                    break
+                group.append(item)
+        longest = group[-1].length
+        rows = max(1, self.budget // longest)
+        fillers, caller = [], group[0].job.who
+        below = bisect.bisect_right(self._sorted, (longest, float("inf")))
+        for at in range(below - 1, -1, -1):
+            item = self._sorted[at][2]
+            if len(group) + len(fillers) >= rows or item.length * self.LEAD_SPREAD < longest:
+                break  # full; or the rest would be padded more than a group's own texts
+            if item.job.who is not caller:
+                fillers.append(item)
+        batch = sorted(group + fillers, key=lambda item: item.length)
+        for item in batch:
+            item.taken = True  # the caller drops them from the sorted texts
+        return batch
