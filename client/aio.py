@@ -10,7 +10,7 @@ from typing import AsyncIterable, AsyncIterator, Iterable, Sequence
 import grpc
 import numpy as np
 
-from .core import (SEND_ATTEMPTS, EmbedStreamError, Usage, batches,
+from .core import (SEND_ATTEMPTS, EmbedStreamError, LocalTokenizer, Usage, batches,
                    build_request, check_combine_strategy, combine_tokens,
                    decode_response, embed_request, make_channel, send_again,
                    tokens_request)
@@ -27,13 +27,25 @@ class AsyncClient:
 
     def __init__(self, target: str | Sequence[str] = "127.0.0.1:50051", *,
                  timeout: float | None = None, token: str | None = None,
-                 channel: grpc.aio.Channel | None = None, **tls):
+                 channel: grpc.aio.Channel | None = None, tokenize_locally: bool = False, **tls):
         self._channel = channel or make_channel(target, aio=True, **tls)
         self._stub = pb_grpc.EmbedderStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._replicas = not isinstance(target, str) and len(target) > 1
         self.timeout = timeout
         self.last_usage: Usage | None = None
+        self.tokenize_locally = tokenize_locally
+        self._local: LocalTokenizer | None = None
+
+    async def _prepared(self, request: pb.EmbedRequest) -> pb.EmbedRequest:
+        """As Client._prepared; the tokenizing on a thread, off the event loop."""
+        if not self.tokenize_locally:
+            return request
+        if self._local is None:
+            tokenizer = await self._stub.GetTokenizer(pb.TokenizerRequest(), timeout=self.timeout,
+                                                      metadata=self._metadata)
+            self._local = LocalTokenizer(tokenizer, await self.info())
+        return await asyncio.to_thread(self._local.convert, request)
 
     async def __aenter__(self):
         return self
@@ -45,7 +57,8 @@ class AsyncClient:
         await self._channel.close()
 
     async def _embed(self, request: pb.EmbedRequest):
-        response = await self._stub.Embed(request, timeout=self.timeout, metadata=self._metadata)
+        response = await self._stub.Embed(await self._prepared(request), timeout=self.timeout,
+                                          metadata=self._metadata)
         self.last_usage = Usage.of(response)
         return decode_response(response)
 
@@ -70,7 +83,8 @@ class AsyncClient:
         """As Client.stream, for a plain or an async iterable of texts."""
         if window < 1:
             raise ValueError("window must be >= 1")
-        requests = _requests(texts, batch_size, options)
+        requests = (await self._prepared(request)
+                    async for request in _requests(texts, batch_size, options))
         if self._replicas if spread is None else spread:
             results = self._spread(requests, window, message_timeout)
         else:

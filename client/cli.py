@@ -49,6 +49,9 @@ def embed_parser(subparsers) -> None:
                    help="wire precision (output is float32 either way)")
     p.add_argument("--no-truncate", dest="truncate", action="store_false",
                    help="fail on texts over the model's length instead of cutting them")
+    p.add_argument("--tokenize-locally", action="store_true",
+                   help="tokenize here, with the server's own tokenizer, and send token ids "
+                        "(the same vectors; the tokenizing on this machine's cores)")
     p.add_argument("--batch-size", type=int, default=64, help="texts per message")
     p.add_argument("--window", type=int, default=64, help="messages in flight")
     p.add_argument("--timeout", type=float, default=300,
@@ -79,7 +82,8 @@ def run_embed(args) -> int:
                        dimensions=args.dimensions)
         tokens = 0
         with Client(args.server if len(args.server) > 1 else args.server[0], token=token,
-                    tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key) as client:
+                    tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                    tokenize_locally=args.tokenize_locally) as client:
             first, texts = run_record.with_identity(read_texts(args.input, fmt, args.field))
             record = run_record.describe(args.input, fmt, args.field, first, options,
                                          run_record.model_of(client.info()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 from dataclasses import dataclass
@@ -153,6 +154,53 @@ def tokens_request(texts: Sequence[str], arguments: dict) -> pb.EmbedRequest:
     """The request of Client.embed_tokens / AsyncClient.embed_tokens (locals())."""
     return build_request(texts, pooling="none", **{k: v for k, v in arguments.items()
                                                     if k not in ("self", "texts")})
+
+
+class LocalTokenizer:
+    """The server's own tokenizer (GetTokenizer), run here: requests then carry token ids, which
+    the server checks instead of tokenizing. The tokenizing moves to the machine that reads the
+    texts (a corpus job's, with cores to spare); the vectors stay the same."""
+
+    def __init__(self, tokenizer: pb.TokenizerResponse, info: dict):
+        import hashlib
+
+        from tokenizers import Tokenizer
+
+        if hashlib.sha256(tokenizer.tokenizer_json.encode()).hexdigest() != tokenizer.sha256:
+            raise ValueError("the server's tokenizer does not match its own hash")
+        if info.get("tokenizer_sha256") not in (None, tokenizer.sha256):
+            raise ValueError("the server's tokenizer is not the one its Info names (replicas "
+                             "with different models?)")
+        # Untruncated: the server cuts an over-long text as its tokenizer would and counts it in
+        # usage, or refuses it with truncate=False.
+        self._tokenizer = Tokenizer.from_str(tokenizer.tokenizer_json)
+        self._tokenizer.no_truncation()
+        pipeline = info["pipeline"]
+        self._prompts, self._default_prompt = pipeline["prompts"], pipeline["default_prompt_name"]
+
+    def _prompt(self, request: pb.EmbedRequest) -> str:
+        """The text the server would put before each text of this request."""
+        if request.prompt_name:
+            if request.prompt_name not in self._prompts:
+                raise ValueError(f"prompt_name {request.prompt_name!r} is not one of the model's "
+                                 f"prompts {sorted(self._prompts)}")
+            return self._prompts[request.prompt_name]
+        if request.HasField("prompt"):
+            return request.prompt
+        if request.pooling == pb.POOLING_UNSPECIFIED and self._default_prompt:
+            return self._prompts[self._default_prompt]
+        return ""
+
+    def convert(self, request: pb.EmbedRequest) -> pb.EmbedRequest:
+        """The request with its texts replaced by their token ids (prompt included)."""
+        prompt = self._prompt(request)
+        encodings = self._tokenizer.encode_batch_fast([prompt + text for text in request.texts])
+        lengths = [len(encoding.ids) for encoding in encodings]
+        ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype="<i4",
+                          count=sum(lengths))
+        del request.texts[:]
+        request.token_ids, request.token_lengths[:] = ids.tobytes(), lengths
+        return request
 
 
 def batches(texts, batch_size: int):

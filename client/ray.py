@@ -44,7 +44,7 @@ def embed(dataset: "ray.data.Dataset", target: str | Sequence[str], column: str 
           output_column: str = "embedding", *, concurrency: int = 2, batch_size: int = 1024,
           message_size: int = 64, window: int = 16, num_cpus: float = 0.25,
           task_retries: int = 10, preserve_order: bool = True, message_timeout: float = 300,
-          token: str | None = None, tls: dict | None = None,
+          token: str | None = None, tls: dict | None = None, tokenize_locally: bool = False,
           **embed_options) -> "ray.data.Dataset":
     """`dataset` with a vector column added: every row once, its other columns (an id) kept.
 
@@ -56,7 +56,9 @@ def embed(dataset: "ray.data.Dataset", target: str | Sequence[str], column: str 
     concurrency for a larger fleet). num_cpus: Ray CPUs reserved per actor (it only sends and
     decodes). task_retries: batches in a row that one actor may fail for a passing reason
     before the job stops. preserve_order: output rows in input order (Ray's execution option, set on
-    the dataset's context); without it, in the order batches finish.
+    the dataset's context); without it, in the order batches finish. tokenize_locally: each actor
+    tokenizes with the server's tokenizer and sends token ids (Client's option): the tokenizing
+    moves to the Ray cluster's cores.
     embed_options: those of Client.embed (pooling, layers, normalize, dtype, truncate,
     prompt_name, prompt, dimensions; none means the model's own pipeline).
 
@@ -80,6 +82,7 @@ def embed(dataset: "ray.data.Dataset", target: str | Sequence[str], column: str 
         fn_constructor_kwargs=dict(target=target, column=column, output_column=output_column,
                                    message_size=message_size, window=window, token=token,
                                    tls=tls or {}, message_timeout=message_timeout,
+                                   tokenize_locally=tokenize_locally,
                                    give_up_after=task_retries, options=embed_options))
 
 
@@ -87,8 +90,8 @@ class _Embedder:
     """One Ray actor's client; called with an Arrow table, returns it with the vectors."""
 
     def __init__(self, target, column, output_column, message_size, window, token, tls,
-                 message_timeout, give_up_after, options):
-        self.client = Client(target, token=token, **tls)
+                 message_timeout, tokenize_locally, give_up_after, options):
+        self.client = Client(target, token=token, tokenize_locally=tokenize_locally, **tls)
         # Ray retries a TransientEmbedError without limit (Ray Data's actor default): past this
         # many failed batches in a row, the fleet is taken to be down and the job stops.
         self.give_up_after, self.failed_in_a_row = give_up_after, 0

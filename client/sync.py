@@ -10,7 +10,7 @@ from typing import Iterable, Iterator, Sequence
 import grpc
 import numpy as np
 
-from .core import (SEND_ATTEMPTS, EmbedStreamError, Usage, batches,
+from .core import (SEND_ATTEMPTS, EmbedStreamError, LocalTokenizer, Usage, batches,
                    build_request,
                    check_combine_strategy, combine_tokens, decode_response,
                    embed_request, make_channel, send_again, tokens_request)
@@ -25,17 +25,31 @@ class Client:
     list of "host:port" replicas; calls are spread over all addresses (round robin) and a call
     failed by a vanished replica is retried on another. token: sent as
     `authorization: Bearer <token>`. TLS: tls=True, tls_ca, tls_cert, tls_key (see make_channel).
+    tokenize_locally: tokenize here with the server's own tokenizer (fetched once, on the first
+    call) and send token ids: the same vectors, the tokenizing on this machine's cores.
     """
 
     def __init__(self, target: str | Sequence[str] = "127.0.0.1:50051", *,
                  timeout: float | None = None, token: str | None = None,
-                 channel: grpc.Channel | None = None, **tls):
+                 channel: grpc.Channel | None = None, tokenize_locally: bool = False, **tls):
         self._channel = channel or make_channel(target, **tls)
         self._stub = pb_grpc.EmbedderStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._replicas = not isinstance(target, str) and len(target) > 1
         self.timeout = timeout
         self.last_usage: Usage | None = None  # usage of the latest response received
+        self.tokenize_locally = tokenize_locally
+        self._local: LocalTokenizer | None = None
+
+    def _prepared(self, request: pb.EmbedRequest) -> pb.EmbedRequest:
+        """The request as it goes out: its texts as token ids when tokenizing locally."""
+        if not self.tokenize_locally:
+            return request
+        if self._local is None:
+            tokenizer = self._stub.GetTokenizer(pb.TokenizerRequest(), timeout=self.timeout,
+                                                metadata=self._metadata)
+            self._local = LocalTokenizer(tokenizer, self.info())
+        return self._local.convert(request)
 
     def __enter__(self):
         return self
@@ -47,7 +61,8 @@ class Client:
         self._channel.close()
 
     def _embed(self, request: pb.EmbedRequest):
-        response = self._stub.Embed(request, timeout=self.timeout, metadata=self._metadata)
+        response = self._stub.Embed(self._prepared(request), timeout=self.timeout,
+                                    metadata=self._metadata)
         self.last_usage = Usage.of(response)
         return decode_response(response)
 
@@ -92,7 +107,9 @@ class Client:
         """
         if window < 1:
             raise ValueError("window must be >= 1")
-        requests = (build_request(batch, str(number), **options)
+        if self.tokenize_locally:
+            self._prepared(build_request(["fetch the tokenizer now"]))  # not on gRPC's thread
+        requests = (self._prepared(build_request(batch, str(number), **options))
                     for number, batch in enumerate(batches(texts, batch_size)))
         if self._replicas if spread is None else spread:
             return self._spread(requests, window, message_timeout)
@@ -226,6 +243,7 @@ def info_of(response: pb.InfoResponse) -> dict:
         "limits": {field.name: getattr(response.limits, field.name)
                    for field in response.limits.DESCRIPTOR.fields},
         "pipeline": pipeline_of(response.pipeline),
+        "tokenizer_sha256": response.tokenizer_sha256, "forward_flops": response.forward_flops,
     }
 
 

@@ -162,8 +162,12 @@ class Batcher:
             return
         for item in batch:
             metrics.queue_wait.observe((start - item.job.enqueued_ns) / 1e9)
-        metrics.batch_rows.observe(len(batch))
-        metrics.batch_tokens.observe(len(batch) * batch[-1].length)  # sorted: last is longest
+        rows, longest = len(batch), batch[-1].length  # sorted: the last is the longest
+        metrics.batch_rows.observe(rows)
+        metrics.batch_tokens.observe(rows * longest)
+        metrics.padded_tokens.inc(rows * longest)
+        metrics.real_tokens.inc(sum(item.length for item in batch))
+        metrics.forward_flops.inc(self.engine.forward_flops(rows, longest))
         for part, hidden, lengths in self._forward_splitting(batch):
             self._complete(part, hidden, lengths, start, number)
             del hidden  # free the layers before the next part

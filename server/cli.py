@@ -154,6 +154,7 @@ async def serve(args) -> None:
         "address": f"{args.host}:{port}", "max_length": engine.max_length,
         "attention": engine.attention, "pipeline": describe_pipeline(engine),
         "threads": engine.threads, "forward_workers": engine.forward_workers,
+        "forward_flops": engine.FLOPS_FORMULA,
         "tls": "mutual" if args.tls_client_ca else bool(args.tls_cert),
         "auth": f"{len(security.auth_tokens)} token(s), health {args.auth_health}"
         if security.auth_tokens else "off",

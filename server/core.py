@@ -36,7 +36,9 @@ TOKENIZE_CHUNK_TEXTS = 256
 @dataclass
 class EmbedCall:
     """One embedding request in the core's terms. `texts` (a list, or a request's repeated field)
-    is the core's to empty once tokenized (a request may hold up to max_message_bytes of them)."""
+    is the core's to empty once tokenized (a request may hold up to max_message_bytes of them).
+    Or, tokenized by the client, `token_ids` (int32 little-endian, back to back) with
+    `token_lengths` per text."""
 
     texts: Sequence[str]
     pooling: str | None = None  # None: the model's pipeline (Engine.options)
@@ -48,6 +50,13 @@ class EmbedCall:
     dimensions: int = 0
     dtype: str = "float32"  # wire dtype of the result
     truncate: bool = True
+    token_ids: bytes = b""
+    token_lengths: Sequence[int] = ()
+
+    @property
+    def items(self) -> int:
+        """Texts in the request, sent as text or as token ids."""
+        return len(self.token_lengths) or len(self.texts)
 
 
 class Core:
@@ -65,13 +74,15 @@ class Core:
 
     # ------------------------------------------------------------------ checks
 
-    def check_texts(self, texts) -> None:
+    def check_texts(self, texts, field: str = "texts") -> None:
         if not texts:
-            raise EmbedError.invalid("texts: empty; send at least one text")
+            raise EmbedError.invalid(f"{field}: empty; send at least one text")
         if len(texts) > self.limits.max_texts_per_request:
             raise EmbedError.too_large(
-                f"texts: {len(texts)} texts, over the limit of {self.limits.max_texts_per_request} "
-                f"per request (max_texts_per_request)")
+                f"{field}: {len(texts)} texts, over the limit of "
+                f"{self.limits.max_texts_per_request} per request (max_texts_per_request)")
+        if field != "texts":
+            return
         for i, text in enumerate(texts):
             if len(text) > self.limits.max_chars_per_text:
                 raise EmbedError.too_large(
@@ -103,7 +114,7 @@ class Core:
             options = self.options(call)
         except EmbedError:
             return request_bytes
-        rows = len(call.texts) * (self.engine.max_length if options.token_level else 1)
+        rows = call.items * (self.engine.max_length if options.token_level else 1)
         return request_bytes + min(response_bytes(rows, options.width, call.dtype),
                                    self.limits.max_response_bytes)
 
@@ -130,6 +141,8 @@ class Core:
                 "normalize": pipeline.normalizes, "dimensions": engine.output_width,
                 "prompts": dict(pipeline.prompts),
                 "default_prompt_name": pipeline.default_prompt_name or ""},
+            "tokenizer_sha256": engine.tokenizer_sha256,
+            "forward_flops": engine.FLOPS_FORMULA,
         }
 
     # ------------------------------------------------------------------ the path
@@ -194,17 +207,26 @@ class Core:
         the pool (or here, if they never reach it). caller: whose turn this is in the batcher
         (a stream's messages share one)."""
         sequence = next(self._sequence)  # before any await: the order requests came in
-        self.check_texts(call.texts)
+        if call.token_lengths and call.texts:
+            raise EmbedError.invalid("texts and token_ids: send one or the other, not both")
+        if call.token_lengths:
+            self.check_texts(call.token_lengths, "token_lengths")
+        else:
+            self.check_texts(call.texts)
         options = self.options(call)
-        texts = len(call.texts)
+        texts = call.items
         if not options.token_level:
             self.check_response_size(texts, options, call.dtype)
         await self.admit(texts, wait)
         job = None
         try:
-            tokens = await self._on_tokenizer(call.texts, self.engine.tokenize, call.texts,
-                                              call.truncate, False, options.prompt)
-            del call.texts[:]  # tokenized: the strings can go
+            if call.token_lengths:  # checked, not tokenized: vectorized, fast even when big
+                tokens = self.engine.token_ids(call.token_ids, call.token_lengths, call.truncate)
+                call.token_ids = b""
+            else:
+                tokens = await self._on_tokenizer(call.texts, self.engine.tokenize, call.texts,
+                                                  call.truncate, False, options.prompt)
+                del call.texts[:]  # tokenized: the strings can go
             if options.token_level:
                 self.check_response_size(sum(map(len, tokens.ids)), options, call.dtype)
             done, on_done = completion()
@@ -229,7 +251,7 @@ class Core:
                              caller: object = None, codes: dict | None = None) -> JobResult:
         """embed(), counted and timed by RPC and outcome (once per request, success or not);
         `codes` names the outcome of each EmbedError kind in the front-end's terms."""
-        started, code, texts = time.perf_counter(), "OK", len(call.texts)
+        started, code, texts = time.perf_counter(), "OK", call.items
         try:
             return await self.embed(call, wait, caller)
         except EmbedError as error:

@@ -6,6 +6,7 @@ what goes into a forward pass; the engine runs it and pools with the bertstream.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,9 @@ class Engine:
         config = self.model.config
         self.hidden_size = int(config.hidden_size)
         self.num_layers = int(config.num_hidden_layers)
+        # the feed-forward width: intermediate_size (BERT, RoBERTa, MPNet), hidden_dim (DistilBERT)
+        self.intermediate_size = int(getattr(config, "intermediate_size", None)
+                                     or getattr(config, "hidden_dim", None) or 4 * self.hidden_size)
         positions = usable_positions(self.model)
         if max_length is not None and not 2 <= max_length <= positions:
             raise ValueError(f"--max-length {max_length} is outside 2..{positions}: this model's "
@@ -130,6 +134,13 @@ class Engine:
         # so sentence-transformers do: the vectors stay equal to SentenceTransformer.encode's.
         self.special_ids = frozenset(self.tokenizer.all_special_ids)
         self._prompt_lengths: dict[str, int] = {}
+        # What clients get to tokenize as the server does (token_ids requests): this tokenizer,
+        # truncation and lower-casing included, and what its ids must look like here.
+        self.tokenizer_json = self._truncating.to_str()
+        self.tokenizer_sha256 = hashlib.sha256(self.tokenizer_json.encode()).hexdigest()
+        self.vocab_size = int(getattr(model_config, "vocab_size", 0) or 0) or \
+            len(self.tokenizer.get_vocab())
+        self.special_prefix, self.special_suffix = special_ends(self._truncating)
 
     def _check_pipeline_widths(self) -> int:
         """The width of the model's default output; its Dense modules must chain from pooling."""
@@ -278,6 +289,58 @@ class Engine:
             tokens=[e.tokens for e in encodings] if details else [],
         )
 
+    def token_ids(self, data: bytes, lengths, truncate: bool = True) -> Tokenized:
+        """A request's own token ids (little-endian int32, back to back, `lengths` per text)
+        checked as the tokenizer would have made them: ids within the vocabulary, the model's
+        special tokens at both ends ([CLS] ... [SEP]), at most max_length tokens; a longer one is
+        cut (its content, keeping the end's special tokens, as the tokenizer's truncation does)
+        or, with truncate false, refused. EmbedError names the first bad item."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if len(data) != 4 * int(lengths.sum()) or (lengths < 0).any():
+            raise EmbedError.invalid(
+                f"token_ids: {len(data):,} bytes, but token_lengths add up to "
+                f"{int(lengths.sum()):,} tokens of 4 bytes (little-endian int32)")
+        ids = np.frombuffer(data, dtype="<i4")
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+
+        def item(position: int) -> int:  # the text that holds a flat position
+            return int(np.searchsorted(ends, position, side="right"))
+
+        bad = np.flatnonzero((ids < 0) | (ids >= self.vocab_size))
+        if bad.size:
+            i = item(bad[0])
+            raise EmbedError.invalid(f"token_ids[{i}]: id {int(ids[bad[0]])} is outside this "
+                                     f"model's vocabulary 0..{self.vocab_size - 1}")
+        prefix, suffix = self.special_prefix, self.special_suffix
+        least = max(1, len(prefix) + len(suffix))  # an empty text is its special tokens
+        short = np.flatnonzero(lengths < least)
+        if short.size:
+            raise EmbedError.invalid(
+                f"token_ids[{short[0]}]: {lengths[short[0]]} tokens; a text is at least {least}: "
+                f"the model's special tokens {prefix} ... {suffix}")
+        for offset, special in enumerate(prefix):
+            wrong = np.flatnonzero(ids[starts + offset] != special)
+            if wrong.size:
+                raise EmbedError.invalid(f"token_ids[{wrong[0]}] does not start with this "
+                                         f"model's special tokens {prefix}")
+        for offset, special in enumerate(suffix):
+            wrong = np.flatnonzero(ids[ends - len(suffix) + offset] != special)
+            if wrong.size:
+                raise EmbedError.invalid(f"token_ids[{wrong[0]}] does not end with this "
+                                         f"model's special tokens {suffix}")
+        over = lengths > self.max_length
+        if over.any() and not truncate:
+            i = int(np.flatnonzero(over)[0])
+            raise EmbedError.invalid(f"token_ids[{i}] has {lengths[i]} tokens, over the model's "
+                                     f"maximum of {self.max_length} (truncate is false)")
+        rows = np.split(ids.astype(np.int32), ends[:-1])
+        if over.any():
+            keep, tail = self.max_length - len(suffix), np.asarray(suffix, dtype=np.int32)
+            for i in np.flatnonzero(over):
+                rows[i] = np.concatenate([rows[i][:keep], tail])
+        return Tokenized(ids=rows, truncated=over.tolist(), offsets=[], tokens=[])
+
     # ------------------------------------------------------------------ forward and pooling
 
     def forward(self, ids: list[list[int]]) -> tuple[tuple[torch.Tensor, ...], np.ndarray]:
@@ -294,6 +357,16 @@ class Engine:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                              output_hidden_states=True)
         return out.hidden_states, lengths
+
+    FLOPS_FORMULA = ("layers x rows x longest x (8 h^2 + 4 h i + 4 longest h): per layer and "
+                     "padded token, the Q, K, V and output projections, the feed-forward, the "
+                     "attention scores and their weighted sum (h hidden size, i feed-forward "
+                     "width; a multiply-add is 2; embeddings, norms, softmax and pooling left out)")
+
+    def forward_flops(self, rows: int, longest: int) -> int:
+        """A forward pass's floating-point operations, by FLOPS_FORMULA."""
+        h, i = self.hidden_size, self.intermediate_size
+        return self.num_layers * rows * longest * (8 * h * h + 4 * h * i + 4 * longest * h)
 
     def free_cache(self) -> None:
         """Give cached device memory back after a failed forward pass (CUDA out of memory)."""
@@ -428,6 +501,15 @@ def check_token_ids(folder: str, tokenizer, config) -> None:
         token = tokenizer.convert_ids_to_tokens(largest)
         raise ValueError(f"{folder}: the tokenizer gives id {largest} ({token!r}), past the "
                          f"model's vocabulary (vocab_size {vocab})")
+
+
+def special_ends(tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The special token ids a tokenizer puts before and after every text ([CLS], [SEP])."""
+    encoding = tokenizer.encode("a")
+    mask, ids = encoding.special_tokens_mask, encoding.ids
+    before = next((i for i, special in enumerate(mask) if not special), len(mask))
+    after = next((i for i, special in enumerate(reversed(mask)) if not special), 0)
+    return tuple(ids[:before]), tuple(ids[len(ids) - after:])
 
 
 def load_encoder(folder: str, local: bool, dtype: torch.dtype):

@@ -261,6 +261,13 @@ def create_app(core: Core, serving, budget: MemoryBudget, tokens: list[bytes] = 
     async def info():
         return core.info()
 
+    @app.get("/tokenizer.json", summary="The server's tokenizer (Hugging Face tokenizers JSON), "
+                                        "to tokenize as the server does")
+    async def tokenizer():
+        engine = core.engine
+        return Response(engine.tokenizer_json, media_type="application/json",
+                        headers={"X-Tokenizer-SHA256": engine.tokenizer_sha256})
+
     @app.get("/health", summary="200 when serving; 503 before warm-up, when unhealthy or "
                                 "stopping")
     async def health():

@@ -37,6 +37,15 @@ class Metrics:
         self.batch_tokens = prom.Histogram(
             "bertstream_batch_tokens", "Padded tokens per forward pass (rows x longest)",
             buckets=TOKEN_BUCKETS, registry=r)
+        # rate() of these gives achieved FLOP/s and the padding share, on any device.
+        self.forward_flops = prom.Counter(
+            "bertstream_forward_flops", "Floating-point operations of the forward passes, by the "
+            "formula Info's forward_flops names (padded tokens counted)", registry=r)
+        self.real_tokens = prom.Counter(
+            "bertstream_forward_real_tokens", "Real tokens in the forward passes", registry=r)
+        self.padded_tokens = prom.Counter(
+            "bertstream_forward_padded_tokens", "Tokens computed in the forward passes, padding "
+            "included (rows x longest)", registry=r)
         self.forward_seconds = prom.Histogram(
             "bertstream_forward_seconds", "Forward pass time per batch",
             buckets=LATENCY_BUCKETS, registry=r)

@@ -314,6 +314,11 @@ class EmbedderService(pb_grpc.EmbedderServicer):
     async def Info(self, request, context):
         return info_response(self.core)
 
+    async def GetTokenizer(self, request, context):
+        engine = self.core.engine
+        return pb.TokenizerResponse(tokenizer_json=engine.tokenizer_json,
+                                    sha256=engine.tokenizer_sha256)
+
 
 def info_response(core: Core) -> pb.InfoResponse:
     info = dict(core.info())
@@ -336,7 +341,8 @@ def embed_call(request: pb.EmbedRequest) -> EmbedCall:
         prompt_name=request.prompt_name or None,
         prompt=request.prompt if request.HasField("prompt") else None,
         dimensions=request.dimensions, dtype=enum_name(DTYPE_NAMES, request.dtype, "dtype"),
-        truncate=request.truncate if request.HasField("truncate") else True)
+        truncate=request.truncate if request.HasField("truncate") else True,
+        token_ids=request.token_ids, token_lengths=request.token_lengths)
 
 
 async def abort(context, error: EmbedError):

@@ -73,6 +73,15 @@ def test_every_input_and_output_format(server, tmp_path, texts, expected, fmt, o
     np.testing.assert_allclose(read_output(tmp_path / output), expected, atol=1e-4)
 
 
+def test_embed_command_tokenizes_locally_to_the_same_vectors(server, tmp_path, texts,
+                                                            expected):
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    assert run_cli(source, "-o", tmp_path / "local.npy", "--server", server.target,
+                   "--tokenize-locally") == 0
+    np.testing.assert_allclose(read_output(tmp_path / "local.npy"), expected, rtol=0, atol=1e-6)
+
+
 def test_standard_input_and_options(server, tmp_path, texts, client):
     process = subprocess.run(
         [sys.executable, "-m", "bertstream.server.cli", "embed", "-", "-o", tmp_path / "s.npy",

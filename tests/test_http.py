@@ -5,6 +5,7 @@ vectors, the same limits, auth and statuses."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import time
 import urllib.error
@@ -334,3 +335,17 @@ def test_a_text_that_spells_a_special_token_is_reported_as_embedded(served, grpc
     assert [t["id"] for t in tokens] == [t["id"] for t in grpc_client.tokenize(
         ["before [SEP] after"])[0]]
     assert not any(t["special"] for t in tokens[1:-1] if t["text"] != "[SEP]")
+
+
+def test_the_servers_tokenizer_is_handed_out(served, grpc_client, engine):
+    """GET /tokenizer.json: the tokenizer that gRPC's GetTokenizer gives, under the hash Info
+    names; it tokenizes as the server does."""
+    from tokenizers import Tokenizer
+
+    status, body = get(served, "/tokenizer.json")
+    assert status == 200
+    assert hashlib.sha256(body).hexdigest() == grpc_client.info()["tokenizer_sha256"]
+    text = "Hello, WORLD: the tokenizer here is the server's"
+    assert Tokenizer.from_str(body.decode()).encode(text).ids == \
+        engine.tokenize([text]).ids[0].tolist()
+    assert get(served, "/tokenizer.json", token=None)[0] == 401

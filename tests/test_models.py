@@ -335,3 +335,31 @@ def test_added_token_ids_past_the_vocabulary_are_refused(folders, tmp_path):
     stderr = _serve_fails("--model", str(folder))
     assert "'[FAR]'" in stderr
     assert f"past the model's vocabulary (vocab_size {config['vocab_size']})" in stderr
+
+
+def test_tokenize_locally_equals_server_tokenized(served, probe_texts):
+    """Client(tokenize_locally=True) sends token ids from the server's own tokenizer: every
+    option's vectors equal the server-tokenized ones (the long text cut, prompts by name, as
+    free text and by default, prompt tokens left out of pooling where the model says so,
+    token-level output, a stream), and usage counts the same tokens and cut texts."""
+    from bertstream.client.core import build_request
+
+    options = [{}, {"prompt": "query: "}, {"pooling": "mean", "normalize": True},
+               {"dimensions": 8}]
+    if served.engine.pipeline.prompts:
+        options.append({"prompt_name": sorted(served.engine.pipeline.prompts)[-1]})
+    with Client(served.server.target, timeout=120, tokenize_locally=True) as local:
+        request = local._prepared(build_request(probe_texts[:3]))
+        assert not request.texts and len(request.token_lengths) == 3  # ids, not texts
+        for option in options:
+            got = local.embed(probe_texts, **option)
+            expected = served.client.embed(probe_texts, **option)
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6, err_msg=str(option))
+            ours, theirs = local.last_usage, served.client.last_usage
+            assert (ours.tokens, ours.truncated_items) == (theirs.tokens, theirs.truncated_items)
+        assert served.client.last_usage.truncated_items >= 1
+        for got, expected in zip(local.embed_tokens(probe_texts, prompt="query: "),
+                                 served.client.embed_tokens(probe_texts, prompt="query: ")):
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+        streamed = np.concatenate(list(local.stream(probe_texts, batch_size=8, window=2)))
+        np.testing.assert_allclose(streamed, served.client.embed(probe_texts), rtol=0, atol=1e-6)

@@ -64,7 +64,7 @@ def test_buf_breaking_catches_a_breaking_change(buf, tmp_path):
     shutil.copytree(ROOT / "proto", copy)
     contract = copy / "bertstream" / "v1" / "embedder.proto"
     contract.write_text(contract.read_text().replace("repeated string texts = 2;",
-                                                     "repeated string texts = 12;"))
+                                                     "repeated string texts = 20;"))
     done = subprocess.run([buf, "breaking", "--against", str(ROOT / "proto")], cwd=copy,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "texts" in done.stdout

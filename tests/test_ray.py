@@ -113,11 +113,12 @@ def check_exact(out: Path, reference: np.ndarray, rows: int = ROWS) -> None:
 
 def test_every_embedding_option_reaches_the_servers(replicas, local_ray, shards):
     """Three stages in one pipeline, each with other options, against Client on the same texts
-    (an actor each: six would not fit in the two CPUs beside the read tasks)."""
+    (an actor each: six would not fit in the two CPUs beside the read tasks); the first
+    tokenizes in its actor (tokenize_locally)."""
     targets = [target for _, target in replicas]
     texts = shards[1][:120]
     options = dict(prompt="query: ", dimensions=128, normalize=True)
-    pipeline = embed(read(shards, 120), targets, concurrency=1, **options)
+    pipeline = embed(read(shards, 120), targets, concurrency=1, tokenize_locally=True, **options)
     pipeline = embed(pipeline, targets, concurrency=1, dtype="int8", output_column="q")
     pipeline = embed(pipeline, targets, concurrency=1, pooling="none", layers=[-2],
                      output_column="tokens")

@@ -1,0 +1,119 @@
+"""EmbedRequest.token_ids: texts the client tokenized, checked by the server as its own
+tokenizer would have made them; a bad item gets INVALID_ARGUMENT naming it."""
+
+from __future__ import annotations
+
+import hashlib
+
+import grpc
+import numpy as np
+import pytest
+
+from bertstream.proto import embedder_pb2 as pb
+from bertstream.proto import embedder_pb2_grpc as pb_grpc
+from tests.conftest import TEST_LIMITS
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    with grpc.insecure_channel(server.target) as channel:
+        yield pb_grpc.EmbedderStub(channel)
+
+
+def ids_request(rows, **fields) -> pb.EmbedRequest:
+    lengths = [len(row) for row in rows]
+    flat = np.array([i for row in rows for i in row], dtype="<i4")
+    return pb.EmbedRequest(token_ids=flat.tobytes(), token_lengths=lengths, **fields)
+
+
+def vectors(response: pb.EmbedResponse) -> np.ndarray:
+    tensor = response.embeddings
+    return np.frombuffer(tensor.data, "<f4").reshape(tuple(tensor.shape))
+
+
+def test_ids_embed_as_their_texts(stub, engine, client):
+    texts = ["the first text", "a second, longer text than the first one", "x", ""]
+    ids = [row.tolist() for row in engine.tokenize(texts).ids]
+    np.testing.assert_allclose(vectors(stub.Embed(ids_request(ids))), client.embed(texts),
+                               rtol=0, atol=1e-6)
+
+
+def test_an_over_long_text_is_cut_as_the_tokenizer_cuts_it(stub, engine, client):
+    long_text = "word " * 400
+    whole = engine._full.encode(long_text).ids
+    assert len(whole) > engine.max_length
+    response = stub.Embed(ids_request([whole]))
+    assert response.usage.truncated_items == 1 and response.usage.tokens == engine.max_length
+    np.testing.assert_allclose(vectors(response), client.embed([long_text]), rtol=0, atol=1e-6)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Embed(ids_request([[101, 2000, 102], whole], truncate=False))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"token_ids[1] has {len(whole)} tokens, over the model's maximum of " \
+        f"{engine.max_length}" in info.value.details()
+
+
+@pytest.mark.parametrize("rows, raw, message", [
+    ([[101, 7592, 102], [101, 10**6, 102]], None, "token_ids[1]: id 1000000 is outside"),
+    ([[101, 7592, 102], [101, -3, 102]], None, "token_ids[1]: id -3 is outside"),
+    ([[101, 7592, 102], [7592, 2088, 102]], None, "token_ids[1] does not start with"),
+    ([[101, 7592, 2088]], None, "token_ids[0] does not end with"),
+    ([[101]], None, "token_ids[0]: 1 tokens; a text is at least 2"),
+    ([[101, 7592, 102]], b"\x00" * 10, "token_ids: 10 bytes, but token_lengths add up to 3"),
+])
+def test_bad_ids_are_refused_naming_the_item(stub, rows, raw, message):
+    request = ids_request(rows)
+    if raw is not None:
+        request.token_ids = raw
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Embed(request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in info.value.details(), info.value.details()
+
+
+def test_texts_and_ids_together_are_refused(stub):
+    request = ids_request([[101, 7592, 102]])
+    request.texts.append("hello")
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Embed(request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "send one or the other" in info.value.details()
+
+
+def test_too_many_id_texts_are_refused_before_any_work(stub):
+    limit = TEST_LIMITS["max_texts_per_request"]
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Embed(ids_request([[101, 7592, 102]] * (limit + 1)))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "token_lengths" in info.value.details() and "max_texts_per_request" in \
+        info.value.details()
+
+
+def test_get_tokenizer_hands_out_the_servers_tokenizer(stub, engine, client):
+    from tokenizers import Tokenizer
+
+    answer = stub.GetTokenizer(pb.TokenizerRequest())
+    assert hashlib.sha256(answer.tokenizer_json.encode()).hexdigest() == answer.sha256
+    assert answer.sha256 == client.info()["tokenizer_sha256"]
+    text = "Tokenized on the client, as on the server"
+    assert Tokenizer.from_str(answer.tokenizer_json).encode(text).ids == \
+        engine.tokenize([text]).ids[0].tolist()
+
+
+def test_forward_flops_and_tokens_are_counted(server, client, engine):
+    """A lone text on an idle server is one forward pass: the counters grow by its tokens and
+    by the formula Info names, from the model's config."""
+    registry = server.batcher.metrics.registry
+
+    def sample(name):
+        return registry.get_sample_value(name) or 0.0
+
+    names = ("bertstream_forward_flops_total", "bertstream_forward_real_tokens_total",
+             "bertstream_forward_padded_tokens_total")
+    before = [sample(name) for name in names]
+    text = "one text, alone, through one forward pass"
+    length = len(engine.tokenize([text]).ids[0])
+    client.embed([text])
+    h, i, layers = 384, 1536, 6  # all-MiniLM-L6-v2's config
+    flops = layers * length * (8 * h * h + 4 * h * i + 4 * length * h)
+    assert [sample(name) - old for name, old in zip(names, before)] == [flops, length, length]
+    assert "8 h^2 + 4 h i + 4 longest h" in client.info()["forward_flops"]
