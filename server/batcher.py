@@ -29,6 +29,7 @@ from .errors import EmbedError, ErrorKind
 from .jobs import Job
 from .metrics import Metrics
 from .text_queue import Queue, Queued
+from .threads import name_os_thread
 
 log = logging.getLogger("bertstream.batcher")
 
@@ -82,6 +83,7 @@ class Batcher:
     def _feed(self) -> None:
         """The feeder: jobs from the inbox into the queue, all that have come at each turn of
         the lock; None (from close) ends it, once everything before it is queued."""
+        name_os_thread()
         while True:
             jobs = [self._inbox.get()]
             while True:
@@ -115,6 +117,7 @@ class Batcher:
     # ------------------------------------------------------------------ forward workers
 
     def _worker(self, number: int) -> None:
+        name_os_thread()
         engine = self.engine
         share = max(1, engine.threads // self.workers)
         engine.init_forward_threads(share)

@@ -24,11 +24,14 @@ from .jobs import Job, JobResult
 from .engine import EmbedOptions, Engine, Tokenized
 from .errors import EmbedError
 from .limits import Limits
+from .threads import name_os_thread
 from .wire import WIRE_DTYPES, response_bytes
 
 # Requests up to this many characters are tokenized on the event loop (tens of microseconds);
 # bigger ones on a worker thread so the loop keeps serving.
 INLINE_TOKENIZE_CHARS = 2000
+# Token ids up to this many bytes are checked on the event loop, bigger ones on a worker thread.
+INLINE_TOKEN_ID_BYTES = 256 * 1024
 # Tokenize answers are built this many texts at a time (Core.tokenize).
 TOKENIZE_CHUNK_TEXTS = 256
 
@@ -67,7 +70,8 @@ class Core:
         self.admission = admission
         self.metrics = batcher.metrics
         # Tokenizing a big message takes milliseconds; keep it off the event loop.
-        self._tokenizing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bertstream-tok")
+        self._tokenizing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bertstream-tok",
+                                              initializer=name_os_thread)
         # Requests in the order they came: a stream's messages may finish tokenizing out of
         # order, and the batcher serves a caller's oldest first (Queue).
         self._sequence = itertools.count()
@@ -220,8 +224,13 @@ class Core:
         await self.admit(texts, wait)
         job = None
         try:
-            if call.token_lengths:  # checked, not tokenized: vectorized, fast even when big
-                tokens = self.engine.token_ids(call.token_ids, call.token_lengths, call.truncate)
+            if call.token_lengths:  # checked, not tokenized: vectorized numpy, on the loop
+                check = (self.engine.token_ids, call.token_ids, call.token_lengths, call.truncate)
+                if len(call.token_ids) <= INLINE_TOKEN_ID_BYTES:
+                    tokens = check[0](*check[1:])
+                else:  # a big one (64 MB: ~0.1 s) on a tokenizer thread
+                    tokens = await asyncio.get_running_loop().run_in_executor(
+                        self._tokenizing, *check)
                 call.token_ids = b""
             else:
                 tokens = await self._on_tokenizer(call.texts, self.engine.tokenize, call.texts,

@@ -347,16 +347,20 @@ class Engine:
         """One forward pass over texts padded to the longest: every layer's hidden states
         (hidden_states indexing: 0 = embeddings) and the lengths."""
         lengths = np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
-        batch = np.full((len(ids), int(lengths.max())), self.pad_id, dtype=np.int64)
-        for row, tokens in zip(batch, ids):
-            row[:len(tokens)] = tokens
-        mask = (np.arange(batch.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
+        real = np.arange(int(lengths.max()))[None, :] < lengths[:, None]
+        batch = np.full(real.shape, self.pad_id, dtype=np.int64)
+        batch[real] = np.concatenate(ids)  # row by row, in order: one copy, no loop over texts
+        mask = real.astype(np.int64)
         input_ids = torch.from_numpy(batch).to(self.device, non_blocking=True)
         attention_mask = torch.from_numpy(mask).to(self.device, non_blocking=True)
+        return self.run_model(input_ids, attention_mask), lengths
+
+    def run_model(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """The model itself: every layer's hidden states (what benchmarks/host_path.py's
+        stand-in replaces, to measure everything around it)."""
         with torch.inference_mode():
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                             output_hidden_states=True)
-        return out.hidden_states, lengths
+            return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                              output_hidden_states=True).hidden_states
 
     FLOPS_FORMULA = ("layers x rows x longest x (8 h^2 + 4 h i + 4 longest h): per layer and "
                      "padded token, the Q, K, V and output projections, the feed-forward, the "

@@ -117,3 +117,34 @@ def test_forward_flops_and_tokens_are_counted(server, client, engine):
     flops = layers * length * (8 * h * h + 4 * h * i + 4 * length * h)
     assert [sample(name) - old for name, old in zip(names, before)] == [flops, length, length]
     assert "8 h^2 + 4 h i + 4 longest h" in client.info()["forward_flops"]
+
+
+def test_a_big_id_request_is_checked_off_the_event_loop(stub, client, engine):
+    """100 texts of 3,000 ids each (1.2 MB: the ids over the max length are cut) while another
+    caller's one-text calls go on: the answer is 100 vectors of the cut texts, the other caller
+    is not held up by the check."""
+    import threading
+    import time
+
+    text_ids = engine._full.encode("word " * 3000).ids
+    rows = [text_ids] * 100
+    latencies, done = [], threading.Event()
+
+    def small_caller():
+        while not done.is_set():
+            started = time.perf_counter()
+            client.embed(["someone else"])
+            latencies.append(time.perf_counter() - started)
+
+    other = threading.Thread(target=small_caller)
+    other.start()
+    try:
+        response = stub.Embed(ids_request(rows), timeout=120)
+    finally:
+        done.set()
+        other.join()
+    assert response.usage.truncated_items == 100
+    assert tuple(response.embeddings.shape) == (100, 384)
+    np.testing.assert_allclose(vectors(response)[:1], client.embed(["word " * 3000]),
+                               rtol=0, atol=1e-6)
+    assert latencies and max(latencies) < 1.5, latencies

@@ -1,0 +1,54 @@
+"""What the benchmarks share: the machine line, free ports, per-thread CPU of a process, the corpus.
+
+Run benchmarks from the repository root as modules (`python -m benchmarks.host_path`): the
+root is then on the import path, and nothing edits sys.path.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+from pathlib import Path
+
+from tests.corpus import stdlib_paragraphs  # noqa: F401  (the reference corpus, shared with tests)
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def machine() -> str:
+    """The CPU model and the flags that decide bfloat16 speed (compare only within one run)."""
+    model, flags = platform.processor(), set()
+    with open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    wanted = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return f"{model} ({os.cpu_count()} cores; {' '.join(wanted) or 'no AVX-512/AMX'})"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process so far, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def thread_cpu(pid: int) -> dict[str, tuple[str, float]]:
+    """Thread id -> (its name, its CPU seconds so far)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            out[task.name] = (name, (int(fields[11]) + int(fields[12])) / TICK)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return out
