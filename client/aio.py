@@ -66,14 +66,15 @@ class AsyncClient:
                     layers: Sequence[int] = (-1,), layer_combine: str = "concat",
                     normalize: bool | None = None, dtype: str = "float32", truncate: bool = True,
                     prompt_name: str | None = None, prompt: str | None = None,
-                    dimensions: int | None = None):
+                    dimensions: int | None = None, priority: str | None = None):
         """As Client.embed."""
         return await self._embed(embed_request(texts, locals()))
 
     async def embed_tokens(self, texts: Sequence[str], layers: Sequence[int] = (-1,),
                            layer_combine: str = "concat", normalize: bool = False,
                            truncate: bool = True, prompt_name: str | None = None,
-                           prompt: str | None = None) -> list[np.ndarray]:
+                           prompt: str | None = None,
+                           priority: str | None = None) -> list[np.ndarray]:
         """As Client.embed_tokens."""
         return await self._embed(tokens_request(texts, locals()))
 

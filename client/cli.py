@@ -10,7 +10,7 @@ import time
 
 import grpc
 
-from .core import COMBINES, DTYPES, POOLINGS, QUANTIZED, EmbedStreamError
+from .core import COMBINES, DTYPES, POOLINGS, PRIORITIES, QUANTIZED, EmbedStreamError
 from . import run_record
 from .corpus_io import (InputError, committed_rows, count_texts, input_format,
                         open_writer, read_texts)
@@ -49,6 +49,8 @@ def embed_parser(subparsers) -> None:
                    help="wire precision (output is float32 either way)")
     p.add_argument("--no-truncate", dest="truncate", action="store_false",
                    help="fail on texts over the model's length instead of cutting them")
+    p.add_argument("--priority", choices=[p for p in PRIORITIES if p], default="bulk",
+                   help="the server's lane: bulk (default) fills what interactive calls leave")
     p.add_argument("--tokenize-locally", action="store_true",
                    help="tokenize here, with the server's own tokenizer, and send token ids "
                         "(the same vectors; the tokenizing on this machine's cores)")
@@ -94,7 +96,8 @@ def run_embed(args) -> int:
             run_record.write(args.output, record)
             with _progress(args.progress, total, done) as bar:
                 for vectors in client.stream(texts, args.batch_size, args.window,
-                                             message_timeout=args.timeout, **options):
+                                             message_timeout=args.timeout,
+                                             priority=args.priority, **options):
                     writer.append(vectors)
                     tokens += client.last_usage.tokens
                     if bar is not None:

@@ -19,6 +19,7 @@ from bertstream.proto import labels
 POOLINGS = {None: pb.POOLING_UNSPECIFIED, **labels(pb.Pooling)}
 COMBINES = labels(pb.LayerCombine)
 DTYPES = labels(pb.DType)
+PRIORITIES = {None: pb.PRIORITY_UNSPECIFIED, **labels(pb.Priority)}
 QUANTIZED = ("int8", "binary")  # not float vectors: embed() returns them as they are
 STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -131,15 +132,17 @@ def build_request(texts: Sequence[str], request_id: str = "", *, pooling: str | 
                   layers: Sequence[int] = (-1,), layer_combine: str = "concat",
                   normalize: bool | None = None, dtype: str = "float32", truncate: bool = True,
                   prompt_name: str | None = None, prompt: str | None = None,
-                  dimensions: int | None = None) -> pb.EmbedRequest:
-    """pooling, normalize: None leaves them to the model (its pipeline; see Engine.options)."""
+                  dimensions: int | None = None, priority: str | None = None) -> pb.EmbedRequest:
+    """pooling, normalize: None leaves them to the model (its pipeline; see Engine.options).
+    priority: "interactive" (None: the server's default, interactive) or "bulk"."""
     if isinstance(texts, str):
         raise TypeError("texts must be a sequence of strings, not one string")
     return pb.EmbedRequest(
         request_id=request_id, texts=list(texts), pooling=_choice(POOLINGS, pooling, "pooling"),
         layers=list(layers), layer_combine=_choice(COMBINES, layer_combine, "layer_combine"),
         normalize=normalize, dtype=_choice(DTYPES, dtype, "dtype"), truncate=truncate,
-        prompt_name=prompt_name or "", prompt=prompt, dimensions=dimensions or 0)
+        prompt_name=prompt_name or "", prompt=prompt, dimensions=dimensions or 0,
+        priority=_choice(PRIORITIES, priority, "priority"))
 
 
 def embed_request(texts: Sequence[str], arguments: dict) -> pb.EmbedRequest:

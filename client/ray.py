@@ -60,12 +60,14 @@ def embed(dataset: "ray.data.Dataset", target: str | Sequence[str], column: str 
     tokenizes with the server's tokenizer and sends token ids (Client's option): the tokenizing
     moves to the Ray cluster's cores.
     embed_options: those of Client.embed (pooling, layers, normalize, dtype, truncate,
-    prompt_name, prompt, dimensions; none means the model's own pipeline).
+    prompt_name, prompt, dimensions; none means the model's own pipeline; priority, "bulk" here
+    unless given).
 
     The column is a fixed-size list of float32 (uint8 for dtype="binary", int8 plus a
     `<output_column>_scale` float32 column for dtype="int8"); with pooling="none", a list of
     fixed-size lists, one per token.
     """
+    embed_options.setdefault("priority", "bulk")  # corpus work: the server's bulk lane
     build_request([""], "check", **embed_options)  # a wrong option fails here, not in a worker
     context = dataset.context
     retried = context.actor_task_retry_on_errors

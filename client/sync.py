@@ -70,7 +70,7 @@ class Client:
               layers: Sequence[int] = (-1,), layer_combine: str = "concat",
               normalize: bool | None = None, dtype: str = "float32", truncate: bool = True,
               prompt_name: str | None = None, prompt: str | None = None,
-              dimensions: int | None = None):
+              dimensions: int | None = None, priority: str | None = None):
         """One vector per text: float32 (n, width) for the float dtypes; Int8Embeddings for int8;
         packed sign bits uint8 (n, ceil(width / 8)) for binary.
 
@@ -79,13 +79,16 @@ class Client:
         ("mean", "max", "cls", "mean_max", "mean_sqrt_len", "weightedmean", "lasttoken") gives
         that raw pooling of `layers`, normalized only if normalize=True. prompt_name (one of the
         model's prompts) or prompt (free text) is prepended to every text; dimensions keeps the
-        first k values (renormalized when the output is normalized)."""
+        first k values (renormalized when the output is normalized). priority: the server's lane,
+        "interactive" (None: the default) or "bulk" (corpus work: it fills what interactive
+        calls leave, and waits rather than fails when its lane is full)."""
         return self._embed(embed_request(texts, locals()))
 
     def embed_tokens(self, texts: Sequence[str], layers: Sequence[int] = (-1,),
                      layer_combine: str = "concat", normalize: bool = False,
                      truncate: bool = True, prompt_name: str | None = None,
-                     prompt: str | None = None) -> list[np.ndarray]:
+                     prompt: str | None = None,
+                     priority: str | None = None) -> list[np.ndarray]:
         """Token-level vectors: one (tokens, width) float32 array per text, exactly its own
         tokens ([CLS] and [SEP] included, a prompt's too); `tokenize` gives the matching
         strings and offsets."""

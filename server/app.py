@@ -15,6 +15,7 @@ from .admission import Admission
 from .batcher import Batcher
 from .budget import MemoryBudget
 from .core import Core, warm_up
+from .jobs import INTERACTIVE, LANES
 from .engine import Engine
 from .limits import Limits
 from .metrics import Metrics
@@ -83,9 +84,13 @@ async def start_server(engine: Engine, limits: Limits, host: str = "127.0.0.1", 
     metrics = Metrics()
     metrics.model.info({"model": engine.model_name, "device": str(engine.device),
                         "dtype": engine.dtype, "max_length": str(engine.max_length)})
-    admission = Admission(limits.max_queue_texts, asyncio.get_running_loop())
-    batcher = Batcher(engine, limits.max_batch_tokens, metrics, on_leave=admission.release)
-    core = Core(engine, batcher, limits, admission)
+    loop = asyncio.get_running_loop()
+    admissions = {lane: Admission(limits.max_queue_texts, loop) for lane in LANES}
+    batcher = Batcher(engine, limits.max_batch_tokens, metrics,
+                      on_leave=lambda lane, texts: admissions[lane].release(texts),
+                      bulk_share=limits.bulk_share)
+    core = Core(engine, batcher, limits, admissions)
+    admission = admissions[INTERACTIVE]
     budget = MemoryBudget(limits.max_held_bytes, limits.max_connection_held_bytes,
                           limits.stall_timeout_s)
     front = GrpcFrontEnd(core, budget, security)

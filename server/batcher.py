@@ -1,7 +1,10 @@
-"""One queue for every caller; batches by token budget; forward passes run side by side.
+"""Two lanes for every caller; batches by token budget; forward passes run side by side.
 
-Everything queued waits in one Queue (text_queue.py), sorted by length. Forward workers (threads) each take the
-next batch (Queue.cut): callers take turns, each cut serving the oldest message of the caller
+Everything queued waits in its lane's Queue (text_queue.py), sorted by length: interactive work
+(a caller waiting on the answer) and bulk work (corpus jobs). A worker takes its next batch from
+the interactive lane while it has work, but for every interactive_per_bulk batches cut while bulk
+work waits, one goes to bulk (Limits.bulk_share), so bulk fills what is left and never starves;
+an interactive call waits at most for a batch already running. Within a lane (Queue.cut): callers take turns, each cut serving the oldest message of the caller
 served least recently, as a sorted run of texts of about its length that fits the token budget
 (rows x longest), so none starves and little is padded; a caller's first message goes first, so a
 stream's first answer comes within a batch or two. A worker pools and packs its own batch, and
@@ -26,7 +29,7 @@ import numpy as np
 
 from .engine import EmbedOptions, Engine
 from .errors import EmbedError, ErrorKind
-from .jobs import Job
+from .jobs import BULK, INTERACTIVE, LANES, Job
 from .metrics import Metrics
 from .text_queue import Queue, Queued
 from .threads import name_os_thread
@@ -40,16 +43,21 @@ class Batcher:
     UNHEALTHY_AFTER_FAILURES = 5
 
     def __init__(self, engine: Engine, max_batch_tokens: int, metrics: Metrics | None = None,
-                 on_leave: Callable[[int], None] | None = None):
-        """on_leave(n): n texts left the queue (taken into a forward pass, or dropped because
-        their caller went away); called on a forward worker's thread."""
+                 on_leave: Callable[[str, int], None] | None = None, bulk_share: float = 0.2):
+        """on_leave(lane, n): n texts of that lane left the queue (taken into a forward pass, or
+        dropped because their caller went away); called on a forward worker's thread.
+        bulk_share: the share of forward passes bulk gets at least while both lanes have work."""
+        if not 0 < bulk_share <= 1:
+            raise ValueError(f"bulk_share must be in (0, 1], got {bulk_share}")
         self.engine = engine
         self.max_batch_tokens = max_batch_tokens
         self.metrics = metrics or Metrics()
         self.on_leave = on_leave
         self.failures_in_a_row = 0
         self.workers = engine.forward_workers
-        self._queue = Queue(max_batch_tokens)  # guarded by _work
+        self.interactive_per_bulk = max(1, round((1 - bulk_share) / bulk_share))
+        self._lanes = {lane: Queue(max_batch_tokens) for lane in LANES}  # guarded by _work
+        self._interactive_in_a_row = 0  # batches cut from interactive while bulk waited
         self._work = threading.Condition()
         self._idle = [False] * self.workers  # guarded by _work
         self._closing = False
@@ -71,9 +79,10 @@ class Batcher:
         if not job.ids:
             raise ValueError("a job needs at least one text")
         self.metrics.queue_depth.inc(len(job.ids))
+        self.metrics.lane_queue_texts.labels(job.lane).inc(len(job.ids))
         if self._work.acquire(blocking=False):  # the usual case: no thread hop, no wake-up
             try:
-                self._queue.add(job)
+                self._lanes[job.lane].add(job)
                 self._work.notify_all()
             finally:
                 self._work.release()
@@ -94,7 +103,7 @@ class Batcher:
             with self._work:
                 for job in jobs:
                     if job is not None:
-                        self._queue.add(job)
+                        self._lanes[job.lane].add(job)
                 self._work.notify_all()
             if None in jobs:
                 return
@@ -124,7 +133,7 @@ class Batcher:
         while (taken := self._next_batch(number)) is not None:
             batch, alone = taken
             if self.on_leave is not None:
-                self.on_leave(len(batch))
+                self.on_leave(batch[0].job.lane, len(batch))  # a batch holds one lane
             # Worker 0 alone with the last batch queued: use every core (the latency case).
             # Only worker 0 ever does, so the process has one OpenMP team at most.
             wide = alone and number == 0 and share < engine.threads
@@ -144,17 +153,36 @@ class Batcher:
         takes work first (only it may use every core); the others take what it leaves."""
         with self._work:
             self._idle[number] = True
-            while not self._queue.waiting or (number and self._idle[0]):
-                if self._closing and not self._queue.waiting:
+            while not self.waiting or (number and self._idle[0]):
+                if self._closing and not self.waiting:
                     return None
                 self._work.wait()
             self._idle[number] = False
-            batch = self._queue.cut()
-            if self._queue.waiting or self._closing:
+            lane = self._next_lane()
+            batch = self._lanes[lane].cut()
+            self.metrics.lane_queue_texts.labels(lane).dec(len(batch))
+            self.metrics.lane_batches.labels(lane).inc()
+            if self.waiting or self._closing:
                 # More for the other workers; or, closing, the queue may just have emptied: a
                 # worker that waits for worker 0 must wake to see it and stop.
                 self._work.notify_all()
-            return batch, not self._queue.waiting and sum(self._idle) == self.workers - 1
+            return batch, not self.waiting and sum(self._idle) == self.workers - 1
+
+    @property
+    def waiting(self) -> int:
+        """Texts queued in both lanes (read under _work)."""
+        return sum(lane.waiting for lane in self._lanes.values())
+
+    def _next_lane(self) -> str:
+        """Interactive while it has work, but bulk after interactive_per_bulk interactive cuts
+        in a row that it waited through."""
+        interactive, bulk = self._lanes[INTERACTIVE].waiting, self._lanes[BULK].waiting
+        if bulk and (not interactive or self._interactive_in_a_row >= self.interactive_per_bulk):
+            self._interactive_in_a_row = 0
+            return BULK
+        if bulk:
+            self._interactive_in_a_row += 1
+        return INTERACTIVE
 
     def _run(self, batch: list[Queued], number: int) -> None:
         metrics = self.metrics
@@ -163,8 +191,10 @@ class Batcher:
         batch = [item for item in batch if not item.job.cancelled]  # their callers have gone
         if not batch:
             return
+        lane_wait = metrics.lane_queue_wait.labels(batch[0].job.lane)
         for item in batch:
             metrics.queue_wait.observe((start - item.job.enqueued_ns) / 1e9)
+            lane_wait.observe((start - item.job.enqueued_ns) / 1e9)
         rows, longest = len(batch), batch[-1].length  # sorted: the last is the longest
         metrics.batch_rows.observe(rows)
         metrics.batch_tokens.observe(rows * longest)

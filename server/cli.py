@@ -36,8 +36,9 @@ def serve_parser(subparsers) -> None:
     p.add_argument("--stream-window", type=int, default=Limits.stream_window,
                    help="stream messages read ahead of their responses (per stream)")
     p.add_argument("--max-queue-texts", type=int, default=Limits.max_queue_texts,
-                   help="texts admitted and waiting for a forward pass; beyond it Embed gets "
-                        "RESOURCE_EXHAUSTED and stream messages wait their turn")
+                   help="texts admitted and waiting for a forward pass, per lane (interactive, "
+                        "bulk); beyond it Embed gets RESOURCE_EXHAUSTED and stream messages wait "
+                        "their turn")
     p.add_argument("--max-response-bytes", type=int, default=Limits.max_response_bytes,
                    help="largest response tensor; bigger requests are refused before any compute "
                         f"(default {Limits.max_response_bytes // 2**20} MiB)")
@@ -61,6 +62,10 @@ def serve_parser(subparsers) -> None:
     p.add_argument("--max-http-connections", type=int, default=Limits.max_http_connections,
                    help="HTTP connections open at once; more get 503 (default: half the file "
                         "descriptors free at start, the rest kept for gRPC)")
+    p.add_argument("--bulk-share", type=float, default=Limits.bulk_share,
+                   help="while both lanes have work, at least this share of forward passes goes "
+                        "to bulk requests; interactive ones get the rest, first (default "
+                        f"{Limits.bulk_share:g})")
     p.add_argument("--tls-cert", help="server certificate (PEM): serve TLS")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to: "
@@ -141,6 +146,7 @@ async def serve(args) -> None:
         max_concurrent_streams=args.max_concurrent_streams,
         http_read_timeout_s=args.http_read_timeout,
         max_http_connections=args.max_http_connections,
+        bulk_share=args.bulk_share,
     )
     running = await start_server(engine, limits, args.host, args.port, security,
                                  http_port=args.http_port,

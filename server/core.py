@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 from .admission import Admission
 from .batcher import Batcher
-from .jobs import Job, JobResult
+from .jobs import INTERACTIVE, LANES, Job, JobResult
 from .engine import EmbedOptions, Engine, Tokenized
 from .errors import EmbedError
 from .limits import Limits
@@ -55,6 +55,7 @@ class EmbedCall:
     truncate: bool = True
     token_ids: bytes = b""
     token_lengths: Sequence[int] = ()
+    priority: str = INTERACTIVE  # the lane it waits in (jobs.LANES)
 
     @property
     def items(self) -> int:
@@ -63,11 +64,12 @@ class EmbedCall:
 
 
 class Core:
-    def __init__(self, engine: Engine, batcher: Batcher, limits: Limits, admission: Admission):
+    def __init__(self, engine: Engine, batcher: Batcher, limits: Limits,
+                 admissions: dict[str, Admission]):
         self.engine = engine
         self.batcher = batcher
         self.limits = limits
-        self.admission = admission
+        self.admissions = admissions  # lane -> its room in the queue
         self.metrics = batcher.metrics
         # Tokenizing a big message takes milliseconds; keep it off the event loop.
         self._tokenizing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bertstream-tok",
@@ -151,17 +153,19 @@ class Core:
 
     # ------------------------------------------------------------------ the path
 
-    async def admit(self, texts: int, wait: bool) -> None:
-        """Take room for `texts` in the pool before any work. When there is none, a call that
-        does not wait fails at once (overloaded) and one that waits (a stream message) waits its
-        turn (admission.py)."""
+    async def admit(self, texts: int, wait: bool, lane: str = INTERACTIVE) -> None:
+        """Take room for `texts` in the lane's queue before any work. When there is none, a call
+        that does not wait fails at once (overloaded) and one that waits (a stream message)
+        waits its turn (admission.py). Each lane has room of its own: a bulk flood never fills
+        the interactive lane's."""
+        admission = self.admissions[lane]
         if wait:
-            await self.admission.take(texts)
-        elif not self.admission.try_take(texts):
+            await admission.take(texts)
+        elif not admission.try_take(texts):
             raise EmbedError.overloaded(
-                f"queue full: {self.admission.queued} texts waiting and "
-                f"{self.admission.waiting} requests in line, limit {self.limits.max_queue_texts} "
-                f"texts (max_queue_texts); retry later")
+                f"queue full: {admission.queued} texts waiting and {admission.waiting} requests "
+                f"in line in the {lane} lane, limit {self.limits.max_queue_texts} texts "
+                f"(max_queue_texts); retry later")
 
     async def _on_tokenizer(self, texts: Sequence[str], work: Callable, *args):
         """work(*args) for these texts: here when they are small (microseconds: not worth a
@@ -189,7 +193,7 @@ class Core:
             gone.set()
             raise
         finally:
-            self.admission.release(len(texts))
+            self.admissions[INTERACTIVE].release(len(texts))
 
     def _tokenize_into(self, texts: Sequence[str], truncate: bool, add: Callable[[Tokenized], int],
                        gone: threading.Event) -> None:
@@ -221,7 +225,10 @@ class Core:
         texts = call.items
         if not options.token_level:
             self.check_response_size(texts, options, call.dtype)
-        await self.admit(texts, wait)
+        if call.priority not in LANES:
+            raise EmbedError.invalid(f"priority: unknown value {call.priority!r}; use one of "
+                                     f"{LANES}")
+        await self.admit(texts, wait, call.priority)
         job = None
         try:
             if call.token_lengths:  # checked, not tokenized: vectorized numpy, on the loop
@@ -240,7 +247,8 @@ class Core:
                 self.check_response_size(sum(map(len, tokens.ids)), options, call.dtype)
             done, on_done = completion()
             job = Job(tokens.ids, options, call.dtype, on_done,
-                      truncated_items=sum(tokens.truncated), caller=caller, sequence=sequence)
+                      truncated_items=sum(tokens.truncated), caller=caller, sequence=sequence,
+                      lane=call.priority)
             self.batcher.submit(job)
             result = await done
         except asyncio.CancelledError:  # the caller went away or its deadline passed
@@ -249,7 +257,7 @@ class Core:
             raise
         finally:
             if job is None:  # never reached the pool: its room is ours to give back
-                self.admission.release(texts)
+                self.admissions[call.priority].release(texts)
         if isinstance(result, EmbedError):
             raise result
         self.metrics.tokens.inc(result.usage.tokens)

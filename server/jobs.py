@@ -13,6 +13,11 @@ from .errors import EmbedError
 from .wire import Packed, pack
 
 
+# The lanes a job waits in (the proto's Priority labels): interactive first, bulk after.
+INTERACTIVE, BULK = "interactive", "bulk"
+LANES = (INTERACTIVE, BULK)
+
+
 @dataclass
 class Usage:
     tokens: int = 0
@@ -42,6 +47,7 @@ class Job:
     caller: object = None  # whose work this is (a stream's messages share one); None: its own
     sequence: int = 0  # order of the request among its caller's (tokenizing may reorder jobs)
     cancelled: bool = False  # its caller went away: its texts still queued are dropped
+    lane: str = INTERACTIVE
     enqueued_ns: int = field(default_factory=time.perf_counter_ns)
     usage: Usage = field(default_factory=Usage)
     _remaining: int = 0

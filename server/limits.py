@@ -17,7 +17,7 @@ class Limits:
     max_batch_tokens: int = BATCH_TOKENS_BY_DEVICE["cpu"]
     max_message_bytes: int = 64 * 2**20
     stream_window: int = 64  # stream messages read ahead of their responses
-    max_queue_texts: int = 100_000  # texts admitted and still waiting in the pool, all callers
+    max_queue_texts: int = 100_000  # texts admitted and still waiting, all callers, per lane
     max_response_bytes: int = 64 * 2**20  # one response's tensor bytes, known before any compute
     # Held on behalf of clients (budget.py): requests read ahead and answers not yet taken.
     max_held_bytes: int = 2**30  # all clients together
@@ -26,3 +26,4 @@ class Limits:
     max_concurrent_streams: int = 100  # gRPC calls open at once on one connection
     http_read_timeout_s: float = 10.0  # an HTTP request's headers and body, from its start
     max_http_connections: int = 0  # open at once; 0: half the file descriptors free at start
+    bulk_share: float = 0.2  # forward passes the bulk lane gets at least, while both have work

@@ -32,6 +32,15 @@ class Metrics:
         self.queue_wait = prom.Histogram(
             "bertstream_queue_wait_seconds", "Time a text waited before its forward pass started",
             buckets=LATENCY_BUCKETS, registry=r)
+        self.lane_queue_texts = prom.Gauge(
+            "bertstream_lane_queue_texts", "Texts waiting for a forward pass, by lane", ["lane"],
+            registry=r)
+        self.lane_queue_wait = prom.Histogram(
+            "bertstream_lane_queue_wait_seconds", "Time a text waited before its forward pass "
+            "started, by lane", ["lane"], buckets=LATENCY_BUCKETS, registry=r)
+        self.lane_batches = prom.Counter(
+            "bertstream_lane_batches", "Forward passes, by the lane they served", ["lane"],
+            registry=r)
         self.batch_rows = prom.Histogram(
             "bertstream_batch_size", "Texts per forward pass", buckets=ROW_BUCKETS, registry=r)
         self.batch_tokens = prom.Histogram(

@@ -46,6 +46,8 @@ STATUS_NAMES = {kind: code.name for kind, code in STATUS_CODES.items()}  # metri
 POOLING_NAMES = {0: None, **{number: name for name, number in labels(pb.Pooling).items()}}
 COMBINE_NAMES = {0: "concat", **{number: name for name, number in labels(pb.LayerCombine).items()}}
 DTYPE_NAMES = {0: "float32", **{number: name for name, number in labels(pb.DType).items()}}
+PRIORITY_NAMES = {0: "interactive",
+                  **{number: name for name, number in labels(pb.Priority).items()}}
 DTYPE_ENUMS = {name: number for number, name in DTYPE_NAMES.items() if number}
 
 
@@ -342,7 +344,8 @@ def embed_call(request: pb.EmbedRequest) -> EmbedCall:
         prompt=request.prompt if request.HasField("prompt") else None,
         dimensions=request.dimensions, dtype=enum_name(DTYPE_NAMES, request.dtype, "dtype"),
         truncate=request.truncate if request.HasField("truncate") else True,
-        token_ids=request.token_ids, token_lengths=request.token_lengths)
+        token_ids=request.token_ids, token_lengths=request.token_lengths,
+        priority=enum_name(PRIORITY_NAMES, request.priority, "priority"))
 
 
 async def abort(context, error: EmbedError):

@@ -357,3 +357,59 @@ def test_a_cancellation_storm_gives_all_room_back(engine, corpus):
         for client in clients:
             client.close()
         server.stop()
+
+
+def test_a_bulk_flood_neither_refuses_nor_holds_up_interactive_calls(engine, corpus):
+    """A bulk stream of 2,400 texts with room for 800 in each lane, while two interactive
+    callers embed 20 texts at a time, 50 ms apart, for as long as it runs: before lanes they
+    shared the room and got RESOURCE_EXHAUSTED once the stream filled it. Now every interactive
+    call is served, each waits at most for batches already running, and bulk still gets its
+    share of the forward passes (it finishes under the interactive load, every row there)."""
+    server = _server(engine, max_queue_texts=800)
+    registry = server.batcher.metrics.registry
+    texts = sorted(corpus, key=len)[:2400]  # short ones: the bound is on texts, not tokens
+    stop, latencies, failures = threading.Event(), [], []
+
+    def interactive():
+        with Client(server.target, timeout=60) as client:
+            while not stop.is_set():
+                started = time.perf_counter()
+                try:
+                    client.embed([f"an interactive query {i}" for i in range(20)])
+                    latencies.append(time.perf_counter() - started)
+                except grpc.RpcError as error:
+                    failures.append(error.code().name)
+                time.sleep(0.05)
+
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            callers = [pool.submit(interactive) for _ in range(2)]
+            with Client(server.target, timeout=120) as client:
+                parts = list(client.stream(texts, batch_size=100, window=64, priority="bulk"))
+            stop.set()
+            for caller in callers:
+                caller.result()
+        assert sum(len(part) for part in parts) == 2400
+        with Client(server.target, timeout=60) as client:
+            np.testing.assert_allclose(parts[-1][-3:], client.embed(texts[-3:]), rtol=0,
+                                       atol=1e-5)
+        batches = {lane: registry.get_sample_value("bertstream_lane_batches_total",
+                                                   {"lane": lane}) for lane in ("bulk",
+                                                                                "interactive")}
+        HOSTILE_REPORT["interactive calls during a bulk flood"] = (
+            f"p50 {np.median(latencies) * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms "
+            f"({len(latencies)} calls, {len(failures)} refused); batches {batches}")
+        assert not failures, failures
+        assert len(latencies) >= 10 and max(latencies) < 1.5, latencies
+        assert batches["bulk"] > 0 and batches["interactive"] > 0
+    finally:
+        stop.set()
+        server.stop()
+
+
+def test_an_unknown_priority_is_refused(server):
+    with grpc.insecure_channel(server.target) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.EmbedderStub(channel).Embed(pb.EmbedRequest(texts=["x"], priority=7))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "priority: unknown enum value 7" in info.value.details()

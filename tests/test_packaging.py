@@ -36,7 +36,7 @@ def test_every_enum_value_has_its_label():
     """The names the client, the command line and the server use come from the .proto's
     `label` options: every value but UNSPECIFIED has one, and no two of an enum share one."""
     pb = bertstream.proto.embedder_pb2
-    for enum in (pb.Pooling, pb.LayerCombine, pb.DType):
+    for enum in (pb.Pooling, pb.LayerCombine, pb.DType, pb.Priority):
         labels = bertstream.proto.labels(enum)
         assert sorted(labels.values()) == [v.number for v in enum.DESCRIPTOR.values if v.number]
     assert bertstream.proto.labels(pb.Pooling)["weightedmean"] == pb.POOLING_WEIGHTED_MEAN

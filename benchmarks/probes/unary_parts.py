@@ -87,9 +87,11 @@ async def core_rest(repeat: int = 200) -> float:
     from bertstream.server.limits import Limits
 
     limits = Limits(max_batch_tokens=BATCH_TOKENS["cpu"])
-    admission = Admission(limits.max_queue_texts, asyncio.get_running_loop())
-    batcher = Batcher(engine, limits.max_batch_tokens, on_leave=admission.release)
-    core = Core(engine, batcher, limits, admission)
+    admissions = {lane: Admission(limits.max_queue_texts, asyncio.get_running_loop())
+                  for lane in ("interactive", "bulk")}
+    batcher = Batcher(engine, limits.max_batch_tokens,
+                      on_leave=lambda lane, texts: admissions[lane].release(texts))
+    core = Core(engine, batcher, limits, admissions)
     rest = []
     try:
         for number in range(repeat + 10):
