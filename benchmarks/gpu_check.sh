@@ -3,7 +3,8 @@
 # tables to paste into BENCHMARKS.md). CPU machines and CI never run it.
 #   1. the test suite with every test server on cuda (BERTSTREAM_TEST_DEVICE);
 #   2. the throughput table on cuda, float16 and bfloat16;
-#   3. pooling on the device against copying hidden states to the host for the kernels.
+#   3. pooling on the device against copying hidden states to the host for the kernels;
+#   4. the host path with a stand-in forward pass, at the GPU's batch budget (this machine's CPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -25,4 +26,6 @@ for dtype in float16 bfloat16; do
 done
 HF_HUB_OFFLINE=1 "$PY" benchmarks/bench_throughput.py --device cuda --texts "${TEXTS:-3000}" \
     --long-texts 0 --rounds "${ROUNDS:-3}" 2>&1 | tee "$OUT/throughput.txt" || status=1
+HF_HUB_OFFLINE=1 "$PY" -m benchmarks.host_path --texts "${TEXTS:-3000}" --batch-tokens 32768 \
+    2>&1 | tee "$OUT/host-path.txt" || status=1
 exit $status

@@ -134,7 +134,7 @@ def test_info(client):
                               "max_response_bytes": 64 * 2**20, "max_held_bytes": 2**30,
                               "max_connection_held_bytes": 128 * 2**20, "stall_timeout_s": 30.0,
                               "max_concurrent_streams": 100, "http_read_timeout_s": 10.0,
-                              "max_http_connections": 0}
+                              "max_http_connections": 0, "bulk_share": 0.2}
 
 
 def test_health_and_reflection(server):
