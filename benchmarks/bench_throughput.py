@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -35,8 +34,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.conftest import free_port  # noqa: E402
-from tests.corpus import stdlib_paragraphs  # noqa: E402
+from benchmarks.harness import free_port, stdlib_paragraphs  # noqa: E402
+from benchmarks.harness import machine as cpu  # noqa: E402,F401  (bench_http, bench_ray use it)
 
 from bertstream import ext  # noqa: E402
 from bertstream.client import Client  # noqa: E402
@@ -45,19 +44,6 @@ from bertstream.server.engine import default_model_path  # noqa: E402
 
 MAX_LENGTH = 256
 ROUNDS = 5
-
-
-def cpu() -> str:
-    """The CPU model and the flags that decide bfloat16 speed (compare only within one run)."""
-    model, flags = platform.processor(), set()
-    with open("/proc/cpuinfo") as info:
-        for line in info:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    wanted = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return f"{model} ({os.cpu_count()} cores; {' '.join(wanted) or 'no AVX-512/AMX'})"
 
 
 def rss_mb(pid: int) -> float:
