@@ -174,10 +174,17 @@ class LocalTokenizer:
         if info.get("tokenizer_sha256") not in (None, tokenizer.sha256):
             raise ValueError("the server's tokenizer is not the one its Info names (replicas "
                              "with different models?)")
-        # Untruncated: the server cuts an over-long text as its tokenizer would and counts it in
-        # usage, or refuses it with truncate=False.
+        # Untruncated here: the server cuts an over-long text as its tokenizer would and counts it
+        # in usage, or refuses it with truncate=False (naming its real length). With truncation
+        # on, what goes out is cut to one id over the max (the end's special tokens kept), so a
+        # 100,000-character text costs a kilobyte on the wire, not a hundred.
         self._tokenizer = Tokenizer.from_str(tokenizer.tokenizer_json)
         self._tokenizer.no_truncation()
+        self._max = info["max_input_tokens"]
+        encoding = self._tokenizer.encode("a")
+        after = next((i for i, special in enumerate(reversed(encoding.special_tokens_mask))
+                      if not special), 0)
+        self._suffix = encoding.ids[len(encoding.ids) - after:]
         pipeline = info["pipeline"]
         self._prompts, self._default_prompt = pipeline["prompts"], pipeline["default_prompt_name"]
 
@@ -198,9 +205,13 @@ class LocalTokenizer:
         """The request with its texts replaced by their token ids (prompt included)."""
         prompt = self._prompt(request)
         encodings = self._tokenizer.encode_batch_fast([prompt + text for text in request.texts])
-        lengths = [len(encoding.ids) for encoding in encodings]
-        ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype="<i4",
-                          count=sum(lengths))
+        rows = [encoding.ids for encoding in encodings]
+        if request.truncate:
+            keep = self._max + 1 - len(self._suffix)
+            rows = [row[:keep] + self._suffix if len(row) > self._max + 1 else row
+                    for row in rows]
+        lengths = [len(row) for row in rows]
+        ids = np.fromiter(itertools.chain.from_iterable(rows), dtype="<i4", count=sum(lengths))
         del request.texts[:]
         request.token_ids, request.token_lengths[:] = ids.tobytes(), lengths
         return request

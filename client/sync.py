@@ -81,7 +81,8 @@ class Client:
         model's prompts) or prompt (free text) is prepended to every text; dimensions keeps the
         first k values (renormalized when the output is normalized). priority: the server's lane,
         "interactive" (None: the default) or "bulk" (corpus work: it fills what interactive
-        calls leave, and waits rather than fails when its lane is full)."""
+        calls leave; a unary call gets RESOURCE_EXHAUSTED when its lane is full, a stream
+        message waits: `stream(..., priority="bulk")` for corpus work)."""
         return self._embed(embed_request(texts, locals()))
 
     def embed_tokens(self, texts: Sequence[str], layers: Sequence[int] = (-1,),

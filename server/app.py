@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .admission import Admission
 from .batcher import Batcher
@@ -32,8 +32,9 @@ class RunningServer:
     grpc: GrpcFrontEnd
     port: int
     batcher: Batcher
-    admission: Admission
+    admission: Admission  # the interactive lane's
     budget: MemoryBudget
+    admissions: dict = field(default_factory=dict)  # lane -> its admission
     watch: asyncio.Task | None = None  # keeps health current, from the warm-up on
     http: object = None  # the HTTP front-end's server, when there is one
     http_port: int | None = None
@@ -95,7 +96,7 @@ async def start_server(engine: Engine, limits: Limits, host: str = "127.0.0.1", 
                           limits.stall_timeout_s)
     front = GrpcFrontEnd(core, budget, security)
     await front.start(host, port)
-    running = RunningServer(front, front.port, batcher, admission, budget)
+    running = RunningServer(front, front.port, batcher, admission, budget, admissions=admissions)
     if http_port is not None:
         from .http import create_app, start_http  # FastAPI only when asked
 

@@ -47,15 +47,16 @@ class Batcher:
         """on_leave(lane, n): n texts of that lane left the queue (taken into a forward pass, or
         dropped because their caller went away); called on a forward worker's thread.
         bulk_share: the share of forward passes bulk gets at least while both lanes have work."""
-        if not 0 < bulk_share <= 1:
-            raise ValueError(f"bulk_share must be in (0, 1], got {bulk_share}")
+        if not 0 < bulk_share <= 0.5:
+            raise ValueError(f"bulk_share must be in (0, 0.5], got {bulk_share}")
         self.engine = engine
         self.max_batch_tokens = max_batch_tokens
         self.metrics = metrics or Metrics()
         self.on_leave = on_leave
         self.failures_in_a_row = 0
         self.workers = engine.forward_workers
-        self.interactive_per_bulk = max(1, round((1 - bulk_share) / bulk_share))
+        # at least bulk_share: one bulk batch after this many interactive ones, rounded down
+        self.interactive_per_bulk = int((1 - bulk_share) / bulk_share + 1e-9)
         self._lanes = {lane: Queue(max_batch_tokens) for lane in LANES}  # guarded by _work
         self._interactive_in_a_row = 0  # batches cut from interactive while bulk waited
         self._work = threading.Condition()

@@ -217,6 +217,9 @@ class Core:
         sequence = next(self._sequence)  # before any await: the order requests came in
         if call.token_lengths and call.texts:
             raise EmbedError.invalid("texts and token_ids: send one or the other, not both")
+        if call.token_ids and not call.token_lengths:
+            raise EmbedError.invalid(f"token_ids: {len(call.token_ids):,} bytes but no "
+                                     f"token_lengths; say how many ids belong to each text")
         if call.token_lengths:
             self.check_texts(call.token_lengths, "token_lengths")
         else:
@@ -231,14 +234,15 @@ class Core:
         await self.admit(texts, wait, call.priority)
         job = None
         try:
-            if call.token_lengths:  # checked, not tokenized: vectorized numpy, on the loop
-                check = (self.engine.token_ids, call.token_ids, call.token_lengths, call.truncate)
-                if len(call.token_ids) <= INLINE_TOKEN_ID_BYTES:
-                    tokens = check[0](*check[1:])
-                else:  # a big one (64 MB: ~0.1 s) on a tokenizer thread
+            if call.token_lengths:  # checked, not tokenized: vectorized numpy
+                data, call.token_ids = call.token_ids, b""  # the rows are views of these bytes
+                if len(data) <= INLINE_TOKEN_ID_BYTES:
+                    tokens = self.engine.token_ids(data, call.token_lengths, call.truncate)
+                else:  # a big one (64 MB: ~0.1 s) on a tokenizer thread, off the loop
                     tokens = await asyncio.get_running_loop().run_in_executor(
-                        self._tokenizing, *check)
-                call.token_ids = b""
+                        self._tokenizing, self.engine.token_ids, data, call.token_lengths,
+                        call.truncate)
+                del data
             else:
                 tokens = await self._on_tokenizer(call.texts, self.engine.tokenize, call.texts,
                                                   call.truncate, False, options.prompt)

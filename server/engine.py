@@ -140,7 +140,7 @@ class Engine:
         self.tokenizer_sha256 = hashlib.sha256(self.tokenizer_json.encode()).hexdigest()
         self.vocab_size = int(getattr(model_config, "vocab_size", 0) or 0) or \
             len(self.tokenizer.get_vocab())
-        self.special_prefix, self.special_suffix = special_ends(self._truncating)
+        self.special_prefix, self.special_suffix = special_ends(self._full)
 
     def _check_pipeline_widths(self) -> int:
         """The width of the model's default output; its Dense modules must chain from pooling."""
@@ -334,7 +334,7 @@ class Engine:
             i = int(np.flatnonzero(over)[0])
             raise EmbedError.invalid(f"token_ids[{i}] has {lengths[i]} tokens, over the model's "
                                      f"maximum of {self.max_length} (truncate is false)")
-        rows = np.split(ids.astype(np.int32), ends[:-1])
+        rows = np.split(ids, ends[:-1])  # views of the request's bytes: no copy
         if over.any():
             keep, tail = self.max_length - len(suffix), np.asarray(suffix, dtype=np.int32)
             for i in np.flatnonzero(over):

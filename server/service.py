@@ -183,9 +183,10 @@ class EmbedderService(pb_grpc.EmbedderServicer):
     async def _embed(self, rpc: str, request: pb.EmbedRequest,
                      caller: object = None) -> pb.EmbedResponse:
         """One request through the core (counted as `rpc`). Raises EmbedError."""
+        call = embed_call(request)
+        request.ClearField("token_ids")  # the call holds the one copy (each read makes one)
         result = await self.core.observed_embed(
-            rpc, embed_call(request), wait=rpc == "EmbedStream", caller=caller,
-            codes=STATUS_NAMES)
+            rpc, call, wait=rpc == "EmbedStream", caller=caller, codes=STATUS_NAMES)
         return to_response(request.request_id, result)
 
     async def _account(self, context):
@@ -283,7 +284,7 @@ class EmbedderService(pb_grpc.EmbedderServicer):
 
     def _memory_cost(self, request: pb.EmbedRequest) -> int:
         try:
-            return self.core.memory_cost(embed_call(request),
+            return self.core.memory_cost(embed_call(request, with_ids=False),
                                          request.ByteSize())
         except EmbedError:  # a bad enum: answered with an error, at once
             return request.ByteSize()
@@ -330,11 +331,12 @@ def info_response(core: Core) -> pb.InfoResponse:
                            pipeline=pb.Pipeline(**pipeline, dense=dense))
 
 
-def embed_call(request: pb.EmbedRequest) -> EmbedCall:
+def embed_call(request: pb.EmbedRequest, with_ids: bool = True) -> EmbedCall:
     """A request in the core's terms. Its texts stay the request's own (the core counts them
     before anything copies them, and empties them once tokenized): 64 MB of two-character texts
     is 15 million of them, and a list of them as Python strings took 1.7 GB before the count
-    refused them. Bad enum numbers raise EmbedError naming the field."""
+    refused them. Bad enum numbers raise EmbedError naming the field. with_ids False leaves the
+    token-id bytes out (a copy each time they are read; the memory cost needs only their count)."""
     return EmbedCall(
         texts=request.texts, pooling=enum_name(POOLING_NAMES, request.pooling, "pooling"),
         layers=tuple(request.layers),
@@ -344,7 +346,7 @@ def embed_call(request: pb.EmbedRequest) -> EmbedCall:
         prompt=request.prompt if request.HasField("prompt") else None,
         dimensions=request.dimensions, dtype=enum_name(DTYPE_NAMES, request.dtype, "dtype"),
         truncate=request.truncate if request.HasField("truncate") else True,
-        token_ids=request.token_ids, token_lengths=request.token_lengths,
+        token_ids=request.token_ids if with_ids else b"", token_lengths=request.token_lengths,
         priority=enum_name(PRIORITY_NAMES, request.priority, "priority"))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import tempfile
 import threading
 import time
 
@@ -69,14 +70,19 @@ def serve_processes(count: int, *args: str, each=None, output: str | None = None
     # float32 unless a test asks otherwise: tests compare with float32 references, and on a GPU
     # the server's default is float16.
     precision = () if "--dtype" in args else ("--dtype", "float32")
-    started = []
+    started, logs = [], []
     for number in range(count):
         port = free_port()
         argv = ["serve", "--port", str(port), "--device", TEST_DEVICE, *precision, *args,
                 *(each[number] if each else ())]
-        started.append((ServerProcess(argv, output, max_open_files), f"127.0.0.1:{port}"))
+        # Logs to a file of its own unless asked otherwise: a server that fails to start says why.
+        if output is None:
+            descriptor, log = tempfile.mkstemp(prefix="bertstream-serve-", suffix=".log")
+            os.close(descriptor)
+        logs.append(output or log)
+        started.append((ServerProcess(argv, logs[-1], max_open_files), f"127.0.0.1:{port}"))
     deadline = time.time() + 180
-    for process, target in started:
+    for (process, target), log in zip(started, logs):
         with Client(target, timeout=5) as probe:
             while True:
                 try:
@@ -86,7 +92,10 @@ def serve_processes(count: int, *args: str, each=None, output: str | None = None
                     if time.time() > deadline or process.poll() is not None:
                         for other, _ in started:
                             other.kill()
-                        raise RuntimeError(f"bertstream serve {' '.join(args)} did not start")
+                        with open(log, errors="replace") as lines:
+                            said = lines.read()[-3000:]
+                        raise RuntimeError(f"bertstream serve {' '.join(args)} did not start; "
+                                           f"it said:\n{said}")
                     time.sleep(0.1)
     return started
 

@@ -45,7 +45,9 @@ class ServerProcess:
         if _context is None:
             _context = multiprocessing.get_context("forkserver")
             _context.set_forkserver_preload(PRELOAD)
-        self._process = _context.Process(target=_serve, args=(argv, output, max_open_files))
+        # daemon: a server a test leaked is killed when the suite ends, not waited for
+        self._process = _context.Process(target=_serve, args=(argv, output, max_open_files),
+                                         daemon=True)
         self._process.start()
         self.pid = self._process.pid
 

@@ -401,6 +401,12 @@ def test_a_bulk_flood_neither_refuses_nor_holds_up_interactive_calls(engine, cor
             f"({len(latencies)} calls, {len(failures)} refused); batches {batches}")
         assert not failures, failures
         assert len(latencies) >= 10 and max(latencies) < 1.5, latencies
+        deadline = time.time() + 10  # every bit of each lane's room came back
+        while any(a.queued for a in server.running.admissions.values()) and \
+                time.time() < deadline:
+            time.sleep(0.05)
+        assert {lane: a.queued for lane, a in server.running.admissions.items()} == \
+            {"interactive": 0, "bulk": 0}
         assert batches["bulk"] > 0 and batches["interactive"] > 0
     finally:
         stop.set()

@@ -351,6 +351,9 @@ def test_tokenize_locally_equals_server_tokenized(served, probe_texts):
     with Client(served.server.target, timeout=120, tokenize_locally=True) as local:
         request = local._prepared(build_request(probe_texts[:3]))
         assert not request.texts and len(request.token_lengths) == 3  # ids, not texts
+        longest = max(probe_texts, key=len)  # sent cut to one over the max, not whole
+        assert local._prepared(build_request([longest])).token_lengths[0] == \
+            served.engine.max_length + 1
         for option in options:
             got = local.embed(probe_texts, **option)
             expected = served.client.embed(probe_texts, **option)

@@ -70,6 +70,13 @@ def test_bad_ids_are_refused_naming_the_item(stub, rows, raw, message):
     assert message in info.value.details(), info.value.details()
 
 
+def test_ids_without_lengths_are_refused(stub):
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Embed(pb.EmbedRequest(token_ids=b"\x65\x00\x00\x00"))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "token_ids: 4 bytes but no token_lengths" in info.value.details()
+
+
 def test_texts_and_ids_together_are_refused(stub):
     request = ids_request([[101, 7592, 102]])
     request.texts.append("hello")
@@ -121,8 +128,8 @@ def test_forward_flops_and_tokens_are_counted(server, client, engine):
 
 def test_a_big_id_request_is_checked_off_the_event_loop(stub, client, engine):
     """100 texts of 3,000 ids each (1.2 MB: the ids over the max length are cut) while another
-    caller's one-text calls go on: the answer is 100 vectors of the cut texts, the other caller
-    is not held up by the check."""
+    caller's Info calls (answered on the event loop, no compute) go on: the answer is 100 vectors
+    of the cut texts, and the loop was never held up by the check."""
     import threading
     import time
 
@@ -133,8 +140,9 @@ def test_a_big_id_request_is_checked_off_the_event_loop(stub, client, engine):
     def small_caller():
         while not done.is_set():
             started = time.perf_counter()
-            client.embed(["someone else"])
+            client.info()
             latencies.append(time.perf_counter() - started)
+            time.sleep(0.01)
 
     other = threading.Thread(target=small_caller)
     other.start()
@@ -147,4 +155,4 @@ def test_a_big_id_request_is_checked_off_the_event_loop(stub, client, engine):
     assert tuple(response.embeddings.shape) == (100, 384)
     np.testing.assert_allclose(vectors(response)[:1], client.embed(["word " * 3000]),
                                rtol=0, atol=1e-6)
-    assert latencies and max(latencies) < 1.5, latencies
+    assert latencies and max(latencies) < 1.0, latencies
