@@ -60,7 +60,9 @@ class Batcher:
         self._lanes = {lane: Queue(max_batch_tokens) for lane in LANES}  # guarded by _work
         self._interactive_in_a_row = 0  # batches cut from interactive while bulk waited
         self._work = threading.Condition()
-        self._idle = [False] * self.workers  # guarded by _work
+        # Guarded by _work. Idle from the start: a worker not yet in its loop runs no batch (so
+        # worker 1, up first, still leaves the first batch to worker 0).
+        self._idle = [True] * self.workers
         self._closing = False
         self._settling = threading.Lock()  # a job's texts may be in batches of several workers
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # submit() -> the feeder
