@@ -68,7 +68,10 @@ class AsyncClient:
                     prompt_name: str | None = None, prompt: str | None = None,
                     dimensions: int | None = None, priority: str | None = None):
         """As Client.embed."""
-        return await self._embed(embed_request(texts, locals()))
+        return await self._embed(embed_request(
+            texts, pooling=pooling, layers=layers, layer_combine=layer_combine,
+            normalize=normalize, dtype=dtype, truncate=truncate, prompt_name=prompt_name,
+            prompt=prompt, dimensions=dimensions, priority=priority))
 
     async def embed_tokens(self, texts: Sequence[str], layers: Sequence[int] = (-1,),
                            layer_combine: str = "concat", normalize: bool = False,
@@ -76,7 +79,9 @@ class AsyncClient:
                            prompt: str | None = None,
                            priority: str | None = None) -> list[np.ndarray]:
         """As Client.embed_tokens."""
-        return await self._embed(tokens_request(texts, locals()))
+        return await self._embed(tokens_request(
+            texts, layers=layers, layer_combine=layer_combine, normalize=normalize,
+            truncate=truncate, prompt_name=prompt_name, prompt=prompt, priority=priority))
 
     async def stream(self, texts: Iterable[str] | AsyncIterable[str], batch_size: int = 64,
                      window: int = 64, spread: bool | None = None,

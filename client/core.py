@@ -145,18 +145,16 @@ def build_request(texts: Sequence[str], request_id: str = "", *, pooling: str | 
         priority=_choice(PRIORITIES, priority, "priority"))
 
 
-def embed_request(texts: Sequence[str], arguments: dict) -> pb.EmbedRequest:
-    """The request of Client.embed / AsyncClient.embed, from their arguments (locals())."""
-    if arguments["pooling"] == "none":
+def embed_request(texts: Sequence[str], **options) -> pb.EmbedRequest:
+    """The request of Client.embed / AsyncClient.embed (options: build_request's)."""
+    if options.get("pooling") == "none":
         raise ValueError("pooling 'none' is token-level: use embed_tokens()")
-    return build_request(texts, **{k: v for k, v in arguments.items()
-                                   if k not in ("self", "texts")})
+    return build_request(texts, **options)
 
 
-def tokens_request(texts: Sequence[str], arguments: dict) -> pb.EmbedRequest:
-    """The request of Client.embed_tokens / AsyncClient.embed_tokens (locals())."""
-    return build_request(texts, pooling="none", **{k: v for k, v in arguments.items()
-                                                    if k not in ("self", "texts")})
+def tokens_request(texts: Sequence[str], **options) -> pb.EmbedRequest:
+    """The request of Client.embed_tokens / AsyncClient.embed_tokens."""
+    return build_request(texts, pooling="none", **options)
 
 
 class LocalTokenizer:

@@ -83,7 +83,10 @@ class Client:
         "interactive" (None: the default) or "bulk" (corpus work: it fills what interactive
         calls leave; a unary call gets RESOURCE_EXHAUSTED when its lane is full, a stream
         message waits: `stream(..., priority="bulk")` for corpus work)."""
-        return self._embed(embed_request(texts, locals()))
+        return self._embed(embed_request(
+            texts, pooling=pooling, layers=layers, layer_combine=layer_combine,
+            normalize=normalize, dtype=dtype, truncate=truncate, prompt_name=prompt_name,
+            prompt=prompt, dimensions=dimensions, priority=priority))
 
     def embed_tokens(self, texts: Sequence[str], layers: Sequence[int] = (-1,),
                      layer_combine: str = "concat", normalize: bool = False,
@@ -93,7 +96,9 @@ class Client:
         """Token-level vectors: one (tokens, width) float32 array per text, exactly its own
         tokens ([CLS] and [SEP] included, a prompt's too); `tokenize` gives the matching
         strings and offsets."""
-        return self._embed(tokens_request(texts, locals()))
+        return self._embed(tokens_request(
+            texts, layers=layers, layer_combine=layer_combine, normalize=normalize,
+            truncate=truncate, prompt_name=prompt_name, prompt=prompt, priority=priority))
 
     def stream(self, texts: Iterable[str], batch_size: int = 64, window: int = 64,
                spread: bool | None = None, message_timeout: float | None = None,
