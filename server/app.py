@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .admission import Admission
 from .batcher import Batcher
@@ -32,14 +32,18 @@ class RunningServer:
     grpc: GrpcFrontEnd
     port: int
     batcher: Batcher
-    admission: Admission  # the interactive lane's
+    admissions: dict[str, Admission]  # lane -> its room in the queue
     budget: MemoryBudget
-    admissions: dict = field(default_factory=dict)  # lane -> its admission
     watch: asyncio.Task | None = None  # keeps health current, from the warm-up on
     http: object = None  # the HTTP front-end's server, when there is one
     http_port: int | None = None
     warmed: bool = False
     stopping: bool = False
+
+    @property
+    def admission(self) -> Admission:
+        """The interactive lane's room (where unary calls, Tokenize and HTTP wait)."""
+        return self.admissions[INTERACTIVE]
 
     def serving(self) -> bool:
         """Warmed up, healthy and not stopping (HTTP /health; gRPC health says the same)."""
@@ -91,12 +95,11 @@ async def start_server(engine: Engine, limits: Limits, host: str = "127.0.0.1", 
                       on_leave=lambda lane, texts: admissions[lane].release(texts),
                       bulk_share=limits.bulk_share)
     core = Core(engine, batcher, limits, admissions)
-    admission = admissions[INTERACTIVE]
     budget = MemoryBudget(limits.max_held_bytes, limits.max_connection_held_bytes,
                           limits.stall_timeout_s)
     front = GrpcFrontEnd(core, budget, security)
     await front.start(host, port)
-    running = RunningServer(front, front.port, batcher, admission, budget, admissions=admissions)
+    running = RunningServer(front, front.port, batcher, admissions, budget)
     if http_port is not None:
         from .http import create_app, start_http  # FastAPI only when asked
 

@@ -4,7 +4,8 @@ Everything queued waits in its lane's Queue (text_queue.py), sorted by length: i
 (a caller waiting on the answer) and bulk work (corpus jobs). A worker takes its next batch from
 the interactive lane while it has work, but for every interactive_per_bulk batches cut while bulk
 work waits, one goes to bulk (Limits.bulk_share), so bulk fills what is left and never starves;
-an interactive call waits at most for a batch already running. Within a lane (Queue.cut): callers take turns, each cut serving the oldest message of the caller
+an interactive call waits at most for a batch already running. Within a lane (Queue.cut):
+callers take turns, each cut serving the oldest message of the caller
 served least recently, as a sorted run of texts of about its length that fits the token budget
 (rows x longest), so none starves and little is padded; a caller's first message goes first, so a
 stream's first answer comes within a batch or two. A worker pools and packs its own batch, and

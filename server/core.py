@@ -167,10 +167,10 @@ class Core:
                 f"in line in the {lane} lane, limit {self.limits.max_queue_texts} texts "
                 f"(max_queue_texts); retry later")
 
-    async def _on_tokenizer(self, texts: Sequence[str], work: Callable, *args):
-        """work(*args) for these texts: here when they are small (microseconds: not worth a
-        thread hop), else on a tokenizer thread so the loop keeps serving."""
-        if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
+    async def _on_tokenizer(self, small: bool, work: Callable, *args):
+        """work(*args): here when its input is small (microseconds: not worth a thread hop),
+        else on a tokenizer thread so the loop keeps serving."""
+        if small:
             return work(*args)
         return await asyncio.get_running_loop().run_in_executor(self._tokenizing, work, *args)
 
@@ -188,7 +188,8 @@ class Core:
         await self.admit(len(texts), wait=False)
         gone = threading.Event()  # the caller went away: stop at the next chunk
         try:
-            await self._on_tokenizer(texts, self._tokenize_into, texts, truncate, add, gone)
+            await self._on_tokenizer(sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS,
+                                     self._tokenize_into, texts, truncate, add, gone)
         except asyncio.CancelledError:
             gone.set()
             raise
@@ -236,16 +237,14 @@ class Core:
         try:
             if call.token_lengths:  # checked, not tokenized: vectorized numpy
                 data, call.token_ids = call.token_ids, b""  # the rows are views of these bytes
-                if len(data) <= INLINE_TOKEN_ID_BYTES:
-                    tokens = self.engine.token_ids(data, call.token_lengths, call.truncate)
-                else:  # a big one (64 MB: ~0.1 s) on a tokenizer thread, off the loop
-                    tokens = await asyncio.get_running_loop().run_in_executor(
-                        self._tokenizing, self.engine.token_ids, data, call.token_lengths,
-                        call.truncate)
+                tokens = await self._on_tokenizer(len(data) <= INLINE_TOKEN_ID_BYTES,
+                                                  self.engine.token_ids, data,
+                                                  call.token_lengths, call.truncate)
                 del data
             else:
-                tokens = await self._on_tokenizer(call.texts, self.engine.tokenize, call.texts,
-                                                  call.truncate, False, options.prompt)
+                tokens = await self._on_tokenizer(
+                    sum(map(len, call.texts)) <= INLINE_TOKENIZE_CHARS, self.engine.tokenize,
+                    call.texts, call.truncate, False, options.prompt)
                 del call.texts[:]  # tokenized: the strings can go
             if options.token_level:
                 self.check_response_size(sum(map(len, tokens.ids)), options, call.dtype)
