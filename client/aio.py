@@ -27,7 +27,8 @@ class AsyncClient:
 
     def __init__(self, target: str | Sequence[str] = "127.0.0.1:50051", *,
                  timeout: float | None = None, token: str | None = None,
-                 channel: grpc.aio.Channel | None = None, tokenize_locally: bool = False, **tls):
+                 channel: grpc.aio.Channel | None = None, tokenize_locally: bool = False,
+                 model: str | None = None, **tls):
         self._channel = channel or make_channel(target, aio=True, **tls)
         self._stub = pb_grpc.EmbedderStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
@@ -35,17 +36,20 @@ class AsyncClient:
         self.timeout = timeout
         self.last_usage: Usage | None = None
         self.tokenize_locally = tokenize_locally
-        self._local: LocalTokenizer | None = None
+        self.model = model
+        self._local: dict[str, LocalTokenizer] = {}
 
     async def _prepared(self, request: pb.EmbedRequest) -> pb.EmbedRequest:
         """As Client._prepared; the tokenizing on a thread, off the event loop."""
+        request.model = request.model or self.model or ""
         if not self.tokenize_locally:
             return request
-        if self._local is None:
-            tokenizer = await self._stub.GetTokenizer(pb.TokenizerRequest(), timeout=self.timeout,
+        if request.model not in self._local:
+            tokenizer = await self._stub.GetTokenizer(pb.TokenizerRequest(model=request.model),
+                                                      timeout=self.timeout,
                                                       metadata=self._metadata)
-            self._local = LocalTokenizer(tokenizer, await self.info())
-        return await asyncio.to_thread(self._local.convert, request)
+            self._local[request.model] = LocalTokenizer(tokenizer, await self.info(request.model))
+        return await asyncio.to_thread(self._local[request.model].convert, request)
 
     async def __aenter__(self):
         return self
@@ -66,22 +70,24 @@ class AsyncClient:
                     layers: Sequence[int] = (-1,), layer_combine: str = "concat",
                     normalize: bool | None = None, dtype: str = "float32", truncate: bool = True,
                     prompt_name: str | None = None, prompt: str | None = None,
-                    dimensions: int | None = None, priority: str | None = None):
+                    dimensions: int | None = None, priority: str | None = None,
+                    model: str | None = None):
         """As Client.embed."""
         return await self._embed(embed_request(
             texts, pooling=pooling, layers=layers, layer_combine=layer_combine,
             normalize=normalize, dtype=dtype, truncate=truncate, prompt_name=prompt_name,
-            prompt=prompt, dimensions=dimensions, priority=priority))
+            prompt=prompt, dimensions=dimensions, priority=priority, model=model))
 
     async def embed_tokens(self, texts: Sequence[str], layers: Sequence[int] = (-1,),
                            layer_combine: str = "concat", normalize: bool = False,
                            truncate: bool = True, prompt_name: str | None = None,
-                           prompt: str | None = None,
-                           priority: str | None = None) -> list[np.ndarray]:
+                           prompt: str | None = None, priority: str | None = None,
+                           model: str | None = None) -> list[np.ndarray]:
         """As Client.embed_tokens."""
         return await self._embed(tokens_request(
             texts, layers=layers, layer_combine=layer_combine, normalize=normalize,
-            truncate=truncate, prompt_name=prompt_name, prompt=prompt, priority=priority))
+            truncate=truncate, prompt_name=prompt_name, prompt=prompt, priority=priority,
+            model=model))
 
     async def stream(self, texts: Iterable[str] | AsyncIterable[str], batch_size: int = 64,
                      window: int = 64, spread: bool | None = None,
@@ -163,14 +169,21 @@ class AsyncClient:
         self.last_usage = Usage.of(response)
         return decode_response(response)
 
-    async def tokenize(self, texts: Sequence[str], truncate: bool = True) -> list[list[dict]]:
+    async def tokenize(self, texts: Sequence[str], truncate: bool = True,
+                       model: str | None = None) -> list[list[dict]]:
         return tokens_of(await self._stub.Tokenize(
-            pb.TokenizeRequest(texts=list(texts), truncate=truncate), timeout=self.timeout,
-            metadata=self._metadata))
+            pb.TokenizeRequest(texts=list(texts), truncate=truncate,
+                               model=model or self.model or ""),
+            timeout=self.timeout, metadata=self._metadata))
 
-    async def info(self) -> dict:
-        return info_of(await self._stub.Info(pb.InfoRequest(), timeout=self.timeout,
-                                             metadata=self._metadata))
+    async def info(self, model: str | None = None) -> dict:
+        return info_of(await self._stub.Info(pb.InfoRequest(model=model or self.model or ""),
+                                             timeout=self.timeout, metadata=self._metadata))
+
+    async def list_models(self) -> list[dict]:
+        response = await self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout,
+                                               metadata=self._metadata)
+        return [info_of(model) for model in response.models]
 
     async def encode_sentences(self, text_list: Sequence[str], combine_strategy=None,
                                batch_size: int = 32):

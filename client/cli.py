@@ -31,6 +31,8 @@ def embed_parser(subparsers) -> None:
     p.add_argument("--field", default="text", help="JSON Lines field / Parquet column (default text)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run: skip the rows OUTPUT already holds")
+    p.add_argument("--model", default=None,
+                   help="which of the server's models (default: the server's default model)")
     p.add_argument("--pooling", default=None,
                    choices=[name for name in POOLINGS if name not in (None, "none")],
                    help="a raw pooling (default: the model's own pipeline: its pooling, Dense, "
@@ -85,7 +87,7 @@ def run_embed(args) -> int:
         tokens = 0
         with Client(args.server if len(args.server) > 1 else args.server[0], token=token,
                     tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                    tokenize_locally=args.tokenize_locally) as client:
+                    tokenize_locally=args.tokenize_locally, model=args.model) as client:
             first, texts = run_record.with_identity(read_texts(args.input, fmt, args.field))
             record = run_record.describe(args.input, fmt, args.field, first, options,
                                          run_record.model_of(client.info()))

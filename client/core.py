@@ -132,9 +132,11 @@ def build_request(texts: Sequence[str], request_id: str = "", *, pooling: str | 
                   layers: Sequence[int] = (-1,), layer_combine: str = "concat",
                   normalize: bool | None = None, dtype: str = "float32", truncate: bool = True,
                   prompt_name: str | None = None, prompt: str | None = None,
-                  dimensions: int | None = None, priority: str | None = None) -> pb.EmbedRequest:
+                  dimensions: int | None = None, priority: str | None = None,
+                  model: str | None = None) -> pb.EmbedRequest:
     """pooling, normalize: None leaves them to the model (its pipeline; see Engine.options).
-    priority: "interactive" (None: the server's default, interactive) or "bulk"."""
+    priority: "interactive" (None: the server's default, interactive) or "bulk". model: a
+    served model's name (None: the client's, else the server's default)."""
     if isinstance(texts, str):
         raise TypeError("texts must be a sequence of strings, not one string")
     return pb.EmbedRequest(
@@ -142,7 +144,7 @@ def build_request(texts: Sequence[str], request_id: str = "", *, pooling: str | 
         layers=list(layers), layer_combine=_choice(COMBINES, layer_combine, "layer_combine"),
         normalize=normalize, dtype=_choice(DTYPES, dtype, "dtype"), truncate=truncate,
         prompt_name=prompt_name or "", prompt=prompt, dimensions=dimensions or 0,
-        priority=_choice(PRIORITIES, priority, "priority"))
+        priority=_choice(PRIORITIES, priority, "priority"), model=model or "")
 
 
 def embed_request(texts: Sequence[str], **options) -> pb.EmbedRequest:

@@ -61,7 +61,7 @@ def embed(dataset: "ray.data.Dataset", target: str | Sequence[str], column: str 
     moves to the Ray cluster's cores.
     embed_options: those of Client.embed (pooling, layers, normalize, dtype, truncate,
     prompt_name, prompt, dimensions; none means the model's own pipeline; priority, "bulk" here
-    unless given).
+    unless given; model, one of the server's models by name, its default if none).
 
     The column is a fixed-size list of float32 (uint8 for dtype="binary", int8 plus a
     `<output_column>_scale` float32 column for dtype="int8"); with pooling="none", a list of

@@ -27,11 +27,14 @@ class Client:
     `authorization: Bearer <token>`. TLS: tls=True, tls_ca, tls_cert, tls_key (see make_channel).
     tokenize_locally: tokenize here with the server's own tokenizer (fetched once, on the first
     call) and send token ids: the same vectors, the tokenizing on this machine's cores.
+    model: the served model (list_models()) calls use unless they name one (None: the server's
+    default).
     """
 
     def __init__(self, target: str | Sequence[str] = "127.0.0.1:50051", *,
                  timeout: float | None = None, token: str | None = None,
-                 channel: grpc.Channel | None = None, tokenize_locally: bool = False, **tls):
+                 channel: grpc.Channel | None = None, tokenize_locally: bool = False,
+                 model: str | None = None, **tls):
         self._channel = channel or make_channel(target, **tls)
         self._stub = pb_grpc.EmbedderStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
@@ -39,17 +42,20 @@ class Client:
         self.timeout = timeout
         self.last_usage: Usage | None = None  # usage of the latest response received
         self.tokenize_locally = tokenize_locally
-        self._local: LocalTokenizer | None = None
+        self.model = model
+        self._local: dict[str, LocalTokenizer] = {}  # model -> its tokenizer, when asked for
 
     def _prepared(self, request: pb.EmbedRequest) -> pb.EmbedRequest:
-        """The request as it goes out: its texts as token ids when tokenizing locally."""
+        """The request as it goes out: for the client's model unless it names one; its texts
+        as token ids when tokenizing locally."""
+        request.model = request.model or self.model or ""
         if not self.tokenize_locally:
             return request
-        if self._local is None:
-            tokenizer = self._stub.GetTokenizer(pb.TokenizerRequest(), timeout=self.timeout,
-                                                metadata=self._metadata)
-            self._local = LocalTokenizer(tokenizer, self.info())
-        return self._local.convert(request)
+        if request.model not in self._local:
+            tokenizer = self._stub.GetTokenizer(pb.TokenizerRequest(model=request.model),
+                                                timeout=self.timeout, metadata=self._metadata)
+            self._local[request.model] = LocalTokenizer(tokenizer, self.info(request.model))
+        return self._local[request.model].convert(request)
 
     def __enter__(self):
         return self
@@ -70,7 +76,8 @@ class Client:
               layers: Sequence[int] = (-1,), layer_combine: str = "concat",
               normalize: bool | None = None, dtype: str = "float32", truncate: bool = True,
               prompt_name: str | None = None, prompt: str | None = None,
-              dimensions: int | None = None, priority: str | None = None):
+              dimensions: int | None = None, priority: str | None = None,
+              model: str | None = None):
         """One vector per text: float32 (n, width) for the float dtypes; Int8Embeddings for int8;
         packed sign bits uint8 (n, ceil(width / 8)) for binary.
 
@@ -82,23 +89,25 @@ class Client:
         first k values (renormalized when the output is normalized). priority: the server's lane,
         "interactive" (None: the default) or "bulk" (corpus work: it fills what interactive
         calls leave; a unary call gets RESOURCE_EXHAUSTED when its lane is full, a stream
-        message waits: `stream(..., priority="bulk")` for corpus work)."""
+        message waits: `stream(..., priority="bulk")` for corpus work). model: a served model's
+        name (list_models(); None: the client's model)."""
         return self._embed(embed_request(
             texts, pooling=pooling, layers=layers, layer_combine=layer_combine,
             normalize=normalize, dtype=dtype, truncate=truncate, prompt_name=prompt_name,
-            prompt=prompt, dimensions=dimensions, priority=priority))
+            prompt=prompt, dimensions=dimensions, priority=priority, model=model))
 
     def embed_tokens(self, texts: Sequence[str], layers: Sequence[int] = (-1,),
                      layer_combine: str = "concat", normalize: bool = False,
                      truncate: bool = True, prompt_name: str | None = None,
-                     prompt: str | None = None,
-                     priority: str | None = None) -> list[np.ndarray]:
+                     prompt: str | None = None, priority: str | None = None,
+                     model: str | None = None) -> list[np.ndarray]:
         """Token-level vectors: one (tokens, width) float32 array per text, exactly its own
         tokens ([CLS] and [SEP] included, a prompt's too); `tokenize` gives the matching
         strings and offsets."""
         return self._embed(tokens_request(
             texts, layers=layers, layer_combine=layer_combine, normalize=normalize,
-            truncate=truncate, prompt_name=prompt_name, prompt=prompt, priority=priority))
+            truncate=truncate, prompt_name=prompt_name, prompt=prompt, priority=priority,
+            model=model))
 
     def stream(self, texts: Iterable[str], batch_size: int = 64, window: int = 64,
                spread: bool | None = None, message_timeout: float | None = None,
@@ -116,8 +125,8 @@ class Client:
         """
         if window < 1:
             raise ValueError("window must be >= 1")
-        if self.tokenize_locally:
-            self._prepared(build_request(["fetch the tokenizer now"]))  # not on gRPC's thread
+        if self.tokenize_locally:  # fetch the tokenizer now, not on gRPC's sending thread
+            self._prepared(build_request(["a"], model=options.get("model")))
         requests = (self._prepared(build_request(batch, str(number), **options))
                     for number, batch in enumerate(batches(texts, batch_size)))
         if self._replicas if spread is None else spread:
@@ -201,16 +210,26 @@ class Client:
         self.last_usage = Usage.of(response)
         return decode_response(response)
 
-    def tokenize(self, texts: Sequence[str], truncate: bool = True) -> list[list[dict]]:
+    def tokenize(self, texts: Sequence[str], truncate: bool = True,
+                 model: str | None = None) -> list[list[dict]]:
         """Per text, its tokens as dicts: id, text (token string), start, end (character offsets;
         special tokens have start == end == 0)."""
-        response = self._stub.Tokenize(pb.TokenizeRequest(texts=list(texts), truncate=truncate),
-                                       timeout=self.timeout, metadata=self._metadata)
+        response = self._stub.Tokenize(
+            pb.TokenizeRequest(texts=list(texts), truncate=truncate,
+                               model=model or self.model or ""),
+            timeout=self.timeout, metadata=self._metadata)
         return tokens_of(response)
 
-    def info(self) -> dict:
-        return info_of(self._stub.Info(pb.InfoRequest(), timeout=self.timeout,
-                                       metadata=self._metadata))
+    def info(self, model: str | None = None) -> dict:
+        """What the server runs for the model (None: the client's model, else the default)."""
+        return info_of(self._stub.Info(pb.InfoRequest(model=model or self.model or ""),
+                                       timeout=self.timeout, metadata=self._metadata))
+
+    def list_models(self) -> list[dict]:
+        """info() of every model the server serves, its default first."""
+        response = self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout,
+                                         metadata=self._metadata)
+        return [info_of(model) for model in response.models]
 
     def encode_sentences(self, text_list: Sequence[str], combine_strategy=None,
                          batch_size: int = 32):
@@ -246,7 +265,8 @@ def tokens_of(response: pb.TokenizeResponse) -> list[list[dict]]:
 
 def info_of(response: pb.InfoResponse) -> dict:
     return {
-        "model": response.model, "hidden_size": response.hidden_size,
+        "model": response.model, "name": response.name, "weight_bytes": response.weight_bytes,
+        "hidden_size": response.hidden_size,
         "num_layers": response.num_layers, "max_input_tokens": response.max_input_tokens,
         "device": response.device, "dtype": response.dtype,
         "limits": {field.name: getattr(response.limits, field.name)

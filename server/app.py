@@ -1,7 +1,7 @@
 """The composition root: builds the server from its parts and owns their lifecycle.
 
-engine -> batcher (with the queue's admission) -> core -> the front-ends (gRPC always, HTTP on
-request), all on one event loop. Nothing below this module knows how the others are put
+engines (one per served model) -> one batcher (with the lanes' admission) -> core -> the
+front-ends (gRPC always, HTTP on request), all on one event loop. Nothing below this module knows how the others are put
 together: the front-ends are adapters over the core, and neither imports the other.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import Sequence
 
 from .admission import Admission
 from .batcher import Batcher
@@ -45,9 +46,10 @@ class RunningServer:
         """The interactive lane's room (where unary calls, Tokenize and HTTP wait)."""
         return self.admissions[INTERACTIVE]
 
-    def serving(self) -> bool:
-        """Warmed up, healthy and not stopping (HTTP /health; gRPC health says the same)."""
-        return self.warmed and not self.stopping and self.batcher.healthy()
+    def serving(self, engine: Engine | None = None) -> bool:
+        """Warmed up, healthy (every model, or that one) and not stopping (HTTP /health; gRPC
+        health says the same)."""
+        return self.warmed and not self.stopping and self.batcher.healthy(engine)
 
     async def stop(self, grace: float) -> None:
         """Health NOT_SERVING, refuse new calls, give calls in flight `grace` seconds, then
@@ -65,36 +67,48 @@ class RunningServer:
         await asyncio.get_running_loop().run_in_executor(None, self.batcher.close)
 
     async def watch_health(self) -> None:
-        """SERVING while the batcher is healthy (every forward worker alive, the engine not
-        failing pass after pass); NOT_SERVING otherwise, so probes and balancers move traffic
-        away."""
-        serving = None
+        """Each model SERVING while the batcher is healthy for it (every forward worker alive,
+        its passes not failing one after another), the whole server while every model is;
+        NOT_SERVING otherwise, so probes and balancers move traffic away."""
+        serving: dict = {}
         while True:
-            healthy = self.batcher.healthy()
-            if healthy != serving:
-                await self.grpc.set_serving(healthy)
-                if serving is not None:
-                    log.warning("health: %s", "SERVING" if healthy else
-                                "NOT_SERVING (forward workers died or the engine keeps failing)")
-                serving = healthy
+            now = {engine.name: self.batcher.healthy(engine) for engine in self.batcher.engines}
+            now[""] = all(now.values())
+            if now != serving:
+                await self.grpc.set_serving(now)
+                for name, healthy in now.items():
+                    if name in serving and serving[name] != healthy:
+                        log.warning("health of %s: %s", name or "the server",
+                                    "SERVING" if healthy else "NOT_SERVING (forward workers "
+                                    "died or its forward passes keep failing)")
+                serving = now
             await asyncio.sleep(HEALTH_CHECK_S)
 
 
-async def start_server(engine: Engine, limits: Limits, host: str = "127.0.0.1", port: int = 50051,
+async def start_server(engines: Engine | Sequence[Engine], limits: Limits,
+                       host: str = "127.0.0.1", port: int = 50051,
                        security: Security = Security(), http_port: int | None = None,
                        http_metrics: bool = False) -> RunningServer:
-    """Start serving gRPC (port 0: any free port, see .port) and, with http_port, HTTP on the
-    same core and loop. Health says NOT_SERVING (HTTP /health 503) until one warm-up text has
-    gone through the model. batcher.metrics holds the Prometheus registry."""
+    """Serve the models (the first is the default) over gRPC (port 0: any free port, see .port)
+    and, with http_port, HTTP on the same core and loop. Health says NOT_SERVING (HTTP /health
+    503) until a warm-up text has gone through each model. batcher.metrics holds the Prometheus
+    registry."""
+    engines = list(engines) if isinstance(engines, (list, tuple)) else [engines]
+    names = [engine.name for engine in engines]
+    if len(set(names)) < len(names):
+        raise ValueError(f"two models have one name: {', '.join(names)}; name them "
+                         f"(--model NAME=PATH)")
     metrics = Metrics()
-    metrics.model.info({"model": engine.model_name, "device": str(engine.device),
-                        "dtype": engine.dtype, "max_length": str(engine.max_length)})
+    for engine in engines:
+        metrics.model.labels(engine.name).info({
+            "path": engine.model_name, "device": str(engine.device), "dtype": engine.dtype,
+            "max_length": str(engine.max_length), "weight_bytes": str(engine.weight_bytes)})
     loop = asyncio.get_running_loop()
     admissions = {lane: Admission(limits.max_queue_texts, loop) for lane in LANES}
-    batcher = Batcher(engine, limits.max_batch_tokens, metrics,
+    batcher = Batcher(engines, limits.max_batch_tokens, metrics,
                       on_leave=lambda lane, texts: admissions[lane].release(texts),
                       bulk_share=limits.bulk_share)
-    core = Core(engine, batcher, limits, admissions)
+    core = Core(engines, batcher, limits, admissions)
     budget = MemoryBudget(limits.max_held_bytes, limits.max_connection_held_bytes,
                           limits.stall_timeout_s)
     front = GrpcFrontEnd(core, budget, security)

@@ -1,10 +1,14 @@
-"""Two lanes for every caller; batches by token budget; forward passes run side by side.
+"""One scheduler for every served model: two lanes, batches by token budget, forward passes side
+by side.
 
-Everything queued waits in its lane's Queue (text_queue.py), sorted by length: interactive work
-(a caller waiting on the answer) and bulk work (corpus jobs). A worker takes its next batch from
-the interactive lane while it has work, but for every interactive_per_bulk batches cut while bulk
-work waits, one goes to bulk (Limits.bulk_share), so bulk fills what is left and never starves;
-an interactive call waits at most for a batch already running. Within a lane (Queue.cut):
+Everything queued waits in a Queue (text_queue.py) of its lane and its model, sorted by length:
+interactive work (a caller waiting on the answer) and bulk work (corpus jobs). A worker takes its
+next batch from the interactive lane while it has work, but for every interactive_per_bulk batches
+cut while bulk work waits, one goes to bulk (Limits.bulk_share), so bulk fills what is left and
+never starves; an interactive call waits at most for a batch already running. Within a lane the
+models with work take turns, a batch each (a batch holds one model's texts, padded to its own
+longest): no model waits behind another's backlog for more than a batch per other model, and no
+worker idles while any model has work. Within a lane and model (Queue.cut):
 callers take turns, each cut serving the oldest message of the caller
 served least recently, as a sorted run of texts of about its length that fits the token budget
 (rows x longest), so none starves and little is padded; a caller's first message goes first, so a
@@ -24,7 +28,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -43,22 +47,30 @@ class Batcher:
     # engine unhealthy: the health service then says NOT_SERVING.
     UNHEALTHY_AFTER_FAILURES = 5
 
-    def __init__(self, engine: Engine, max_batch_tokens: int, metrics: Metrics | None = None,
+    def __init__(self, engines: Engine | Sequence[Engine], max_batch_tokens: int,
+                 metrics: Metrics | None = None,
                  on_leave: Callable[[str, int], None] | None = None, bulk_share: float = 0.2):
-        """on_leave(lane, n): n texts of that lane left the queue (taken into a forward pass, or
+        """engines: the served models (a job names its own; the first takes jobs naming none).
+        They share the forward workers, whose count and threads the first one's settings give.
+        on_leave(lane, n): n texts of that lane left the queue (taken into a forward pass, or
         dropped because their caller went away); called on a forward worker's thread.
         bulk_share: the share of forward passes bulk gets at least while both lanes have work."""
         if not 0 < bulk_share <= 0.5:
             raise ValueError(f"bulk_share must be in (0, 0.5], got {bulk_share}")
-        self.engine = engine
+        self.engines = list(engines) if isinstance(engines, (list, tuple)) else [engines]
+        self.engine = self.engines[0]
         self.max_batch_tokens = max_batch_tokens
         self.metrics = metrics or Metrics()
         self.on_leave = on_leave
-        self.failures_in_a_row = 0
-        self.workers = engine.forward_workers
+        # per model: forward passes failing in a row, nothing of that model succeeding between
+        self.failures_in_a_row = {engine: 0 for engine in self.engines}
+        self.workers = self.engine.forward_workers
         # at least bulk_share: one bulk batch after this many interactive ones, rounded down
         self.interactive_per_bulk = int((1 - bulk_share) / bulk_share + 1e-9)
-        self._lanes = {lane: Queue(max_batch_tokens) for lane in LANES}  # guarded by _work
+        # guarded by _work: lane -> model -> its queue; and the model each lane served last
+        self._lanes = {lane: {engine: Queue(max_batch_tokens) for engine in self.engines}
+                       for lane in LANES}
+        self._last_served = {lane: 0 for lane in LANES}
         self._interactive_in_a_row = 0  # batches cut from interactive while bulk waited
         self._work = threading.Condition()
         # Guarded by _work. Idle from the start: a worker not yet in its loop runs no batch (so
@@ -82,11 +94,13 @@ class Batcher:
         it. (The queue orders a caller's jobs by sequence, so the two ways cannot reorder them.)"""
         if not job.ids:
             raise ValueError("a job needs at least one text")
+        if job.engine is None:
+            job.engine = self.engine
         self.metrics.queue_depth.inc(len(job.ids))
         self.metrics.lane_queue_texts.labels(job.lane).inc(len(job.ids))
         if self._work.acquire(blocking=False):  # the usual case: no thread hop, no wake-up
             try:
-                self._lanes[job.lane].add(job)
+                self._queue_of(job).add(job)
                 self._work.notify_all()
             finally:
                 self._work.release()
@@ -107,15 +121,20 @@ class Batcher:
             with self._work:
                 for job in jobs:
                     if job is not None:
-                        self._lanes[job.lane].add(job)
+                        self._queue_of(job).add(job)
                 self._work.notify_all()
             if None in jobs:
                 return
 
-    def healthy(self) -> bool:
-        """Every forward worker alive, and the engine not failing pass after pass."""
+    def _queue_of(self, job: Job) -> Queue:
+        return self._lanes[job.lane][job.engine]
+
+    def healthy(self, engine: Engine | None = None) -> bool:
+        """Every forward worker alive, and no model (or that one) failing pass after pass."""
+        failing = self.failures_in_a_row.values() if engine is None \
+            else (self.failures_in_a_row[engine],)
         return (all(thread.is_alive() for thread in (*self._threads, self._feeder))
-                and self.failures_in_a_row < self.UNHEALTHY_AFTER_FAILURES)
+                and max(failing) < self.UNHEALTHY_AFTER_FAILURES)
 
     def close(self) -> None:
         """Finish what was submitted, then stop the workers."""
@@ -163,7 +182,7 @@ class Batcher:
                 self._work.wait()
             self._idle[number] = False
             lane = self._next_lane()
-            batch = self._lanes[lane].cut()
+            batch = self._next_queue(lane).cut()
             self.metrics.lane_queue_texts.labels(lane).dec(len(batch))
             self.metrics.lane_batches.labels(lane).inc()
             if self.waiting or self._closing:
@@ -175,18 +194,31 @@ class Batcher:
     @property
     def waiting(self) -> int:
         """Texts queued in both lanes (read under _work)."""
-        return sum(lane.waiting for lane in self._lanes.values())
+        return sum(self._waiting(lane) for lane in LANES)
+
+    def _waiting(self, lane: str) -> int:
+        return sum(queue.waiting for queue in self._lanes[lane].values())
 
     def _next_lane(self) -> str:
         """Interactive while it has work, but bulk after interactive_per_bulk interactive cuts
         in a row that it waited through."""
-        interactive, bulk = self._lanes[INTERACTIVE].waiting, self._lanes[BULK].waiting
+        interactive, bulk = self._waiting(INTERACTIVE), self._waiting(BULK)
         if bulk and (not interactive or self._interactive_in_a_row >= self.interactive_per_bulk):
             self._interactive_in_a_row = 0
             return BULK
         if bulk:
             self._interactive_in_a_row += 1
         return INTERACTIVE
+
+    def _next_queue(self, lane: str) -> Queue:
+        """The lane's next model with work, after the one it served last (turns)."""
+        queues = list(self._lanes[lane].values())
+        for step in range(1, len(queues) + 1):
+            turn = (self._last_served[lane] + step) % len(queues)
+            if queues[turn].waiting:
+                self._last_served[lane] = turn
+                return queues[turn]
+        raise AssertionError(f"no work in the {lane} lane")  # the caller checked there is
 
     def _run(self, batch: list[Queued], number: int) -> None:
         metrics = self.metrics
@@ -199,28 +231,30 @@ class Batcher:
         for item in batch:
             metrics.queue_wait.observe((start - item.job.enqueued_ns) / 1e9)
             lane_wait.observe((start - item.job.enqueued_ns) / 1e9)
+        engine = batch[0].job.engine  # a batch holds one model's texts
         rows, longest = len(batch), batch[-1].length  # sorted: the last is the longest
-        metrics.batch_rows.observe(rows)
-        metrics.batch_tokens.observe(rows * longest)
-        metrics.padded_tokens.inc(rows * longest)
-        metrics.real_tokens.inc(sum(item.length for item in batch))
-        metrics.forward_flops.inc(self.engine.forward_flops(rows, longest))
-        for part, hidden, lengths in self._forward_splitting(batch):
+        model = engine.name
+        metrics.batch_rows.labels(model).observe(rows)
+        metrics.batch_tokens.labels(model).observe(rows * longest)
+        metrics.padded_tokens.labels(model).inc(rows * longest)
+        metrics.real_tokens.labels(model).inc(sum(item.length for item in batch))
+        metrics.forward_flops.labels(model).inc(engine.forward_flops(rows, longest))
+        for part, hidden, lengths in self._forward_splitting(engine, batch):
             self._complete(part, hidden, lengths, start, number)
             del hidden  # free the layers before the next part
 
-    def _forward_splitting(self, batch: list[Queued]):
+    def _forward_splitting(self, engine: Engine, batch: list[Queued]):
         """Run the forward pass; if it fails (out of memory on a big batch, say), retry each half,
         down to single texts. Yields (texts, hidden states, lengths); for a text that fails on its
         own, the exception in place of the hidden states. The server lives on either way."""
         try:
             started = time.perf_counter()
-            hidden, lengths = self.engine.forward([item.job.ids[item.index] for item in batch])
-            self.metrics.forward_seconds.observe(time.perf_counter() - started)
-            self.failures_in_a_row = 0
+            hidden, lengths = engine.forward([item.job.ids[item.index] for item in batch])
+            self.metrics.forward_seconds.labels(engine.name).observe(time.perf_counter() - started)
+            self.failures_in_a_row[engine] = 0
         except Exception as exc:
-            self.failures_in_a_row += 1
-            self.engine.free_cache()
+            self.failures_in_a_row[engine] += 1
+            engine.free_cache()
             if len(batch) == 1:
                 log.error("forward pass failed on one text", exc_info=exc)
                 yield batch, exc, None
@@ -228,8 +262,8 @@ class Batcher:
             log.warning("forward pass failed on %d texts (%s: %s); retrying in halves",
                         len(batch), type(exc).__name__, exc)
             middle = len(batch) // 2
-            yield from self._forward_splitting(batch[:middle])
-            yield from self._forward_splitting(batch[middle:])
+            yield from self._forward_splitting(engine, batch[:middle])
+            yield from self._forward_splitting(engine, batch[middle:])
             return
         yield batch, hidden, lengths
 
@@ -239,7 +273,7 @@ class Batcher:
         try:
             if isinstance(hidden, Exception):
                 raise hidden
-            pooled = self._pool_batch(batch, hidden, lengths)
+            pooled = self._pool_batch(batch[0].job.engine, batch, hidden, lengths)
             error = None
         except Exception as exc:
             if hidden is not exc:  # forward failures were logged where they happened
@@ -277,7 +311,8 @@ class Batcher:
                 log.exception("finishing a job failed")
                 job.on_done(EmbedError(ErrorKind.INTERNAL, f"packing embeddings failed: {exc}"))
 
-    def _pool_batch(self, batch: list[Queued], hidden, lengths: np.ndarray) -> list:
+    def _pool_batch(self, engine: Engine, batch: list[Queued], hidden,
+                    lengths: np.ndarray) -> list:
         """Each text's vector (or for pooling "none", its token vectors), in batch order."""
         by_options: dict[EmbedOptions, list[int]] = {}
         for row, item in enumerate(batch):
@@ -285,7 +320,7 @@ class Batcher:
         pooled = [None] * len(batch)
         for options, rows in by_options.items():
             rows = np.asarray(rows)
-            vectors = self.engine.pool(hidden, lengths, rows, options)
+            vectors = engine.pool(hidden, lengths, rows, options)
             if options.token_level:
                 ends = np.cumsum(lengths[rows])
                 for row, start, end in zip(rows, ends - lengths[rows], ends):

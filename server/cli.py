@@ -16,9 +16,11 @@ log = logging.getLogger("bertstream")
 
 def serve_parser(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve embeddings over gRPC")
-    p.add_argument("--model", default=None,
-                   help="a local model folder or a hub name (default: the packaged all-MiniLM-L6-v2, "
-                        "loaded with no network)")
+    p.add_argument("--model", action="append", default=None, metavar="[NAME=]PATH",
+                   help="a local model folder or a hub name, served as NAME (default: the "
+                        "folder's name); repeat it to serve several models in one process, "
+                        "sharing one queue and the forward workers; the first is the default "
+                        "(default: the packaged all-MiniLM-L6-v2, loaded with no network)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="forward-pass precision (default: float32 on CPU, float16 on GPU)")
@@ -130,8 +132,15 @@ async def serve(args) -> None:
         auth_tokens=tuple(read_tokens(args.auth_token_file)) if args.auth_token_file else (),
         health_open=args.auth_health == "open", tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca)
-    engine = Engine(args.model, device=args.device, dtype=args.dtype, max_length=args.max_length,
-                    threads=args.threads, forward_workers=args.forward_workers)
+    engines = []
+    for name, path in model_arguments(args.model):
+        try:
+            engines.append(Engine(path, device=args.device, dtype=args.dtype,
+                                  max_length=args.max_length, threads=args.threads,
+                                  forward_workers=args.forward_workers, name=name))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"model {name or path}: {exc}") from None
+    engine = engines[0]
     limits = Limits(
         max_texts_per_request=args.max_texts_per_request,
         max_chars_per_text=args.max_chars_per_text,
@@ -148,17 +157,23 @@ async def serve(args) -> None:
         max_http_connections=args.max_http_connections,
         bulk_share=args.bulk_share,
     )
-    running = await start_server(engine, limits, args.host, args.port, security,
+    running = await start_server(engines, limits, args.host, args.port, security,
                                  http_port=args.http_port,
                                  http_metrics=args.metrics_port is not None)
     port = running.port
     metrics_http = None
     if args.metrics_port is not None:
         metrics_http = running.batcher.metrics.serve_http(args.metrics_port, args.metrics_host)
+    for model in engines:
+        log.info("model", extra={"fields": {
+            "name": model.name, "path": model.model_name, "max_length": model.max_length,
+            "attention": model.attention, "pipeline": describe_pipeline(model),
+            "weights_mib": round(model.weight_bytes / 2**20, 1)}})
     log.info("serving", extra={"fields": {
-        "model": engine.model_name, "device": str(engine.device), "dtype": engine.dtype,
-        "address": f"{args.host}:{port}", "max_length": engine.max_length,
-        "attention": engine.attention, "pipeline": describe_pipeline(engine),
+        "models": ",".join(model.name for model in engines), "default_model": engine.name,
+        "weights_mib": round(sum(model.weight_bytes for model in engines) / 2**20, 1),
+        "device": str(engine.device), "dtype": engine.dtype,
+        "address": f"{args.host}:{port}",
         "threads": engine.threads, "forward_workers": engine.forward_workers,
         "forward_flops": engine.FLOPS_FORMULA,
         "tls": "mutual" if args.tls_client_ca else bool(args.tls_cert),
@@ -179,6 +194,20 @@ async def serve(args) -> None:
         if metrics_http:
             metrics_http.shutdown()
         log.info("stopped", extra={"fields": {"address": f"{args.host}:{port}"}})
+
+
+def model_arguments(values: list[str] | None) -> list[tuple[str | None, str | None]]:
+    """--model values as (name, path): NAME=PATH, or PATH named by its folder (None: by the
+    engine). No --model: the packaged default."""
+    if not values:
+        return [(None, None)]
+    models = []
+    for value in values:
+        name, equals, path = value.partition("=")
+        if not equals or "/" in name or not name:  # a path (that may hold '=' further on)
+            name, path = None, value
+        models.append((name, path))
+    return models
 
 
 def describe_pipeline(engine) -> str:

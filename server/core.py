@@ -56,6 +56,7 @@ class EmbedCall:
     token_ids: bytes = b""
     token_lengths: Sequence[int] = ()
     priority: str = INTERACTIVE  # the lane it waits in (jobs.LANES)
+    model: str = ""  # the served model's name (Engine.name); empty: the default
 
     @property
     def items(self) -> int:
@@ -64,9 +65,11 @@ class EmbedCall:
 
 
 class Core:
-    def __init__(self, engine: Engine, batcher: Batcher, limits: Limits,
+    def __init__(self, engines: Sequence[Engine], batcher: Batcher, limits: Limits,
                  admissions: dict[str, Admission]):
-        self.engine = engine
+        """engines: the served models, by their names; the first is the default."""
+        self.engines = {engine.name: engine for engine in engines}
+        self.engine = engines[0]  # the default model
         self.batcher = batcher
         self.limits = limits
         self.admissions = admissions  # lane -> its room in the queue
@@ -79,6 +82,17 @@ class Core:
         self._sequence = itertools.count()
 
     # ------------------------------------------------------------------ checks
+
+    def engine_for(self, model: str | None) -> Engine:
+        """The served model of that name; empty or None: the default."""
+        if not model:
+            return self.engine
+        engine = self.engines.get(model)
+        if engine is None:
+            raise EmbedError.not_found(
+                f"model: {model[:200]!r} is not served here; the served models are "
+                f"{', '.join(self.engines)} (empty: the default, {self.engine.name})")
+        return engine
 
     def check_texts(self, texts, field: str = "texts") -> None:
         if not texts:
@@ -99,8 +113,9 @@ class Core:
         if call.dtype not in WIRE_DTYPES:
             raise EmbedError.invalid(f"dtype: unknown value {call.dtype!r}; use one of "
                                      f"{WIRE_DTYPES}")
-        return self.engine.options(call.pooling, call.layers, call.layer_combine, call.normalize,
-                                   call.prompt_name, call.prompt, call.dimensions)
+        return self.engine_for(call.model).options(
+            call.pooling, call.layers, call.layer_combine, call.normalize, call.prompt_name,
+            call.prompt, call.dimensions)
 
     def check_response_size(self, rows: int, options: EmbedOptions, dtype: str) -> None:
         """Refuse a response over max_response_bytes before computing it: rows are texts, or
@@ -120,7 +135,8 @@ class Core:
             options = self.options(call)
         except EmbedError:
             return request_bytes
-        rows = call.items * (self.engine.max_length if options.token_level else 1)
+        rows = call.items * (self.engine_for(call.model).max_length if options.token_level
+                             else 1)
         return request_bytes + min(response_bytes(rows, options.width, call.dtype),
                                    self.limits.max_response_bytes)
 
@@ -129,12 +145,14 @@ class Core:
         a token some 4 bytes of text; at most max_response_bytes)."""
         return request_bytes + min(4 * request_bytes, self.limits.max_response_bytes)
 
-    def info(self) -> dict:
-        """What the server runs, as plain values: model, sizes, device, precision, limits and
-        the default pipeline (the front-ends' Info and /info)."""
-        engine, pipeline = self.engine, self.engine.pipeline
+    def info(self, model: str | None = None) -> dict:
+        """What the server runs for that model, as plain values: its name and source, sizes,
+        device, precision, limits and default pipeline (the front-ends' Info and /info)."""
+        engine = self.engine_for(model)
+        pipeline = engine.pipeline
         return {
-            "model": engine.model_name, "hidden_size": engine.hidden_size,
+            "model": engine.model_name, "name": engine.name, "weight_bytes": engine.weight_bytes,
+            "hidden_size": engine.hidden_size,
             "num_layers": engine.num_layers, "max_input_tokens": engine.max_length,
             "device": str(engine.device), "dtype": engine.dtype,
             "limits": dict(vars(self.limits)),
@@ -150,6 +168,10 @@ class Core:
             "tokenizer_sha256": engine.tokenizer_sha256,
             "forward_flops": engine.FLOPS_FORMULA,
         }
+
+    def models(self) -> list[dict]:
+        """info() of every served model, the default first (ListModels, /v1/models)."""
+        return [self.info(name) for name in self.engines]
 
     # ------------------------------------------------------------------ the path
 
@@ -175,7 +197,7 @@ class Core:
         return await asyncio.get_running_loop().run_in_executor(self._tokenizing, work, *args)
 
     async def tokenize(self, texts: Sequence[str], truncate: bool,
-                       add: Callable[[Tokenized], int]) -> None:
+                       add: Callable[[Tokenized], int], model: str | None = None) -> None:
         """Token ids, strings and character offsets, a chunk of texts at a time: add(chunk) puts
         one chunk into the front-end's answer and returns the bytes it added; past
         max_response_bytes, EmbedError (too large). Chunks are tokenized and converted on a
@@ -184,26 +206,27 @@ class Core:
         10,000 texts of 256 tokens held it 7 s and took over 1 GB: tests/test_hostile.py). A
         caller that goes away stops it at the next chunk. It shares the tokenizer threads, so it
         takes room in the queue like an embedding call (and never waits for it)."""
+        engine = self.engine_for(model)
         self.check_texts(texts)
         await self.admit(len(texts), wait=False)
         gone = threading.Event()  # the caller went away: stop at the next chunk
         try:
             await self._on_tokenizer(sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS,
-                                     self._tokenize_into, texts, truncate, add, gone)
+                                     self._tokenize_into, engine, texts, truncate, add, gone)
         except asyncio.CancelledError:
             gone.set()
             raise
         finally:
             self.admissions[INTERACTIVE].release(len(texts))
 
-    def _tokenize_into(self, texts: Sequence[str], truncate: bool, add: Callable[[Tokenized], int],
-                       gone: threading.Event) -> None:
+    def _tokenize_into(self, engine: Engine, texts: Sequence[str], truncate: bool,
+                       add: Callable[[Tokenized], int], gone: threading.Event) -> None:
         size, limit = 0, self.limits.max_response_bytes
         for first in range(0, len(texts), TOKENIZE_CHUNK_TEXTS):
             if gone.is_set():
                 return
             chunk = texts[first:first + TOKENIZE_CHUNK_TEXTS]
-            size += add(self.engine.tokenize(chunk, truncate, details=True, first=first))
+            size += add(engine.tokenize(chunk, truncate, details=True, first=first))
             if size > limit:
                 raise EmbedError.too_large(
                     f"the response is over the limit of {limit:,} bytes (max_response_bytes) "
@@ -216,6 +239,7 @@ class Core:
         the pool (or here, if they never reach it). caller: whose turn this is in the batcher
         (a stream's messages share one)."""
         sequence = next(self._sequence)  # before any await: the order requests came in
+        engine = self.engine_for(call.model)
         if call.token_lengths and call.texts:
             raise EmbedError.invalid("texts and token_ids: send one or the other, not both")
         if call.token_ids and not call.token_lengths:
@@ -238,12 +262,12 @@ class Core:
             if call.token_lengths:  # checked, not tokenized: vectorized numpy
                 data, call.token_ids = call.token_ids, b""  # the rows are views of these bytes
                 tokens = await self._on_tokenizer(len(data) <= INLINE_TOKEN_ID_BYTES,
-                                                  self.engine.token_ids, data,
+                                                  engine.token_ids, data,
                                                   call.token_lengths, call.truncate)
                 del data
             else:
                 tokens = await self._on_tokenizer(
-                    sum(map(len, call.texts)) <= INLINE_TOKENIZE_CHARS, self.engine.tokenize,
+                    sum(map(len, call.texts)) <= INLINE_TOKENIZE_CHARS, engine.tokenize,
                     call.texts, call.truncate, False, options.prompt)
                 del call.texts[:]  # tokenized: the strings can go
             if options.token_level:
@@ -251,7 +275,7 @@ class Core:
             done, on_done = completion()
             job = Job(tokens.ids, options, call.dtype, on_done,
                       truncated_items=sum(tokens.truncated), caller=caller, sequence=sequence,
-                      lane=call.priority)
+                      lane=call.priority, engine=engine)
             self.batcher.submit(job)
             result = await done
         except asyncio.CancelledError:  # the caller went away or its deadline passed
@@ -263,8 +287,8 @@ class Core:
                 self.admissions[call.priority].release(texts)
         if isinstance(result, EmbedError):
             raise result
-        self.metrics.tokens.inc(result.usage.tokens)
-        self.metrics.truncated.inc(result.usage.truncated_items)
+        self.metrics.tokens.labels(engine.name).inc(result.usage.tokens)
+        self.metrics.truncated.labels(engine.name).inc(result.usage.truncated_items)
         return result
 
     async def observed_embed(self, rpc: str, call: EmbedCall, wait: bool = False,
@@ -272,6 +296,8 @@ class Core:
         """embed(), counted and timed by RPC and outcome (once per request, success or not);
         `codes` names the outcome of each EmbedError kind in the front-end's terms."""
         started, code, texts = time.perf_counter(), "OK", call.items
+        # by the model served: a name sent that is not served is not a label (any string could be)
+        model = call.model if call.model in self.engines else "" if call.model else self.engine.name
         try:
             return await self.embed(call, wait, caller)
         except EmbedError as error:
@@ -281,9 +307,9 @@ class Core:
             code = "CANCELLED"
             raise
         finally:
-            self.metrics.requests.labels(rpc, code).inc()
-            self.metrics.texts.labels(rpc, code).inc(texts)
-            self.metrics.latency.labels(rpc).observe(time.perf_counter() - started)
+            self.metrics.requests.labels(rpc, code, model).inc()
+            self.metrics.texts.labels(rpc, code, model).inc(texts)
+            self.metrics.latency.labels(rpc, model).observe(time.perf_counter() - started)
 
 
 def completion() -> tuple[asyncio.Future, Callable]:
@@ -300,11 +326,13 @@ def completion() -> tuple[asyncio.Future, Callable]:
 
 
 async def warm_up(core: Core) -> None:
-    """One text of the longest length through the whole path, the model's pipeline included (on
-    a forward worker, like every forward pass): a model that cannot take its max length fails
-    here, at start, not on a user's request."""
-    try:
-        await core.embed(EmbedCall(["warm-up " * core.engine.max_length]))
-    except EmbedError as error:
-        raise RuntimeError(f"warm-up failed: {error.message}") from None
+    """For each model, one text of its longest length through the whole path, its pipeline
+    included (on a forward worker, like every forward pass): a model that cannot take its max
+    length fails here, at start, naming it, not on a user's request."""
+    for name, engine in core.engines.items():
+        try:
+            await core.embed(EmbedCall(["warm-up " * engine.max_length], model=name))
+        except EmbedError as error:
+            raise RuntimeError(f"model {name} ({engine.model_name}): warm-up failed: "
+                               f"{error.message}") from None
 

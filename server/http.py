@@ -1,11 +1,12 @@
-"""HTTP front-end over the same core as gRPC: OpenAI-compatible `POST /v1/embeddings`,
-text-embeddings-inference-compatible `POST /embed` and `POST /tokenize`, `GET /info`,
-`GET /health`, `GET /metrics`, OpenAPI docs at `/docs`.
+"""HTTP front-end over the same core as gRPC: OpenAI-compatible `POST /v1/embeddings` and
+`GET /v1/models`, text-embeddings-inference-compatible `POST /embed` and `POST /tokenize`,
+`GET /info`, `GET /health`, `GET /metrics`, OpenAPI docs at `/docs`. A request names its model
+(OpenAI's `model`, a `model` field or query parameter elsewhere); none: the default.
 
 JSON is converted here and nowhere else: limits, admission, tokenizing, metrics and semantics are
 the core's (core.py), shared with gRPC. Bearer tokens are the same as gRPC's; errors use OpenAI's
 shape ({"error": {"message", "type", "code"}}) with the matching status: 400 bad input, 401 no valid
-token, 413 over a size limit, 429 queue full, 500 a failure of the server's own. FastAPI on uvicorn,
+token, 404 a model not served (code model_not_found), 413 over a size limit, 429 queue full, 500 a failure of the server's own. FastAPI on uvicorn,
 on the gRPC server's event loop.
 """
 
@@ -38,7 +39,8 @@ from .security import bearer_allowed
 log = logging.getLogger("bertstream.http")
 
 HTTP_STATUS = {ErrorKind.INVALID: 400, ErrorKind.TOO_LARGE: 413, ErrorKind.OVERLOADED: 429,
-               ErrorKind.INTERNAL: 500}
+               ErrorKind.INTERNAL: 500, ErrorKind.NOT_FOUND: 404}
+ERROR_CODES = {ErrorKind.NOT_FOUND: "model_not_found"}  # OpenAI's error codes
 STATUS_LABELS = {kind: str(status) for kind, status in HTTP_STATUS.items()}  # metric labels
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 413: "invalid_request_error",
@@ -70,7 +72,8 @@ class OpenAIEmbeddingRequest(BaseModel):
     input: Union[Text, Texts, TokenIds, Annotated[list[TokenIds], Field(fail_fast=True)]] = \
         Field(description="A text or a list of texts. Token-id arrays are refused: they would be "
                           "another tokenizer's ids.")
-    model: Text | None = Field(None, description="Accepted and echoed; the server has one model.")
+    model: Text | None = Field(None, description="A served model's name (GET /v1/models); "
+                                             "none: the default.")
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, description="Keep the first N values (renormalized).")
     user: Text | None = None
@@ -82,10 +85,12 @@ class TEIEmbedRequest(BaseModel):
     truncate: bool = False
     prompt_name: Text | None = None
     dimensions: int | None = None
+    model: Text | None = Field(None, description="A served model's name; none: the default.")
 
 
 class TEITokenizeRequest(BaseModel):
     inputs: Union[Text, Texts]
+    model: Text | None = Field(None, description="A served model's name; none: the default.")
 
 
 def error_body(status: int, message: str, code: str | None = None) -> dict:
@@ -96,6 +101,15 @@ def error_body(status: int, message: str, code: str | None = None) -> dict:
 
 def error_response(status: int, message: str, code: str | None = None) -> JSONResponse:
     return JSONResponse(error_body(status, message, code), status_code=status)
+
+
+def embed_error_response(error: EmbedError) -> JSONResponse:
+    return error_response(HTTP_STATUS[error.kind], error.message, ERROR_CODES.get(error.kind))
+
+
+def model_entry(info: dict) -> dict:
+    """A served model in OpenAI's shape (GET /v1/models)."""
+    return {"id": info["name"], "object": "model", "created": 0, "owned_by": "bertstream"}
 
 
 def texts_of(value) -> list[str]:
@@ -153,7 +167,6 @@ def create_app(core: Core, serving, budget: MemoryBudget, tokens: list[bytes] = 
     what one connection may hold (budget.py), shared with gRPC."""
     app = FastAPI(title="bertstream", summary="Text embeddings over HTTP (OpenAI and "
                   "text-embeddings-inference compatible) beside gRPC", version="1")
-    engine = core.engine
 
     @app.middleware("http")
     async def authorize(request: Request, call_next):
@@ -179,7 +192,7 @@ def create_app(core: Core, serving, budget: MemoryBudget, tokens: list[bytes] = 
     async def embed_error(request: Request, error: EmbedError):
         log.info("request failed", extra={"fields": {"kind": error.kind.value,
                                                      "error": error.message}})
-        return error_response(HTTP_STATUS[error.kind], error.message)
+        return embed_error_response(error)
 
     async def within_share(request: Request, cost: int, work):
         """await work() holding `cost` bytes against the request's connection (budget.py):
@@ -212,7 +225,8 @@ def create_app(core: Core, serving, budget: MemoryBudget, tokens: list[bytes] = 
     @app.post("/v1/embeddings", summary="OpenAI-compatible embeddings")
     async def openai_embeddings(request: Request, body: OpenAIEmbeddingRequest):
         result, sent = await embed(request, EmbedCall(texts_of(body.input),
-                                                      dimensions=body.dimensions or 0))
+                                                      dimensions=body.dimensions or 0,
+                                                      model=body.model or ""))
         vectors = result.embeddings.as_float32()
         if body.encoding_format == "base64":
             def value(row):
@@ -226,7 +240,7 @@ def create_app(core: Core, serving, budget: MemoryBudget, tokens: list[bytes] = 
                     for i, row in enumerate(rows)]
 
         tokens_used = result.usage.tokens
-        tail = orjson.dumps({"model": body.model or engine.model_name,
+        tail = orjson.dumps({"model": core.engine_for(body.model).name,
                              "usage": {"prompt_tokens": tokens_used, "total_tokens": tokens_used}})
         return json_stream(b'{"object":"list","data":[', row_pieces(vectors, items),
                            b"]," + tail[1:], sent)
@@ -235,7 +249,8 @@ def create_app(core: Core, serving, budget: MemoryBudget, tokens: list[bytes] = 
     async def tei_embed(request: Request, body: TEIEmbedRequest):
         result, sent = await embed(request, EmbedCall(
             texts_of(body.inputs), normalize=body.normalize, truncate=body.truncate,
-            prompt_name=body.prompt_name, dimensions=body.dimensions or 0))
+            prompt_name=body.prompt_name, dimensions=body.dimensions or 0,
+            model=body.model or ""))
         vectors = result.embeddings.as_float32()
         return json_stream(b"[", row_pieces(vectors, lambda first, rows: rows), b"]", sent)
 
@@ -243,7 +258,8 @@ def create_app(core: Core, serving, budget: MemoryBudget, tokens: list[bytes] = 
     async def tokenize(request: Request, body: TEITokenizeRequest):
         pieces = []
 
-        special_ids = engine.special_ids  # by id: a text spelling "[SEP]" gets the real one
+        # by id: a text spelling "[SEP]" gets the real one
+        special_ids = core.engine_for(body.model).special_ids
 
         def add(chunk) -> int:  # on a tokenizer thread
             pieces.append(orjson.dumps([
@@ -254,24 +270,34 @@ def create_app(core: Core, serving, budget: MemoryBudget, tokens: list[bytes] = 
 
         _, sent = await within_share(request, core.tokenize_cost(
                                          int(request.headers.get("content-length") or 0)),
-                                     lambda: core.tokenize(texts_of(body.inputs), True, add))
+                                     lambda: core.tokenize(texts_of(body.inputs), True, add,
+                                                           body.model))
         return json_stream(b"[", pieces, b"]", sent)
 
-    @app.get("/info", summary="The model, its default pipeline and the limits")
-    async def info():
-        return core.info()
+    @app.get("/info", summary="A model (default: the default one), its default pipeline and the "
+                              "limits")
+    async def info(model: str = ""):
+        return core.info(model)
 
-    @app.get("/tokenizer.json", summary="The server's tokenizer (Hugging Face tokenizers JSON), "
+    @app.get("/v1/models", summary="The served models, OpenAI-style; the first is the default")
+    async def models():
+        return {"object": "list", "data": [model_entry(info) for info in core.models()]}
+
+    @app.get("/v1/models/{model:path}", summary="One served model, OpenAI-style")
+    async def one_model(model: str):
+        return model_entry(core.info(model))
+
+    @app.get("/tokenizer.json", summary="A model's tokenizer (Hugging Face tokenizers JSON), "
                                         "to tokenize as the server does")
-    async def tokenizer():
-        engine = core.engine
+    async def tokenizer(model: str = ""):
+        engine = core.engine_for(model)
         return Response(engine.tokenizer_json, media_type="application/json",
                         headers={"X-Tokenizer-SHA256": engine.tokenizer_sha256})
 
-    @app.get("/health", summary="200 when serving; 503 before warm-up, when unhealthy or "
-                                "stopping")
-    async def health():
-        if serving():
+    @app.get("/health", summary="200 when serving (every model, or the one named); 503 before "
+                                "warm-up, when unhealthy or stopping")
+    async def health(model: str = ""):
+        if serving(core.engine_for(model) if model else None):
             return {"status": "SERVING"}
         return JSONResponse({"status": "NOT_SERVING"}, status_code=503)
 
@@ -334,7 +360,7 @@ class BodyLimit:
         try:
             await self._read_held(scope, receive, send, account, holds)
         except EmbedError as error:  # no room for the body
-            await error_response(HTTP_STATUS[error.kind], error.message)(scope, receive, send)
+            await embed_error_response(error)(scope, receive, send)
         finally:
             for hold in holds:
                 hold.release()

@@ -8,7 +8,7 @@ from typing import Callable
 
 import numpy as np
 
-from .engine import EmbedOptions
+from .engine import EmbedOptions, Engine
 from .errors import EmbedError
 from .wire import Packed, pack
 
@@ -48,6 +48,7 @@ class Job:
     sequence: int = 0  # order of the request among its caller's (tokenizing may reorder jobs)
     cancelled: bool = False  # its caller went away: its texts still queued are dropped
     lane: str = INTERACTIVE
+    engine: Engine | None = None  # the model that computes it; None: the batcher's first
     enqueued_ns: int = field(default_factory=time.perf_counter_ns)
     usage: Usage = field(default_factory=Usage)
     _remaining: int = 0

@@ -35,6 +35,7 @@ STATUS_CODES = {
     ErrorKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
     ErrorKind.TOO_LARGE: grpc.StatusCode.INVALID_ARGUMENT,
     ErrorKind.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 
@@ -178,7 +179,7 @@ def enum_name(table: dict, value: int, field: str) -> str:
 class EmbedderService(pb_grpc.EmbedderServicer):
     def __init__(self, core: Core, budget: MemoryBudget):
         self.core, self.budget = core, budget
-        self.engine, self.limits, self.metrics = core.engine, core.limits, core.metrics
+        self.limits, self.metrics = core.limits, core.metrics
 
     async def _embed(self, rpc: str, request: pb.EmbedRequest,
                      caller: object = None) -> pb.EmbedResponse:
@@ -308,23 +309,33 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         try:
             hold = await account.hold(self.core.tokenize_cost(request.ByteSize()))
             context.add_done_callback(lambda _: hold.release())
-            await self.core.tokenize(request.texts, truncate, add)
+            await self.core.tokenize(request.texts, truncate, add, request.model)
         except EmbedError as error:
             await abort(context, error)
         hold.ready()
         return response
 
     async def Info(self, request, context):
-        return info_response(self.core)
+        try:
+            return info_response(self.core.info(request.model))
+        except EmbedError as error:
+            await abort(context, error)
 
     async def GetTokenizer(self, request, context):
-        engine = self.core.engine
+        try:
+            engine = self.core.engine_for(request.model)
+        except EmbedError as error:
+            await abort(context, error)
         return pb.TokenizerResponse(tokenizer_json=engine.tokenizer_json,
                                     sha256=engine.tokenizer_sha256)
 
+    async def ListModels(self, request, context):
+        return pb.ListModelsResponse(models=[info_response(info) for info in self.core.models()])
 
-def info_response(core: Core) -> pb.InfoResponse:
-    info = dict(core.info())
+
+def info_response(info: dict) -> pb.InfoResponse:
+    """Core.info()'s values as the proto's InfoResponse."""
+    info = dict(info)
     pipeline = dict(info.pop("pipeline"))
     dense = [pb.DenseLayer(**layer) for layer in pipeline.pop("dense")]
     return pb.InfoResponse(**info | {"limits": pb.Limits(**info["limits"])},
@@ -347,7 +358,7 @@ def embed_call(request: pb.EmbedRequest, with_ids: bool = True) -> EmbedCall:
         dimensions=request.dimensions, dtype=enum_name(DTYPE_NAMES, request.dtype, "dtype"),
         truncate=request.truncate if request.HasField("truncate") else True,
         token_ids=request.token_ids if with_ids else b"", token_lengths=request.token_lengths,
-        priority=enum_name(PRIORITY_NAMES, request.priority, "priority"))
+        priority=enum_name(PRIORITY_NAMES, request.priority, "priority"), model=request.model)
 
 
 async def abort(context, error: EmbedError):
@@ -370,7 +381,7 @@ def to_response(request_id: str, result: JobResult) -> pb.EmbedResponse:
 class GrpcFrontEnd:
     """The gRPC server over a core: the Embedder service, health and reflection, TLS and bearer
     tokens, listening on host:port (port 0: any free one, see .port). Health says NOT_SERVING
-    until set_serving(True)."""
+    until set_serving says otherwise."""
 
     def __init__(self, core: Core, budget: MemoryBudget, security: Security):
         limits = core.limits
@@ -387,6 +398,7 @@ class GrpcFrontEnd:
                    # One connection opens at most this many calls at once (the HTTP/2 setting).
                    ("grpc.max_concurrent_streams", limits.max_concurrent_streams)]
         self.security = security
+        self.models = list(core.engines)
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_EmbedderServicer_to_server(EmbedderService(core, budget), self.server)
         self.health = health.aio.HealthServicer()
@@ -397,7 +409,7 @@ class GrpcFrontEnd:
         self.port: int | None = None
 
     async def start(self, host: str, port: int) -> None:
-        await self.set_serving(False)
+        await self.set_serving({name: False for name in ("", *self.models)})
         address, security = f"{host}:{port}", self.security
         if security.tls_cert:
             self.port = self.server.add_secure_port(address, server_credentials(
@@ -408,11 +420,14 @@ class GrpcFrontEnd:
             raise OSError(f"could not listen on {address}")
         await self.server.start()
 
-    async def set_serving(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else \
-            health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, status)
+    async def set_serving(self, serving: dict[str, bool]) -> None:
+        """Health by service name: "" (and the Embedder service's name) for the whole server,
+        each model's name for that model."""
+        for name, up in serving.items():
+            status = health_pb2.HealthCheckResponse.SERVING if up else \
+                health_pb2.HealthCheckResponse.NOT_SERVING
+            for service in (("", SERVICE_NAME) if name == "" else (name,)):
+                await self.health.set(service, status)
 
     async def stop(self, grace: float) -> None:
         """NOT_SERVING, new calls refused, calls in flight get `grace` seconds."""
