@@ -235,12 +235,14 @@ def queue_gauge(server) -> float:
 
 
 def forwarded_texts(server) -> float:
-    return server.batcher.metrics.registry.get_sample_value("bertstream_batch_size_sum")
+    return server.batcher.metrics.registry.get_sample_value(
+        "bertstream_batch_size_sum", {"model": server.batcher.engine.name})
 
 
 def stream_messages(server, code: str) -> float:
     return server.batcher.metrics.registry.get_sample_value(
-        "bertstream_requests_total", {"rpc": "EmbedStream", "code": code}) or 0.0
+        "bertstream_requests_total", {"rpc": "EmbedStream", "code": code,
+                                      "model": server.batcher.engine.name}) or 0.0
 
 
 def test_cancelled_stream_empties_the_queue(server, corpus):

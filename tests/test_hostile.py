@@ -334,7 +334,7 @@ def test_a_cancellation_storm_gives_all_room_back(engine, corpus):
             assert answered.wait(60)
             admission = server.admission
             queued_at_cancel = admission.queued
-            computed_at_cancel = sample("bertstream_batch_size_sum")
+            computed_at_cancel = sample("bertstream_batch_size_sum", model=engine.name)
             for client in clients:  # closing the channel cancels its stream
                 client.close()
             for stream in running:
@@ -344,7 +344,8 @@ def test_a_cancellation_storm_gives_all_room_back(engine, corpus):
             time.sleep(0.1)
         assert admission.queued == 0 and admission.waiting == 0
         time.sleep(1)  # batches that had started finish
-        computed_after = sample("bertstream_batch_size_sum") - computed_at_cancel
+        computed_after = sample("bertstream_batch_size_sum", model=engine.name) - \
+            computed_at_cancel
         HOSTILE_REPORT["cancellation storm"] = (
             f"{queued_at_cancel:,} texts queued when {len(clients)} streams went, "
             f"{computed_after:,.0f} computed after")

@@ -16,12 +16,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from bertstream.client import Client
+from bertstream.server.engine import DEFAULT_MODEL_NAME
 from bertstream.server.limits import Limits
 from bertstream.server.security import Security
 from tests.conftest import TEST_LIMITS, ServerThread
 
 TOKEN = "http-test-token"
 ATOL = 1e-5
+MODEL = DEFAULT_MODEL_NAME  # the packaged model, by the name it is served as
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +95,7 @@ def test_openai_sdk_one_string_and_its_default_encoding(served, grpc_client):
     from openai import OpenAI
 
     openai = OpenAI(base_url=served.base + "/v1", api_key=TOKEN, max_retries=0)
-    response = openai.embeddings.create(model="m", input="one text")  # SDK default: base64
+    response = openai.embeddings.create(model=MODEL, input="one text")  # SDK default: base64
     np.testing.assert_allclose(np.array(response.data[0].embedding, dtype=np.float32),
                                grpc_client.embed(["one text"])[0], rtol=0, atol=ATOL)
 
@@ -104,7 +106,7 @@ def test_openai_sdk_without_a_valid_token_gets_401(served):
     for key in ("wrong-token", TOKEN + "x"):
         with pytest.raises(AuthenticationError) as info:
             OpenAI(base_url=served.base + "/v1", api_key=key, max_retries=0).embeddings.create(
-                model="m", input=["x"])
+                model=MODEL, input=["x"])
         assert info.value.status_code == 401
 
 
@@ -118,7 +120,7 @@ def test_langchain_openai_embeddings(served, grpc_client, texts):
                                grpc_client.embed(texts), rtol=0, atol=ATOL)
     np.testing.assert_allclose(np.array(embeddings.embed_query(texts[0]), dtype=np.float32),
                                grpc_client.embed(texts[:1])[0], rtol=0, atol=ATOL)
-    short = OpenAIEmbeddings(model="m", base_url=served.base + "/v1", api_key=TOKEN,
+    short = OpenAIEmbeddings(model=MODEL, base_url=served.base + "/v1", api_key=TOKEN,
                              check_embedding_ctx_length=False, dimensions=64, max_retries=0)
     np.testing.assert_allclose(np.array(short.embed_documents(texts[:5]), dtype=np.float32),
                                grpc_client.embed(texts[:5], dimensions=64), rtol=0, atol=ATOL)
@@ -150,8 +152,8 @@ def test_json_answers_sent_in_pieces_are_whole(served, grpc_client, texts, monke
     monkeypatch.setattr(core, "TOKENIZE_CHUNK_TEXTS", 4)
     expected = grpc_client.embed(texts)
     tokens_used = grpc_client.last_usage.tokens
-    status, body = post(served, "/v1/embeddings", {"input": texts, "model": "m"})
-    assert status == 200 and body["object"] == "list" and body["model"] == "m"
+    status, body = post(served, "/v1/embeddings", {"input": texts, "model": MODEL})
+    assert status == 200 and body["object"] == "list" and body["model"] == MODEL
     assert body["usage"] == {"prompt_tokens": tokens_used, "total_tokens": tokens_used}
     assert [item["index"] for item in body["data"]] == list(range(len(texts)))
     np.testing.assert_allclose(np.array([item["embedding"] for item in body["data"]],
@@ -177,7 +179,7 @@ def test_a_body_of_more_strings_than_texts_is_refused_before_it_is_parsed(served
     status, error = post(served, "/v1/embeddings", {"input": ["ab"] * (limit + 100)})
     assert status == 413 and "JSON strings" in error["error"]["message"], error
     quoted = [f'{i} said "hi", then "bye" \\"' for i in range(limit)]  # 5 quotes each, escaped
-    status, body = post(served, "/v1/embeddings", {"input": quoted, "model": "m"})
+    status, body = post(served, "/v1/embeddings", {"input": quoted, "model": MODEL})
     assert status == 200 and len(body["data"]) == limit
 
 
@@ -191,7 +193,8 @@ def test_info_health_metrics_and_docs(served, grpc_client):
     finally:
         served.running.stopping = False
     status, body = get(served, "/metrics")
-    assert status == 200 and b'bertstream_requests_total{code="OK",rpc="http"}' in body
+    assert status == 200
+    assert f'bertstream_requests_total{{code="OK",model="{MODEL}",rpc="http"}}'.encode() in body
     assert get(served, "/docs", token=None)[0] == 200
     assert get(served, "/info", token=None)[0] == 401
     assert get(served, "/metrics", token=None)[0] == 401

@@ -16,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bertstream.client import Client
+from bertstream.server.engine import DEFAULT_MODEL_NAME as MODEL
 from bertstream.server.limits import BATCH_TOKENS_BY_DEVICE
 from tests.conftest import TEST_DEVICE, free_port
 
@@ -59,20 +60,22 @@ def test_metrics_count_calls(client, metrics_url):
     list(client.stream(texts * 4, batch_size=4))  # 3 stream messages of 4 texts
     after = scrape(metrics_url)
     delta = lambda name, **labels: value(after, name, **labels) - value(before, name, **labels)  # noqa: E731
-    assert delta("bertstream_requests_total", rpc="Embed", code="OK") == 3
-    assert delta("bertstream_texts_total", rpc="Embed", code="OK") == 9
-    assert delta("bertstream_requests_total", rpc="EmbedStream", code="OK") == 3
-    assert delta("bertstream_texts_total", rpc="EmbedStream", code="OK") == 12
-    assert delta("bertstream_request_latency_seconds_count", rpc="Embed") == 3
+    assert delta("bertstream_requests_total", rpc="Embed", code="OK", model=MODEL) == 3
+    assert delta("bertstream_texts_total", rpc="Embed", code="OK", model=MODEL) == 9
+    assert delta("bertstream_requests_total", rpc="EmbedStream", code="OK", model=MODEL) == 3
+    assert delta("bertstream_texts_total", rpc="EmbedStream", code="OK", model=MODEL) == 12
+    assert delta("bertstream_request_latency_seconds_count", rpc="Embed", model=MODEL) == 3
     tokens = sum(len(t) for t in client.tokenize(texts))
-    assert delta("bertstream_tokens_total") == 3 * tokens + 4 * tokens
-    assert delta("bertstream_batch_size_sum") == 21  # every text went through one forward pass
-    assert delta("bertstream_batch_size_count") >= 4
-    assert delta("bertstream_forward_seconds_count") == delta("bertstream_batch_size_count")
+    assert delta("bertstream_tokens_total", model=MODEL) == 3 * tokens + 4 * tokens
+    assert delta("bertstream_batch_size_sum", model=MODEL) == 21  # every text went through one forward pass
+    assert delta("bertstream_batch_size_count", model=MODEL) >= 4
+    assert delta("bertstream_forward_seconds_count", model=MODEL) == delta("bertstream_batch_size_count", model=MODEL)
     assert delta("bertstream_queue_wait_seconds_count") == 21
     assert value(after, "bertstream_queue_texts") == 0  # all done, nothing waiting
-    info = value(after, "bertstream_model_info", model=client.info()["model"], device=TEST_DEVICE,
-                 dtype="float32", max_length="256")
+    served = client.info()
+    info = value(after, "bertstream_model_info", model=MODEL, path=served["model"],
+                 device=TEST_DEVICE, dtype="float32", max_length="256",
+                 weight_bytes=str(served["weight_bytes"]))
     assert info == 1
 
 
@@ -81,7 +84,7 @@ def test_failing_request_moves_error_counter(client, metrics_url):
     with pytest.raises(grpc.RpcError):
         client.embed(["x"], layers=(12,))
     after = scrape(metrics_url)
-    key = dict(rpc="Embed", code="INVALID_ARGUMENT")
+    key = dict(rpc="Embed", code="INVALID_ARGUMENT", model=MODEL)
     assert value(after, "bertstream_requests_total", **key) - \
         value(before, "bertstream_requests_total", **key) == 1
 
@@ -137,7 +140,8 @@ def test_serve_command_logs_serves_and_stops():
         with Client(f"127.0.0.1:{port}", timeout=60) as client:
             assert client.embed(["hello"]).shape == (1, 384)
         samples = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
-        assert value(samples, "bertstream_requests_total", rpc="Embed", code="OK") == 1
+        assert value(samples, "bertstream_requests_total", rpc="Embed", code="OK",
+                         model=MODEL) == 1
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
         rest = [json.loads(line) for line in process.stderr.read().splitlines()

@@ -112,7 +112,7 @@ def test_forward_flops_and_tokens_are_counted(server, client, engine):
     registry = server.batcher.metrics.registry
 
     def sample(name):
-        return registry.get_sample_value(name) or 0.0
+        return registry.get_sample_value(name, {"model": engine.name}) or 0.0
 
     names = ("bertstream_forward_flops_total", "bertstream_forward_real_tokens_total",
              "bertstream_forward_padded_tokens_total")
