@@ -173,3 +173,42 @@ def test_a_submission_never_waits_for_the_workers_lock(engine):
         release.set()
         holder.join()
         batcher.close()
+
+
+class ModelEngine(RecordingEngine):
+    """One served model (the real engine under another name); every model's passes go to one
+    log, with the ids each pass held."""
+
+    def __init__(self, engine, name, log):
+        super().__init__(engine)
+        self.name, self.log = name, log
+
+    def forward(self, ids):
+        self.log.append((self.name, {tuple(row.tolist()) for row in ids}))
+        return self._engine.forward(ids)
+
+
+def test_models_take_turns_and_a_batch_holds_one_models_texts(engine, corpus):
+    """Model a has a backlog of many batches when one text comes for model b: b's pass comes
+    after at most the two of a's already cut (one per worker), not after a's backlog; every pass
+    holds the texts of its own model only, and each job's vectors are its model's."""
+    log = []
+    a, b = ModelEngine(engine, "a", log), ModelEngine(engine, "b", log)
+    batcher = Batcher([a, b], max_batch_tokens=96)
+    options = engine.options("mean", (), "concat", False)
+    texts = {"a": list(corpus[:40]), "b": ["one text for the other model"]}
+    ids = {name: engine.tokenize(texts[name]).ids for name in texts}
+    done = {name: Future() for name in texts}
+    try:
+        for name, model in (("a", a), ("b", b)):
+            batcher.submit(Job(ids[name], options, "float32", done[name].set_result,
+                               engine=model))
+        results = {name: vectors(done[name].result(timeout=120)) for name in texts}
+    finally:
+        batcher.close()
+    models = [name for name, _ in log]
+    assert len(models) > 4 and models.index("b") <= 2, models
+    for name, held in log:
+        assert held <= {tuple(row.tolist()) for row in ids[name]}, name
+    np.testing.assert_allclose(results["b"][0], alone(engine, texts["b"][0])[0], atol=1e-4)
+    np.testing.assert_allclose(results["a"][7], alone(engine, texts["a"][7])[0], atol=1e-4)
