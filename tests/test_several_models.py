@@ -348,3 +348,34 @@ def test_serve_takes_names_and_a_model_that_cannot_start_stops_it(engines, tmp_p
                                "--model", bert], output.name)
         assert twice.wait(timeout=120) != 0
         assert "two models have one name" in output.read()
+
+
+def test_the_embed_command_and_the_ray_stage_take_a_model(together, alone, texts, tmp_path,
+                                                         capsys):
+    """`bertstream embed --model`, and its --resume refuses another model (one run's rows, never
+    two models'); the Ray stage's actor with model= (called here without Ray: the option's path
+    is the actor's own)."""
+    import pyarrow as pa
+
+    from bertstream.client.cli import main
+    from bertstream.client.ray import _Embedder
+
+    lines = [text for text in texts if "\n" not in text]
+    (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
+    args = ["embed", str(tmp_path / "in.txt"), "-o", str(tmp_path / "out.npy"), "--server",
+            together.target, "--no-progress"]
+    assert main([*args, "--model", "distilbert"]) == 0
+    with Client(alone["distilbert"].target, timeout=60) as own:
+        want = own.embed(lines)
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), want, rtol=0, atol=EXACT)
+    capsys.readouterr()
+    assert main([*args, "--model", "bert", "--resume"]) == 2  # the record names distilbert
+    assert "the server's model" in capsys.readouterr().err
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), want, rtol=0, atol=EXACT)
+
+    actor = _Embedder(together.target, "text", "embedding", message_size=4, window=2,
+                      token=None, tls={}, message_timeout=60, tokenize_locally=False,
+                      give_up_after=1, options={"model": "distilbert", "priority": "bulk"})
+    table = actor(pa.table({"text": lines}))
+    got = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(got, want, rtol=0, atol=EXACT)
