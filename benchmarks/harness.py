@@ -52,3 +52,10 @@ def thread_cpu(pid: int) -> dict[str, tuple[str, float]]:
         except (FileNotFoundError, ProcessLookupError):
             pass
     return out
+
+
+def process_memory(pid: int) -> tuple[int, int]:
+    """(resident bytes now, peak resident bytes) of a process."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text()
+                  .splitlines() if ":" in line)
+    return (int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024)

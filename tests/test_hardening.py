@@ -311,7 +311,7 @@ class FaultyEngine:
 def test_forward_failures_split_and_retry_then_fail_only_the_bad_item(engine, client, corpus):
     faulty = FaultyEngine(engine, max_rows=3, poison="poison")
     server = _server(faulty)
-    texts = list(corpus[:10])
+    texts = [f"text number {i} of ten, alike, so that they go as one pass" for i in range(10)]
     try:
         with Client(server.target, timeout=60) as c:
             faulty.calls.clear()
