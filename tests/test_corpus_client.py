@@ -363,7 +363,7 @@ def test_three_replicas_share_work_and_survive_one_dying(tmp_path, corpus, clien
         serve_processes(3, "--threads", "1", "--log-level", "WARNING",
                         each=[("--metrics-port", str(m)) for m in metrics_ports]), metrics_ports)]
     try:
-        texts = [corpus[i % len(corpus)] for i in range(600)]
+        texts = [corpus[i % len(corpus)] for i in range(360)]  # 18 messages
         expected = np.concatenate(list(client.stream(texts, batch_size=400)))
         results, killed_at = [], None
         with Client([target for _, target, _ in replicas], timeout=120) as spread:
@@ -374,9 +374,9 @@ def test_three_replicas_share_work_and_survive_one_dying(tmp_path, corpus, clien
                 if killed_at is None and all(_served(m) > 0 for _, _, m in replicas):
                     replicas[0][0].send_signal(signal.SIGKILL)
                     killed_at = i
-        assert killed_at is not None and killed_at < 50, "not every replica received work"
+        assert killed_at is not None and killed_at < 12, "not every replica received work"
         vectors = np.concatenate(results)
-        assert vectors.shape == (600, 384)  # nothing lost, nothing duplicated
+        assert vectors.shape == (360, 384)  # nothing lost, nothing duplicated
         # Rows are in input order, whichever replica computed them, before or after the kill.
         np.testing.assert_allclose(vectors, expected, atol=1e-4)  # every row, resent or not
     finally:

@@ -155,12 +155,12 @@ def test_slow_http_clients_leave_grpc_answering():
 
 
 def _flood(target: str, results) -> None:
-    results.put(rapid_reset(target, pb.EmbedRequest(texts=["a text to embed"] * 8), 5))
+    results.put(rapid_reset(target, pb.EmbedRequest(texts=["a text to embed"] * 8), 3))
 
 
 def test_a_rapid_reset_flood_does_not_disturb_other_callers():
-    """One connection sends HEADERS, an 8-text Embed and RST_STREAM as fast as it can (80,000 to
-    130,000 times in 10 s), while an unrelated caller calls on its own channel. Before, that
+    """One connection sends HEADERS, an 8-text Embed and RST_STREAM as fast as it can (24,000 to
+    40,000 times in 3 s), while an unrelated caller calls on its own channel. Before, that
     caller got CANCELLED on 11 of 36 calls. Now every call is OK and none waits a second. Its
     latency is reported beside its latency while the same flood hits another server process on
     this machine: on 2 cores the flood's own CPU slows everyone, and grpc.aio still runs Python
@@ -176,7 +176,7 @@ def test_a_rapid_reset_flood_does_not_disturb_other_callers():
                 target=_flood, args=(flooded, results))
             flooder.start()
             time.sleep(0.5)
-            latencies, codes = small_calls(target, 4)
+            latencies, codes = small_calls(target, 2.5)
             flooder.join(timeout=30)
             flood = results.get(timeout=10)
             assert flood["sent"] > 15_000, flood

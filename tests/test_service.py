@@ -48,11 +48,13 @@ def test_mean_matches_sentence_transformers(client, corpus):
 
     from bertstream.server.engine import default_model_path
 
-    texts = list(corpus[:240]) + sorted(corpus, key=len)[-5:]  # the longest are truncated
+    # Of every length, several batches' worth; the longest are truncated. (test_models.py holds
+    # the model's other options against sentence-transformers.)
+    texts = sorted(corpus[:600], key=len)[::10] + sorted(corpus, key=len)[-5:]
     model = SentenceTransformer(default_model_path(), device="cpu")
     expected = model.encode(texts, batch_size=32, convert_to_numpy=True)
     got = client.embed(texts)  # the model's pipeline: masked mean, then Normalize
-    assert got.shape == expected.shape == (245, 384)
+    assert got.shape == expected.shape == (65, 384)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
     # An explicit mean is the raw building block: the same direction, not normalized.
     raw = client.embed(texts, pooling="mean")
@@ -85,12 +87,18 @@ def test_pooling_and_layers_match_direct_forward(client, reference, texts, pooli
         np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1, rtol=1e-5)
 
 
-def test_batch_invariance(client, corpus):
-    """A text's vector is the same alone as inside a batch of longer texts."""
-    longer = sorted(corpus, key=len)[-40:]
+def test_batch_invariance(engine, corpus):
+    """A text's vector is the same alone as padded inside a batch of longer texts (the forward
+    pass and pooling, as a forward worker runs them: the queue no longer pads a short text to
+    long ones, so it is built here)."""
+    options = engine.options()
+    longer = engine.tokenize(sorted(corpus, key=len)[-8:]).ids
     for text in SHORT:
-        alone = client.embed([text])[0]
-        inside = client.embed(longer[:20] + [text] + longer[20:])[20]
+        ids = engine.tokenize([text]).ids
+        alone = engine.pool(*engine.forward(ids), np.arange(1), options)[0]
+        hidden, lengths = engine.forward(longer[:4] + ids + longer[4:])
+        assert lengths[4] < lengths.max()  # padded
+        inside = engine.pool(hidden, lengths, np.arange(len(lengths)), options)[4]
         assert np.abs(alone - inside).max() <= 1e-4
 
 
