@@ -5,6 +5,7 @@ Each of these held the server before (figures in SECURITY.md); HOSTILE_REPORT ge
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import resource
@@ -22,10 +23,12 @@ from tests.raw_h2 import RawConnection, rapid_reset
 from tests.test_hostile import GB, HOSTILE_REPORT, peak_rss
 
 
-def small_calls(target: str, seconds: float, pause: float = 0.2) -> tuple[list, list]:
-    """An unrelated caller's 8-text Embed calls for `seconds`: (latencies of the OK ones, codes)."""
+def small_calls(target: str, seconds: float, pause: float = 0.2,
+                client: Client | None = None) -> tuple[list, list]:
+    """An unrelated caller's 8-text Embed calls for `seconds` (on its own connection, or on
+    `client`'s): (latencies of the OK ones, codes)."""
     latencies, codes = [], []
-    with Client(target, timeout=30) as client:
+    with contextlib.nullcontext(client) if client else Client(target, timeout=30) as client:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             started = time.perf_counter()
@@ -108,7 +111,9 @@ def test_slow_http_clients_leave_grpc_answering():
     process, target = serve_process("--log-level", "WARNING", "--http-port", str(http_port),
                                     "--http-read-timeout", "3", output=log_path,
                                     max_open_files=1024)
+    caller = Client(target, timeout=30)  # connected before the flood, as a service's would be
     try:
+        small_calls(target, 0.01, client=caller)
         head = (b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                 b"Content-Length: 100\r\n\r\n")
         for kind in ["silent"] * 300 + ["header"] * 200 + ["body"] * 100 + ["silent"] * 500:
@@ -126,7 +131,7 @@ def test_slow_http_clients_leave_grpc_answering():
                         sent[0] += sock.send(head if not sent[0] else b" ")
                 except OSError:  # closed by the server
                     pass
-            more, more_codes = small_calls(target, 0.01, pause=0)
+            more, more_codes = small_calls(target, 0.01, pause=0, client=caller)
             latencies += more
             codes += more_codes
             time.sleep(0.5)
@@ -147,6 +152,7 @@ def test_slow_http_clients_leave_grpc_answering():
         assert closed == len(sockets), f"{len(sockets) - closed} connections still open"
         assert log_bytes < 2**20
     finally:
+        caller.close()
         for _, sock, _ in sockets:
             sock.close()
         process.kill()
