@@ -41,7 +41,7 @@ def serve(port: int, batch_tokens: int) -> None:
 
     buffers: dict = {}
 
-    def stand_in(self, input_ids, attention_mask):
+    def stand_in(self, input_ids, attention_mask, **_):
         rows, longest = input_ids.shape
         size = rows * longest * self.hidden_size
         flat = buffers.get("flat")

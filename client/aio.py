@@ -10,10 +10,10 @@ from typing import AsyncIterable, AsyncIterator, Iterable, Sequence
 import grpc
 import numpy as np
 
-from .core import (SEND_ATTEMPTS, EmbedStreamError, LocalTokenizer, Usage, batches,
-                   build_request, check_combine_strategy, combine_tokens,
-                   decode_response, embed_request, make_channel, send_again,
-                   tokens_request)
+from .core import (SEND_ATTEMPTS, Classified, EmbedStreamError, LocalTokenizer, Usage, batches,
+                   build_request, check_combine_strategy, classified_of, classify_request,
+                   combine_tokens, decode_response, embed_request, make_channel, ranked_of,
+                   rerank_request, send_again, tokens_request)
 from .sync import info_of, tokens_of
 from bertstream.proto import embedder_pb2 as pb
 from bertstream.proto import embedder_pb2_grpc as pb_grpc
@@ -179,6 +179,28 @@ class AsyncClient:
     async def info(self, model: str | None = None) -> dict:
         return info_of(await self._stub.Info(pb.InfoRequest(model=model or self.model or ""),
                                              timeout=self.timeout, metadata=self._metadata))
+
+    async def rerank(self, query: str, documents: Sequence[str], top_n: int | None = None,
+                     return_documents: bool = False, raw_scores: bool = False,
+                     truncate: bool = True, model: str | None = None,
+                     priority: str | None = None) -> list[dict]:
+        """As Client.rerank."""
+        response = await self._stub.Rerank(rerank_request(
+            query, documents, top_n=top_n, return_documents=return_documents,
+            raw_scores=raw_scores, truncate=truncate, model=model or self.model,
+            priority=priority), timeout=self.timeout, metadata=self._metadata)
+        self.last_usage = Usage.of(response)
+        return ranked_of(response, return_documents)
+
+    async def classify(self, texts: Sequence[str], pairs: Sequence[str] | None = None,
+                       raw_scores: bool = False, truncate: bool = True,
+                       model: str | None = None, priority: str | None = None) -> Classified:
+        """As Client.classify."""
+        response = await self._stub.Classify(classify_request(
+            texts, pairs, raw_scores=raw_scores, truncate=truncate, model=model or self.model,
+            priority=priority), timeout=self.timeout, metadata=self._metadata)
+        self.last_usage = Usage.of(response)
+        return classified_of(response)
 
     async def list_models(self) -> list[dict]:
         response = await self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout,

@@ -159,6 +159,44 @@ def tokens_request(texts: Sequence[str], **options) -> pb.EmbedRequest:
     return build_request(texts, pooling="none", **options)
 
 
+def rerank_request(query: str, documents: Sequence[str], request_id: str = "", *,
+                   top_n: int | None = None, return_documents: bool = False,
+                   raw_scores: bool = False, truncate: bool = True, model: str | None = None,
+                   priority: str | None = None) -> pb.RerankRequest:
+    if isinstance(documents, str):
+        raise TypeError("documents must be a sequence of strings, not one string")
+    return pb.RerankRequest(
+        request_id=request_id, query=query, documents=list(documents), top_n=top_n or 0,
+        return_documents=return_documents, raw_scores=raw_scores, truncate=truncate,
+        model=model or "", priority=_choice(PRIORITIES, priority, "priority"))
+
+
+def ranked_of(response: pb.RerankResponse, with_documents: bool) -> list[dict]:
+    """Rerank's results, best first: index, score (and document)."""
+    return [{"index": r.index, "score": r.score, **({"document": r.document}
+                                                    if with_documents else {})}
+            for r in response.results]
+
+
+def classify_request(texts: Sequence[str], pairs: Sequence[str] | None = None, *,
+                     raw_scores: bool = False, truncate: bool = True, model: str | None = None,
+                     priority: str | None = None) -> pb.ClassifyRequest:
+    if isinstance(texts, str):
+        raise TypeError("texts must be a sequence of strings, not one string")
+    return pb.ClassifyRequest(
+        texts=list(texts), text_pairs=list(pairs or ()), raw_scores=raw_scores,
+        truncate=truncate, model=model or "", priority=_choice(PRIORITIES, priority, "priority"))
+
+
+class Classified(NamedTuple):
+    labels: list[str]     # the model's labels, in order
+    scores: np.ndarray    # float32 (texts, labels)
+
+
+def classified_of(response: pb.ClassifyResponse) -> Classified:
+    return Classified(list(response.labels), decode_tensor(response.scores))
+
+
 class LocalTokenizer:
     """The server's own tokenizer (GetTokenizer), run here: requests then carry token ids, which
     the server checks instead of tokenizing. The tokenizing moves to the machine that reads the

@@ -10,10 +10,10 @@ from typing import Iterable, Iterator, Sequence
 import grpc
 import numpy as np
 
-from .core import (SEND_ATTEMPTS, EmbedStreamError, LocalTokenizer, Usage, batches,
-                   build_request,
-                   check_combine_strategy, combine_tokens, decode_response,
-                   embed_request, make_channel, send_again, tokens_request)
+from .core import (SEND_ATTEMPTS, Classified, EmbedStreamError, LocalTokenizer, Usage, batches,
+                   build_request, check_combine_strategy, classified_of, classify_request,
+                   combine_tokens, decode_response, embed_request, make_channel, ranked_of,
+                   rerank_request, send_again, tokens_request)
 from bertstream.proto import embedder_pb2 as pb
 from bertstream.proto import embedder_pb2_grpc as pb_grpc
 
@@ -225,6 +225,31 @@ class Client:
         return info_of(self._stub.Info(pb.InfoRequest(model=model or self.model or ""),
                                        timeout=self.timeout, metadata=self._metadata))
 
+    def rerank(self, query: str, documents: Sequence[str], top_n: int | None = None,
+               return_documents: bool = False, raw_scores: bool = False, truncate: bool = True,
+               model: str | None = None, priority: str | None = None) -> list[dict]:
+        """A cross-encoder's relevance of each document to the query, best first: dicts of
+        index (into documents), score (the model's activation, as CrossEncoder.predict; logits
+        with raw_scores) and, with return_documents, document; the best top_n only."""
+        response = self._stub.Rerank(rerank_request(
+            query, documents, top_n=top_n, return_documents=return_documents,
+            raw_scores=raw_scores, truncate=truncate, model=model or self.model,
+            priority=priority), timeout=self.timeout, metadata=self._metadata)
+        self.last_usage = Usage.of(response)
+        return ranked_of(response, return_documents)
+
+    def classify(self, texts: Sequence[str], pairs: Sequence[str] | None = None,
+                 raw_scores: bool = False, truncate: bool = True, model: str | None = None,
+                 priority: str | None = None) -> Classified:
+        """Each label's score for each text (or pair texts[i], pairs[i]): softmax over the
+        labels, or sigmoid for one label or a multi-label model; logits with raw_scores.
+        Classified(labels, scores (n, labels))."""
+        response = self._stub.Classify(classify_request(
+            texts, pairs, raw_scores=raw_scores, truncate=truncate, model=model or self.model,
+            priority=priority), timeout=self.timeout, metadata=self._metadata)
+        self.last_usage = Usage.of(response)
+        return classified_of(response)
+
     def list_models(self) -> list[dict]:
         """info() of every model the server serves, its default first."""
         response = self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout,
@@ -266,6 +291,7 @@ def tokens_of(response: pb.TokenizeResponse) -> list[list[dict]]:
 def info_of(response: pb.InfoResponse) -> dict:
     return {
         "model": response.model, "name": response.name, "weight_bytes": response.weight_bytes,
+        "kind": response.kind, "tasks": list(response.tasks), "labels": list(response.labels),
         "hidden_size": response.hidden_size,
         "num_layers": response.num_layers, "max_input_tokens": response.max_input_tokens,
         "device": response.device, "dtype": response.dtype,

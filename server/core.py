@@ -18,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
+
 from .admission import Admission
 from .batcher import Batcher
 from .jobs import INTERACTIVE, LANES, Job, JobResult
@@ -34,6 +36,27 @@ INLINE_TOKENIZE_CHARS = 2000
 INLINE_TOKEN_ID_BYTES = 256 * 1024
 # Tokenize answers are built this many texts at a time (Core.tokenize).
 TOKENIZE_CHUNK_TEXTS = 256
+
+
+@dataclass
+class ScoreCall:
+    """Rerank or Classify in the core's terms: items of one text (firsts) or of two (firsts and
+    seconds, pairs), scored by a cross-encoder. For Rerank, firsts is the query once per
+    document (one string, many references)."""
+
+    task: str  # "rerank" or "classify" (Engine.tasks)
+    firsts: Sequence[str]
+    seconds: Sequence[str] | None = None
+    raw_scores: bool = False  # logits, not the activation
+    truncate: bool = True
+    priority: str = INTERACTIVE
+    model: str = ""
+    first_field: str = "texts"  # the names errors give the two sides
+    second_field: str = "text_pairs"
+
+    @property
+    def items(self) -> int:
+        return len(self.firsts)
 
 
 @dataclass
@@ -95,18 +118,22 @@ class Core:
         return engine
 
     def check_texts(self, texts, field: str = "texts") -> None:
+        """At least one, at most max_texts_per_request, each within max_chars_per_text (texts;
+        for token_lengths, the count only)."""
         if not texts:
             raise EmbedError.invalid(f"{field}: empty; send at least one text")
         if len(texts) > self.limits.max_texts_per_request:
             raise EmbedError.too_large(
                 f"{field}: {len(texts)} texts, over the limit of "
                 f"{self.limits.max_texts_per_request} per request (max_texts_per_request)")
-        if field != "texts":
-            return
+        if field != "token_lengths":
+            self.check_chars(texts, field)
+
+    def check_chars(self, texts, field: str) -> None:
         for i, text in enumerate(texts):
             if len(text) > self.limits.max_chars_per_text:
                 raise EmbedError.too_large(
-                    f"texts[{i}]: {len(text)} characters, over the limit of "
+                    f"{field}[{i}]: {len(text)} characters, over the limit of "
                     f"{self.limits.max_chars_per_text} (max_chars_per_text)")
 
     def options(self, call: EmbedCall) -> EmbedOptions:
@@ -140,6 +167,14 @@ class Core:
         return request_bytes + min(response_bytes(rows, options.width, call.dtype),
                                    self.limits.max_response_bytes)
 
+    def score_cost(self, call: ScoreCall, request_bytes: int) -> int:
+        """What a Rerank or Classify request may hold: its bytes and its scores'."""
+        try:
+            labels = len(self.engine_for(call.model).labels) or 1
+        except EmbedError:
+            return request_bytes
+        return request_bytes + min(call.items * labels * 4, self.limits.max_response_bytes)
+
     def tokenize_cost(self, request_bytes: int) -> int:
         """What a Tokenize request may hold: its bytes and its answer's (some 16 bytes a token,
         a token some 4 bytes of text; at most max_response_bytes)."""
@@ -152,6 +187,7 @@ class Core:
         pipeline = engine.pipeline
         return {
             "model": engine.model_name, "name": engine.name, "weight_bytes": engine.weight_bytes,
+            "kind": engine.kind, "tasks": list(engine.tasks), "labels": list(engine.labels),
             "hidden_size": engine.hidden_size,
             "num_layers": engine.num_layers, "max_input_tokens": engine.max_length,
             "device": str(engine.device), "dtype": engine.dtype,
@@ -235,11 +271,12 @@ class Core:
     async def embed(self, call: EmbedCall, wait: bool = False, caller: object = None) -> JobResult:
         """Validate, admit, tokenize, queue, await. Raises EmbedError. The size of the answer is
         checked before any work (for token-level output, once the tokens are counted); room in
-        the pool is taken before tokenizing and given back by the batcher when the texts leave
-        the pool (or here, if they never reach it). caller: whose turn this is in the batcher
-        (a stream's messages share one)."""
+        the queue is taken before tokenizing and given back by the batcher when the texts leave
+        it (or here, if they never reach it). caller: whose turn this is in the batcher (a
+        stream's messages share one)."""
         sequence = next(self._sequence)  # before any await: the order requests came in
         engine = self.engine_for(call.model)
+        require(engine, "embed")
         if call.token_lengths and call.texts:
             raise EmbedError.invalid("texts and token_ids: send one or the other, not both")
         if call.token_ids and not call.token_lengths:
@@ -250,32 +287,68 @@ class Core:
         else:
             self.check_texts(call.texts)
         options = self.options(call)
-        texts = call.items
         if not options.token_level:
-            self.check_response_size(texts, options, call.dtype)
-        if call.priority not in LANES:
-            raise EmbedError.invalid(f"priority: unknown value {call.priority!r}; use one of "
-                                     f"{LANES}")
-        await self.admit(texts, wait, call.priority)
-        job = None
-        try:
-            if call.token_lengths:  # checked, not tokenized: vectorized numpy
-                data, call.token_ids = call.token_ids, b""  # the rows are views of these bytes
-                tokens = await self._on_tokenizer(len(data) <= INLINE_TOKEN_ID_BYTES,
-                                                  engine.token_ids, data,
-                                                  call.token_lengths, call.truncate)
-                del data
-            else:
-                tokens = await self._on_tokenizer(
-                    sum(map(len, call.texts)) <= INLINE_TOKENIZE_CHARS, engine.tokenize,
+            self.check_response_size(call.items, options, call.dtype)
+        if call.token_lengths:  # checked, not tokenized: vectorized numpy
+            data, call.token_ids = call.token_ids, b""  # the rows are views of these bytes
+            work = (len(data) <= INLINE_TOKEN_ID_BYTES, engine.token_ids, data,
+                    call.token_lengths, call.truncate)
+        else:
+            work = (sum(map(len, call.texts)) <= INLINE_TOKENIZE_CHARS, engine.tokenize,
                     call.texts, call.truncate, False, options.prompt)
+
+        def tokenized(tokens: Tokenized) -> None:
+            if call.texts:
                 del call.texts[:]  # tokenized: the strings can go
             if options.token_level:
                 self.check_response_size(sum(map(len, tokens.ids)), options, call.dtype)
+
+        return await self._compute(engine, call.items, options, call.dtype, call.priority, wait,
+                                   caller, sequence, work, tokenized)
+
+    async def score(self, call: ScoreCall, wait: bool = False, caller: object = None) -> JobResult:
+        """A cross-encoder's scores of texts or text pairs (Rerank, Classify): validated,
+        admitted, tokenized as pairs, queued and computed like embeddings (the same limits,
+        lanes and batches), one row of label scores per item. Raises EmbedError."""
+        sequence = next(self._sequence)
+        engine = self.engine_for(call.model)
+        require(engine, call.task)
+        if call.seconds is None:
+            self.check_texts(call.firsts, call.first_field)
+        else:
+            self.check_texts(call.seconds, call.second_field)
+            if len(call.seconds) != len(call.firsts):
+                raise EmbedError.invalid(
+                    f"{call.second_field}: {len(call.seconds)} texts for "
+                    f"{len(call.firsts)} in {call.first_field}; send one per text, or none")
+            self.check_chars(call.firsts, call.first_field)
+        options = engine.score_options(call.task, call.raw_scores)
+        self.check_response_size(call.items, options, "float32")
+        work = (sum(map(len, call.firsts)) + sum(map(len, call.seconds or ()))
+                <= INLINE_TOKENIZE_CHARS, engine.tokenize_pairs, call.firsts, call.seconds,
+                call.truncate, call.first_field)
+        return await self._compute(engine, call.items, options, "float32", call.priority, wait,
+                                   caller, sequence, work)
+
+    async def _compute(self, engine: Engine, items: int, options, dtype: str, lane: str,
+                       wait: bool, caller: object, sequence: int, work: tuple,
+                       tokenized: Callable[[Tokenized], None] | None = None) -> JobResult:
+        """The path every computed request takes once checked: room in its lane, its
+        tokenizing (work: (small, function, *args) for _on_tokenizer), a job for the batcher,
+        its answer. tokenized(tokens): checks and clean-up once the tokens exist."""
+        if lane not in LANES:
+            raise EmbedError.invalid(f"priority: unknown value {lane!r}; use one of {LANES}")
+        await self.admit(items, wait, lane)
+        job = None
+        try:
+            tokens = await self._on_tokenizer(*work)
+            del work
+            if tokenized is not None:
+                tokenized(tokens)
             done, on_done = completion()
-            job = Job(tokens.ids, options, call.dtype, on_done,
-                      truncated_items=sum(tokens.truncated), caller=caller, sequence=sequence,
-                      lane=call.priority, engine=engine)
+            job = Job(tokens.ids, options, dtype, on_done, truncated_items=sum(tokens.truncated),
+                      caller=caller, sequence=sequence, lane=lane, engine=engine,
+                      type_ids=tokens.type_ids)
             self.batcher.submit(job)
             result = await done
         except asyncio.CancelledError:  # the caller went away or its deadline passed
@@ -283,23 +356,25 @@ class Core:
                 job.cancelled = True  # the batcher drops its texts still queued
             raise
         finally:
-            if job is None:  # never reached the pool: its room is ours to give back
-                self.admissions[call.priority].release(texts)
+            if job is None:  # never reached the queue: its room is ours to give back
+                self.admissions[lane].release(items)
         if isinstance(result, EmbedError):
             raise result
         self.metrics.tokens.labels(engine.name).inc(result.usage.tokens)
         self.metrics.truncated.labels(engine.name).inc(result.usage.truncated_items)
         return result
 
-    async def observed_embed(self, rpc: str, call: EmbedCall, wait: bool = False,
-                             caller: object = None, codes: dict | None = None) -> JobResult:
-        """embed(), counted and timed by RPC and outcome (once per request, success or not);
-        `codes` names the outcome of each EmbedError kind in the front-end's terms."""
+    async def observed(self, rpc: str, call: EmbedCall | ScoreCall, wait: bool = False,
+                       caller: object = None, codes: dict | None = None) -> JobResult:
+        """embed() or score(), as the call is, counted and timed by RPC and outcome (once per
+        request, success or not); `codes` names the outcome of each EmbedError kind in the
+        front-end's terms."""
         started, code, texts = time.perf_counter(), "OK", call.items
         # by the model served: a name sent that is not served is not a label (any string could be)
         model = call.model if call.model in self.engines else "" if call.model else self.engine.name
+        compute = self.score if isinstance(call, ScoreCall) else self.embed
         try:
-            return await self.embed(call, wait, caller)
+            return await compute(call, wait, caller)
         except EmbedError as error:
             code = (codes or {}).get(error.kind, error.kind.name)
             raise
@@ -310,6 +385,23 @@ class Core:
             self.metrics.requests.labels(rpc, code, model).inc()
             self.metrics.texts.labels(rpc, code, model).inc(texts)
             self.metrics.latency.labels(rpc, model).observe(time.perf_counter() - started)
+
+
+def ranking(scores: np.ndarray, top_n: int = 0) -> list[tuple[int, float]]:
+    """(index, score) best first, ties in document order (a stable sort, as CrossEncoder.rank);
+    the first top_n (0 or less: all)."""
+    order = np.argsort(-scores, kind="stable")
+    if top_n > 0:
+        order = order[:top_n]
+    return [(int(i), float(scores[i])) for i in order]
+
+
+def require(engine: Engine, task: str) -> None:
+    """The model does this task (its kind's), or UNSUPPORTED naming the tasks it does."""
+    if task not in engine.tasks:
+        raise EmbedError.unsupported(
+            f"model {engine.name} is a{'n' if engine.kind[0] in 'aeiou' else ''} {engine.kind} "
+            f"model: it does {', '.join(engine.tasks)}, not {task}")
 
 
 def completion() -> tuple[asyncio.Future, Callable]:
@@ -330,8 +422,12 @@ async def warm_up(core: Core) -> None:
     included (on a forward worker, like every forward pass): a model that cannot take its max
     length fails here, at start, naming it, not on a user's request."""
     for name, engine in core.engines.items():
+        longest = "warm-up " * engine.max_length
         try:
-            await core.embed(EmbedCall(["warm-up " * engine.max_length], model=name))
+            if "embed" in engine.tasks:
+                await core.embed(EmbedCall([longest], model=name))
+            else:  # a cross-encoder: a pair of the longest
+                await core.score(ScoreCall("classify", [longest], [longest], model=name))
         except EmbedError as error:
             raise RuntimeError(f"model {name} ({engine.model_name}): warm-up failed: "
                                f"{error.message}") from None

@@ -17,6 +17,8 @@ import torch
 from bertstream import ext
 from .errors import EmbedError
 from .pipeline import NORMALIZE, Pipeline, local_model_folder, read_pipeline
+from . import scoring
+from .scoring import CROSS_ENCODER, EMBEDDING, ScoreOptions
 
 log = logging.getLogger("bertstream.engine")
 
@@ -71,6 +73,7 @@ class Tokenized:
     truncated: list[bool]
     offsets: list[list[tuple[int, int]]]
     tokens: list[list[str]]
+    type_ids: list[np.ndarray] | None = None  # a cross-encoder's segment ids (tokenize_pairs)
 
 
 class Engine:
@@ -94,7 +97,14 @@ class Engine:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         folder = local_model_folder(self.model_name)
-        self.pipeline = read_pipeline(folder) if Path(folder).is_dir() else Pipeline()
+        # A sequence-classification folder is a cross-encoder (rerank, classify); any other is
+        # an embedding model with its sentence-transformers pipeline.
+        self.kind = scoring.model_kind(folder)
+        if self.kind == CROSS_ENCODER:
+            scoring.check_modules(folder)
+            self.pipeline = Pipeline()
+        else:
+            self.pipeline = read_pipeline(folder) if Path(folder).is_dir() else Pipeline()
         encoder = str(Path(folder, self.pipeline.transformer_path)) if Path(folder).is_dir() \
             else folder
         local = Path(encoder).is_dir()
@@ -104,7 +114,8 @@ class Engine:
         if not self.tokenizer.is_fast:
             raise ValueError(f"{self.model_name}: no fast (Rust) tokenizer; bertstream needs one")
         check_token_ids(encoder, self.tokenizer, model_config)
-        self.model, self.attention = load_encoder(encoder, local, TORCH_DTYPES[self.dtype])
+        self.model, self.attention = load_encoder(encoder, local, TORCH_DTYPES[self.dtype],
+                                                  classifier=self.kind == CROSS_ENCODER)
         self.model = self.model.to(self.device).eval()
         self.weight_bytes = sum(tensor.numel() * tensor.element_size() for tensor in
                                 (*self.model.parameters(), *self.model.buffers()))
@@ -120,7 +131,22 @@ class Engine:
                              f"position embeddings hold {positions} tokens")
         self.max_length = max_length or min(
             self.pipeline.max_seq_length or model_max_length(self.tokenizer, config), positions)
-        self.output_width = self._check_pipeline_widths()
+        self.labels: tuple[str, ...] = ()
+        self.tasks = scoring.TASKS[self.kind]
+        if self.kind == CROSS_ENCODER:
+            self.num_labels = int(config.num_labels)
+            self.labels = tuple(str(config.id2label.get(i, f"LABEL_{i}"))
+                                for i in range(self.num_labels))
+            if self.num_labels != 1:  # a reranker scores a pair with one number
+                self.tasks = tuple(task for task in self.tasks if task != "rerank")
+            self._activations = {**scoring.NAMED,
+                                 "model": scoring.model_activation(config, self.num_labels)}
+            self._classify_activation = scoring.classify_activation(config, self.num_labels)
+            self.output_width = self.num_labels
+        else:
+            self.output_width = self._check_pipeline_widths()
+        # Segment ids go in where the tokenizer makes them (BERT's pairs; not DistilBERT's)
+        self._type_ids = "token_type_ids" in self.tokenizer.model_input_names
         self.pad_id = self.tokenizer.pad_token_id or 0
         # On the CPU the forward pass owns every core: pooling (tiny beside it) stays on one thread
         # so the kernels' OpenMP workers never compete with torch's. On a GPU, use them all.
@@ -245,6 +271,50 @@ class Engine:
                                      f"text within the model's {self.max_length} tokens")
         return text or None
 
+    def score_options(self, task: str, raw: bool) -> ScoreOptions:
+        """A Rerank's or Classify's activation: none for raw scores; else the model's own
+        (rerank, as CrossEncoder.predict) or softmax/sigmoid by its problem type (classify)."""
+        activation = "none" if raw else "model" if task == "rerank" else \
+            self._classify_activation
+        return ScoreOptions(activation, self.num_labels)
+
+    def tokenize_pairs(self, firsts, seconds, truncate: bool = True,
+                       field: str = "texts") -> Tokenized:
+        """A cross-encoder's inputs: texts, or pairs (firsts[i], seconds[i]) joined as its
+        tokenizer joins them ([CLS] a [SEP] b [SEP]), cut longest first to max_length as
+        CrossEncoder does; with their segment ids. truncate false: an over-long item is refused,
+        naming it (`field`[i]). Each side far over the max is first cut at a space, as in
+        tokenize()."""
+        limit = self.max_length * CUT_CHARS_PER_TOKEN
+
+        def cut(text: str) -> str:
+            point = cut_point(text, limit)
+            return text if point is None else text[:point]
+
+        def inputs(shorten: bool):
+            side = cut if shorten else (lambda text: text)
+            if seconds is None:
+                return [side(text) for text in firsts]
+            return [(side(a), side(b)) for a, b in zip(firsts, seconds)]
+
+        encodings = self._truncating.encode_batch_fast(inputs(True))
+        whole = inputs(False)
+        for i, encoding in enumerate(encodings):  # cut, and no longer over: encode it whole
+            if not encoding.overflowing and (seconds is None and len(firsts[i]) > limit or
+                                             seconds is not None and
+                                             max(len(firsts[i]), len(seconds[i])) > limit):
+                encodings[i] = self._truncating.encode_batch_fast([whole[i]])[0]
+        truncated = [bool(e.overflowing) for e in encodings]
+        if not truncate and any(truncated):
+            i = truncated.index(True)
+            length = len(self._full.encode_batch_fast([whole[i]])[0].ids)
+            raise EmbedError.invalid(
+                f"{field}[{i}] has {length} tokens{' as a pair' if seconds is not None else ''}, "
+                f"over the model's maximum of {self.max_length} (truncate is false)")
+        return Tokenized(ids=[np.array(e.ids, dtype=np.int32) for e in encodings],
+                         truncated=truncated, offsets=[], tokens=[],
+                         type_ids=[np.array(e.type_ids, dtype=np.int32) for e in encodings])
+
     def prompt_length(self, prompt: str) -> int:
         """The prompt's tokens at the start of every text, as sentence-transformers counts them:
         the prompt alone, tokenized, without its trailing special token ([SEP])."""
@@ -350,24 +420,31 @@ class Engine:
 
     # ------------------------------------------------------------------ forward and pooling
 
-    def forward(self, ids: list[list[int]]) -> tuple[tuple[torch.Tensor, ...], np.ndarray]:
+    def forward(self, ids: list[list[int]], type_ids: list | None = None):
         """One forward pass over texts padded to the longest: every layer's hidden states
-        (hidden_states indexing: 0 = embeddings) and the lengths."""
+        (hidden_states indexing: 0 = embeddings), or a cross-encoder's logits (rows, labels);
+        and the lengths. type_ids: a cross-encoder's segment ids per text (pairs)."""
         lengths = np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
         real = np.arange(int(lengths.max()))[None, :] < lengths[:, None]
         batch = np.full(real.shape, self.pad_id, dtype=np.int64)
         batch[real] = np.concatenate(ids)  # row by row, in order: one copy, no loop over texts
         mask = real.astype(np.int64)
-        input_ids = torch.from_numpy(batch).to(self.device, non_blocking=True)
-        attention_mask = torch.from_numpy(mask).to(self.device, non_blocking=True)
-        return self.run_model(input_ids, attention_mask), lengths
+        inputs = {"input_ids": torch.from_numpy(batch).to(self.device, non_blocking=True),
+                  "attention_mask": torch.from_numpy(mask).to(self.device, non_blocking=True)}
+        if type_ids is not None and self._type_ids:
+            segments = np.zeros(real.shape, dtype=np.int64)
+            segments[real] = np.concatenate(type_ids)
+            inputs["token_type_ids"] = torch.from_numpy(segments).to(self.device,
+                                                                     non_blocking=True)
+        return self.run_model(**inputs), lengths
 
-    def run_model(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """The model itself: every layer's hidden states (what benchmarks/host_path.py's
-        stand-in replaces, to measure everything around it)."""
+    def run_model(self, **inputs: torch.Tensor):
+        """The model itself: every layer's hidden states, or a cross-encoder's logits (what
+        benchmarks/host_path.py's stand-in replaces, to measure everything around it)."""
         with torch.inference_mode():
-            return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                              output_hidden_states=True).hidden_states
+            if self.kind == CROSS_ENCODER:
+                return self.model(**inputs).logits
+            return self.model(**inputs, output_hidden_states=True).hidden_states
 
     FLOPS_FORMULA = ("layers x rows x longest x (8 h^2 + 4 h i + 4 longest h): per layer and "
                      "padded token, the Q, K, V and output projections, the feed-forward, the "
@@ -385,10 +462,13 @@ class Engine:
             torch.cuda.empty_cache()
 
     def pool(self, hidden_states, lengths: np.ndarray, rows: np.ndarray,
-             options: EmbedOptions) -> np.ndarray:
+             options: EmbedOptions | ScoreOptions) -> np.ndarray:
         """Pool `rows` of a forward pass as `options` say: (len(rows), width) float32, or
         token-level the rows' real tokens back to back (sum(lengths[rows]), width). Then the
-        steps after pooling (Dense, Normalize), then the cut to `dimensions`."""
+        steps after pooling (Dense, Normalize), then the cut to `dimensions`. For a
+        cross-encoder (ScoreOptions): the rows' scores, (len(rows), labels)."""
+        if isinstance(options, ScoreOptions):
+            return scoring.scores(hidden_states, rows, self._activations[options.activation])
         layers = [host_array(hidden_states[layer], rows) for layer in options.layers]
         row_lengths = lengths[rows]
         threads = self.pool_threads
@@ -461,7 +541,8 @@ def usable_positions(model) -> int:
     """The longest input the position embeddings hold. RoBERTa, MPNet and their kind number
     positions from padding_idx + 1, so they hold that many fewer than max_position_embeddings."""
     positions = getattr(model.config, "max_position_embeddings", None) or 10**6
-    padding_idx = getattr(getattr(model, "embeddings", None), "padding_idx", None)
+    # base_model: the encoder itself, or the one inside a classifier (RoBERTa's .roberta)
+    padding_idx = getattr(getattr(model.base_model, "embeddings", None), "padding_idx", None)
     return positions - (padding_idx + 1 if isinstance(padding_idx, int) else 0)
 
 
@@ -523,16 +604,18 @@ def special_ends(tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(ids[:before]), tuple(ids[len(ids) - after:])
 
 
-def load_encoder(folder: str, local: bool, dtype: torch.dtype):
-    """The encoder with SDPA attention where it has it, else its default; and which one it got."""
-    from transformers import AutoModel
+def load_encoder(folder: str, local: bool, dtype: torch.dtype, classifier: bool = False):
+    """The encoder (with its classification head, for a cross-encoder) with SDPA attention where
+    it has it, else its default; and which one it got."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
 
+    auto = AutoModelForSequenceClassification if classifier else AutoModel
     try:
-        model = AutoModel.from_pretrained(folder, local_files_only=local,
-                                          attn_implementation="sdpa", dtype=dtype)
+        model = auto.from_pretrained(folder, local_files_only=local, attn_implementation="sdpa",
+                                     dtype=dtype)
     except ValueError as exc:  # no SDPA for this architecture
         log.info("no SDPA attention (%s); using the model's default", str(exc).split("\n")[0])
-        model = AutoModel.from_pretrained(folder, local_files_only=local, dtype=dtype)
+        model = auto.from_pretrained(folder, local_files_only=local, dtype=dtype)
     attention = getattr(model.config, "_attn_implementation", None) or "default"
     log.info("attention: %s", attention)
     return model, attention

@@ -10,6 +10,7 @@ class ErrorKind(enum.Enum):
     TOO_LARGE = "too_large"      # the request is over a size limit: the caller must send less
     OVERLOADED = "overloaded"    # a limit on load was hit: try again later
     NOT_FOUND = "not_found"      # the request names a model this server does not serve
+    UNSUPPORTED = "unsupported"  # the model does not do what the request asks (its kind's tasks)
     INTERNAL = "internal"        # the server failed on a valid request
 
 
@@ -32,6 +33,10 @@ class EmbedError(Exception):
     @classmethod
     def not_found(cls, message: str) -> "EmbedError":
         return cls(ErrorKind.NOT_FOUND, message)
+
+    @classmethod
+    def unsupported(cls, message: str) -> "EmbedError":
+        return cls(ErrorKind.UNSUPPORTED, message)
 
     @classmethod
     def overloaded(cls, message: str) -> "EmbedError":

@@ -32,14 +32,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .budget import MemoryBudget
-from .core import Core, EmbedCall
+from .core import Core, EmbedCall, ScoreCall, ranking
 from .errors import EmbedError, ErrorKind
 from .security import bearer_allowed
 
 log = logging.getLogger("bertstream.http")
 
 HTTP_STATUS = {ErrorKind.INVALID: 400, ErrorKind.TOO_LARGE: 413, ErrorKind.OVERLOADED: 429,
-               ErrorKind.INTERNAL: 500, ErrorKind.NOT_FOUND: 404}
+               ErrorKind.INTERNAL: 500, ErrorKind.NOT_FOUND: 404, ErrorKind.UNSUPPORTED: 400}
 ERROR_CODES = {ErrorKind.NOT_FOUND: "model_not_found"}  # OpenAI's error codes
 STATUS_LABELS = {kind: str(status) for kind, status in HTTP_STATUS.items()}  # metric labels
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -85,6 +85,36 @@ class TEIEmbedRequest(BaseModel):
     truncate: bool = False
     prompt_name: Text | None = None
     dimensions: int | None = None
+    model: Text | None = Field(None, description="A served model's name; none: the default.")
+
+
+class TEIRerankRequest(BaseModel):
+    query: Text
+    texts: Texts
+    raw_scores: bool = False
+    return_text: bool = False
+    truncate: bool = False  # as TEI
+    model: Text | None = Field(None, description="A served model's name; none: the default.")
+
+
+class CohereDocument(BaseModel):
+    text: Text
+
+
+class CohereRerankRequest(BaseModel):
+    """Cohere's and Jina's rerank body (what LangChain's and LlamaIndex's rerankers send)."""
+    query: Text
+    documents: list[Union[Text, CohereDocument]]
+    top_n: int | None = None
+    return_documents: bool = False
+    model: Text | None = None
+
+
+class TEIPredictRequest(BaseModel):
+    """A text, a list of texts, or a list of [text, text_pair] pairs."""
+    inputs: Union[Text, Texts, list[Annotated[list[Text], Field(min_length=2, max_length=2)]]]
+    raw_scores: bool = False
+    truncate: bool = False
     model: Text | None = Field(None, description="A served model's name; none: the default.")
 
 
@@ -220,7 +250,60 @@ def create_app(core: Core, serving, budget: MemoryBudget, tokens: list[bytes] = 
     async def embed(request: Request, call: EmbedCall):
         return await within_share(
             request, core.memory_cost(call, 0),  # the body: held by BodyLimit
-            lambda: core.observed_embed("http", call, codes=STATUS_LABELS))
+            lambda: core.observed("http", call, codes=STATUS_LABELS))
+
+    async def scored(request: Request, call: ScoreCall):
+        return await within_share(
+            request, core.score_cost(call, 0),
+            lambda: core.observed("http", call, codes=STATUS_LABELS))
+
+    @app.post("/rerank", summary="text-embeddings-inference-compatible rerank")
+    async def tei_rerank(request: Request, body: TEIRerankRequest):
+        result, sent = await scored(request, ScoreCall(
+            "rerank", [body.query] * len(body.texts), body.texts, raw_scores=body.raw_scores,
+            truncate=body.truncate, model=body.model or "", first_field="query",
+            second_field="texts"))
+        sent()
+        return [{"index": i, "score": score, **({"text": body.texts[i]} if body.return_text
+                                                else {})}
+                for i, score in ranking(result.embeddings.as_float32()[:, 0])]
+
+    @app.post("/v1/rerank", summary="Cohere- and Jina-style rerank")
+    async def cohere_rerank(request: Request, body: CohereRerankRequest):
+        documents = [d if isinstance(d, str) else d.text for d in body.documents]
+        result, sent = await scored(request, ScoreCall(
+            "rerank", [body.query] * len(documents), documents, model=body.model or "",
+            first_field="query", second_field="documents"))
+        sent()
+        ranked = ranking(result.embeddings.as_float32()[:, 0], body.top_n or 0)
+        return {"model": core.engine_for(body.model).name,
+                "results": [{"index": i, "relevance_score": score,
+                             **({"document": {"text": documents[i]}} if body.return_documents
+                                else {})} for i, score in ranked],
+                "usage": {"total_tokens": result.usage.tokens}}
+
+    @app.post("/predict", summary="text-embeddings-inference-compatible classification")
+    async def tei_predict(request: Request, body: TEIPredictRequest):
+        single = isinstance(body.inputs, str)
+        items = [body.inputs] if single else body.inputs
+        pairs = bool(items) and not isinstance(items[0], str)
+        if pairs:
+            call = ScoreCall("classify", [a for a, _ in items], [b for _, b in items],
+                             raw_scores=body.raw_scores, truncate=body.truncate,
+                             model=body.model or "", first_field="inputs",
+                             second_field="inputs")
+        else:
+            call = ScoreCall("classify", items, raw_scores=body.raw_scores,
+                             truncate=body.truncate, model=body.model or "",
+                             first_field="inputs")
+        result, sent = await scored(request, call)
+        sent()
+        labels = core.engine_for(body.model).labels
+        answers = [sorted(({"score": float(score), "label": label}
+                           for label, score in zip(labels, row)),
+                          key=lambda entry: -entry["score"])
+                   for row in result.embeddings.as_float32()]
+        return answers[0] if single else answers
 
     @app.post("/v1/embeddings", summary="OpenAI-compatible embeddings")
     async def openai_embeddings(request: Request, body: OpenAIEmbeddingRequest):

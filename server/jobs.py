@@ -49,6 +49,7 @@ class Job:
     cancelled: bool = False  # its caller went away: its texts still queued are dropped
     lane: str = INTERACTIVE
     engine: Engine | None = None  # the model that computes it; None: the batcher's first
+    type_ids: list | None = None  # a cross-encoder's segment of each token (pairs), per text
     enqueued_ns: int = field(default_factory=time.perf_counter_ns)
     usage: Usage = field(default_factory=Usage)
     _remaining: int = 0

@@ -23,7 +23,7 @@ from bertstream.proto import embedder_pb2_grpc as pb_grpc
 from bertstream.proto import labels
 from .jobs import JobResult
 from .budget import MemoryBudget
-from .core import Core, EmbedCall
+from .core import Core, EmbedCall, ScoreCall, ranking
 from .errors import EmbedError, ErrorKind
 from .security import Security, bearer_allowed
 
@@ -36,6 +36,7 @@ STATUS_CODES = {
     ErrorKind.TOO_LARGE: grpc.StatusCode.INVALID_ARGUMENT,
     ErrorKind.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.UNSUPPORTED: grpc.StatusCode.FAILED_PRECONDITION,
     ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 
@@ -186,7 +187,7 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         """One request through the core (counted as `rpc`). Raises EmbedError."""
         call = embed_call(request)
         request.ClearField("token_ids")  # the call holds the one copy (each read makes one)
-        result = await self.core.observed_embed(
+        result = await self.core.observed(
             rpc, call, wait=rpc == "EmbedStream", caller=caller, codes=STATUS_NAMES)
         return to_response(request.request_id, result)
 
@@ -229,11 +230,18 @@ class EmbedderService(pb_grpc.EmbedderServicer):
                 pass
 
     async def EmbedStream(self, request_iterator, context):
-        # Requests are read ahead of their responses and answered strictly in request order.
-        # Read-ahead stops at stream_window messages, or while the connection holds its share
-        # of requests and expected answers (budget.py: a caller that never reads stops being
-        # read, and is cut after stall_timeout_s); then gRPC flow control slows the sender.
-        # All of a stream's messages are one caller to the batcher.
+        async for response in self._stream(request_iterator, context, "EmbedStream",
+                                           self._embed, self._memory_cost, pb.EmbedResponse):
+            yield response
+
+    async def _stream(self, request_iterator, context, rpc: str, answer, cost, response_type):
+        """A stream of requests, each answered by `answer(rpc, request, caller)` (an EmbedError
+        becomes that message's `error`), holding `cost(request)` bytes until its answer left.
+        Requests are read ahead of their responses and answered strictly in request order.
+        Read-ahead stops at stream_window messages, or while the connection holds its share of
+        requests and expected answers (budget.py: a caller that never reads stops being read,
+        and is cut after stall_timeout_s); then gRPC flow control slows the sender. All of a
+        stream's messages are one caller to the batcher."""
         in_flight: asyncio.Queue = asyncio.Queue(maxsize=self.limits.stream_window)
         account = await self._account(context)
         caller = object()
@@ -248,9 +256,9 @@ class EmbedderService(pb_grpc.EmbedderServicer):
                     request = await anext(requests)
                 except StopAsyncIteration:
                     break
-                holds.append(await account.hold(self._memory_cost(request)))
+                holds.append(await account.hold(cost(request)))
                 await in_flight.put((request.request_id, asyncio.ensure_future(
-                    self._embed("EmbedStream", request, caller))))
+                    answer(rpc, request, caller))))
             await in_flight.put(None)
 
         reader = asyncio.ensure_future(read_requests())
@@ -262,7 +270,7 @@ class EmbedderService(pb_grpc.EmbedderServicer):
                 except EmbedError as error:
                     log.info("stream request failed", extra={"fields": {
                         "request_id": request_id, "kind": error.kind.value, "error": error.message}})
-                    response = pb.EmbedResponse(request_id=request_id, error=pb.Error(
+                    response = response_type(request_id=request_id, error=pb.Error(
                         code=STATUS_CODES[error.kind].value[0], message=error.message))
                 holds[0].ready()
                 yield response  # returns once the client's flow control has taken it
@@ -329,6 +337,57 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         return pb.TokenizerResponse(tokenizer_json=engine.tokenizer_json,
                                     sha256=engine.tokenizer_sha256)
 
+    async def Rerank(self, request, context):
+        return await self._unary(context, self._rerank, "Rerank", request, self._rerank_cost)
+
+    async def RerankStream(self, request_iterator, context):
+        async for response in self._stream(request_iterator, context, "RerankStream",
+                                           self._rerank, self._rerank_cost, pb.RerankResponse):
+            yield response
+
+    async def Classify(self, request, context):
+        return await self._unary(context, self._classify, "Classify", request,
+                                 lambda r: self.core.score_cost(classify_call(r), r.ByteSize()))
+
+    async def _unary(self, context, answer, rpc: str, request, cost):
+        """One request answered by answer(rpc, request), holding cost(request) bytes against
+        its connection until the answer has left (as Embed)."""
+        account = await self._account(context)
+        try:
+            hold = await account.hold(cost(request))
+            context.add_done_callback(lambda _: hold.release())
+            response = await answer(rpc, request)
+        except EmbedError as error:
+            await abort(context, error)
+        except asyncio.CancelledError:
+            await self._say_cut(account, context)
+            raise
+        hold.ready()
+        return response
+
+    def _rerank_cost(self, request) -> int:
+        return self.core.score_cost(rerank_call(request), request.ByteSize())
+
+    async def _rerank(self, rpc: str, request, caller: object = None) -> pb.RerankResponse:
+        call = rerank_call(request)
+        result = await self.core.observed(rpc, call, wait=rpc == "RerankStream", caller=caller,
+                                          codes=STATUS_NAMES)
+        ranked = ranking(result.embeddings.as_float32()[:, 0], request.top_n)
+        return pb.RerankResponse(
+            request_id=request.request_id, usage=usage_of(result.usage),
+            results=[pb.RankedDocument(index=i, score=score, document=request.documents[i]
+                                       if request.return_documents else "")
+                     for i, score in ranked])
+
+    async def _classify(self, rpc: str, request, caller: object = None) -> pb.ClassifyResponse:
+        call = classify_call(request)
+        result = await self.core.observed(rpc, call, caller=caller, codes=STATUS_NAMES)
+        packed = result.embeddings
+        return pb.ClassifyResponse(
+            request_id=request.request_id, labels=self.core.engine_for(call.model).labels,
+            scores=pb.Tensor(dtype=DTYPE_ENUMS["float32"], shape=packed.shape, data=packed.data),
+            usage=usage_of(result.usage))
+
     async def ListModels(self, request, context):
         return pb.ListModelsResponse(models=[info_response(info) for info in self.core.models()])
 
@@ -367,15 +426,36 @@ async def abort(context, error: EmbedError):
     await context.abort(STATUS_CODES[error.kind], error.message)
 
 
+def rerank_call(request: pb.RerankRequest) -> ScoreCall:
+    """A Rerank request in the core's terms: (query, document) pairs."""
+    return ScoreCall(
+        "rerank", [request.query] * len(request.documents), request.documents,
+        raw_scores=request.raw_scores,
+        truncate=request.truncate if request.HasField("truncate") else True,
+        priority=enum_name(PRIORITY_NAMES, request.priority, "priority"), model=request.model,
+        first_field="query", second_field="documents")
+
+
+def classify_call(request: pb.ClassifyRequest) -> ScoreCall:
+    return ScoreCall(
+        "classify", request.texts, request.text_pairs if request.text_pairs else None,
+        raw_scores=request.raw_scores,
+        truncate=request.truncate if request.HasField("truncate") else True,
+        priority=enum_name(PRIORITY_NAMES, request.priority, "priority"), model=request.model)
+
+
+def usage_of(usage) -> pb.Usage:
+    return pb.Usage(tokens=usage.tokens, truncated_items=usage.truncated_items,
+                    queue_ns=usage.queue_ns, compute_ns=usage.compute_ns)
+
+
 def to_response(request_id: str, result: JobResult) -> pb.EmbedResponse:
-    packed, usage = result.embeddings, result.usage
+    packed = result.embeddings
     return pb.EmbedResponse(
         request_id=request_id,
         embeddings=pb.Tensor(dtype=DTYPE_ENUMS[packed.dtype], shape=packed.shape, data=packed.data,
                              scales=packed.scales.tolist() if packed.scales is not None else []),
-        lengths=result.lengths or [],
-        usage=pb.Usage(tokens=usage.tokens, truncated_items=usage.truncated_items,
-                       queue_ns=usage.queue_ns, compute_ns=usage.compute_ns))
+        lengths=result.lengths or [], usage=usage_of(result.usage))
 
 
 class GrpcFrontEnd:

@@ -28,7 +28,8 @@ def test_generated_modules_import_as_bertstream_proto():
     assert bertstream.proto.embedder_pb2.DESCRIPTOR.package == "bertstream.v1"
     service = bertstream.proto.embedder_pb2.DESCRIPTOR.services_by_name["Embedder"]
     assert [m.name for m in service.methods] == ["Embed", "EmbedStream", "Tokenize", "Info",
-                                                 "GetTokenizer", "ListModels"]
+                                                 "GetTokenizer", "ListModels", "Rerank",
+                                                 "RerankStream", "Classify"]
     assert bertstream.ext._kernels.__file__.endswith(".so")
 
 

@@ -138,3 +138,33 @@ def _legacy_pooling_config(folder: Path) -> None:
                       ("pooling_mode_lasttoken", "lasttoken")]:
         legacy[key] = mode in modes
     path.write_text(json.dumps({**legacy, **config}, indent=2))
+
+
+# Cross-encoders: architecture -> its labels (one: a reranker; several: a classifier).
+CROSS_ENCODERS = {
+    "bert": ["relevance"],
+    "distilbert": ["contradiction", "entailment", "neutral"],
+}
+
+
+def build_cross_encoder(architecture: str, folder: Path, texts) -> Path:
+    """Save a tiny random sequence-classification `architecture` as sentence-transformers'
+    CrossEncoder saves one, with CROSS_ENCODERS' labels, into folder/ce-<architecture>."""
+    import torch
+    import transformers
+    from sentence_transformers import CrossEncoder
+
+    labels = CROSS_ENCODERS[architecture]
+    torch.manual_seed(10 + len(labels))
+    raw = folder / f"ce-{architecture}-hf"
+    tokenizer = _tokenizer(architecture, raw, texts)
+    config = _config(architecture, tokenizer)
+    config.num_labels = len(labels)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {label: i for i, label in enumerate(labels)}
+    model = transformers.AutoModelForSequenceClassification.from_config(config).eval()
+    model.save_pretrained(raw)
+    tokenizer.save_pretrained(raw)
+    out = folder / f"ce-{architecture}"
+    CrossEncoder(str(raw), device="cpu", max_length=MAX_SEQ_LENGTH).save(str(out))
+    return out
