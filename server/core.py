@@ -326,7 +326,7 @@ class Core:
         self.check_response_size(call.items, options, "float32")
         work = (sum(map(len, call.firsts)) + sum(map(len, call.seconds or ()))
                 <= INLINE_TOKENIZE_CHARS, engine.tokenize_pairs, call.firsts, call.seconds,
-                call.truncate, call.first_field)
+                call.truncate, call.second_field if call.task == "rerank" else call.first_field)
         return await self._compute(engine, call.items, options, "float32", call.priority, wait,
                                    caller, sequence, work)
 
