@@ -249,10 +249,12 @@ class Batcher:
         own, the exception in place of the hidden states. The server lives on either way."""
         try:
             started = time.perf_counter()
-            type_ids = None if batch[0].job.type_ids is None else \
-                [item.job.type_ids[item.index] for item in batch]
-            hidden, lengths = engine.forward([item.job.ids[item.index] for item in batch],
-                                             type_ids)
+            ids = [item.job.ids[item.index] for item in batch]
+            if batch[0].job.type_ids is None:
+                hidden, lengths = engine.forward(ids)
+            else:  # a cross-encoder's pairs: their segment ids too
+                hidden, lengths = engine.forward(
+                    ids, [item.job.type_ids[item.index] for item in batch])
             self.metrics.forward_seconds.labels(engine.name).observe(time.perf_counter() - started)
             self.failures_in_a_row[engine] = 0
         except Exception as exc:
