@@ -101,6 +101,16 @@ def serve_processes(count: int, *args: str, each=None, output: str | None = None
 
 
 @pytest.fixture(scope="session")
+def tiny_folders(tmp_path_factory, corpus):
+    """Tiny random encoders of every test architecture, saved as sentence-transformers folders
+    (tests/tiny_models.py), built once for every module that serves them."""
+    from tests.tiny_models import PIPELINES, build
+
+    root = tmp_path_factory.mktemp("models")
+    return {name: build(name, root, corpus) for name in sorted(PIPELINES)}
+
+
+@pytest.fixture(scope="session")
 def engine():
     from bertstream.server.engine import Engine
 

@@ -117,7 +117,7 @@ def test_errors_are_one_line_and_nonzero(server, tmp_path, setup, message, statu
 
 # ---------------------------------------------------------------- resume
 
-RESUMED_TEXTS = 400
+RESUMED_TEXTS = 300
 
 
 @pytest.fixture(scope="module")

@@ -19,16 +19,15 @@ import pytest
 from bertstream.client import Client
 from tests.conftest import TEST_DEVICE, ServerThread
 from tests.launcher import ServerProcess
-from tests.tiny_models import MAX_SEQ_LENGTH, PIPELINES, PROMPTS, build
+from tests.tiny_models import MAX_SEQ_LENGTH, PIPELINES, PROMPTS
 
 ATOL = 1e-5  # float32 agrees to ~1e-7 here; 1e-5 still catches a wrong step or token
 ARCHITECTURES = sorted(PIPELINES)
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory, corpus):
-    root = tmp_path_factory.mktemp("models")
-    return {name: build(name, root, corpus) for name in ARCHITECTURES}
+def folders(tiny_folders):
+    return tiny_folders
 
 
 @pytest.fixture(scope="module")

@@ -116,14 +116,14 @@ def test_every_embedding_option_reaches_the_servers(replicas, local_ray, shards)
     (an actor each: six would not fit in the two CPUs beside the read tasks); the first
     tokenizes in its actor (tokenize_locally)."""
     targets = [target for _, target in replicas]
-    texts = shards[1][:120]
+    texts = shards[1][:60]
     options = dict(prompt="query: ", dimensions=128, normalize=True)
-    pipeline = embed(read(shards, 120), targets, concurrency=1, tokenize_locally=True, **options)
+    pipeline = embed(read(shards, 60), targets, concurrency=1, tokenize_locally=True, **options)
     pipeline = embed(pipeline, targets, concurrency=1, dtype="int8", output_column="q")
     pipeline = embed(pipeline, targets, concurrency=1, pooling="none", layers=[-2],
                      output_column="tokens")
     table = pa.concat_tables(ray.get(pipeline.to_arrow_refs()))
-    assert table.column("id").to_pylist() == list(range(120))
+    assert table.column("id").to_pylist() == list(range(60))
     with Client(targets[0], timeout=120) as client:
         assert table.column("embedding").type == pa.list_(pa.float32(), 128)
         got = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))

@@ -50,11 +50,11 @@ def test_mean_matches_sentence_transformers(client, corpus):
 
     # Of every length, several batches' worth; the longest are truncated. (test_models.py holds
     # the model's other options against sentence-transformers.)
-    texts = sorted(corpus[:600], key=len)[::10] + sorted(corpus, key=len)[-5:]
+    texts = sorted(corpus[:600], key=len)[::20] + sorted(corpus, key=len)[-5:]
     model = SentenceTransformer(default_model_path(), device="cpu")
     expected = model.encode(texts, batch_size=32, convert_to_numpy=True)
     got = client.embed(texts)  # the model's pipeline: masked mean, then Normalize
-    assert got.shape == expected.shape == (65, 384)
+    assert got.shape == expected.shape == (35, 384)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
     # An explicit mean is the raw building block: the same direction, not normalized.
     raw = client.embed(texts, pooling="mean")

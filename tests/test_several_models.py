@@ -28,7 +28,6 @@ from bertstream.server.engine import DEFAULT_MODEL_NAME
 from bertstream.server.limits import Limits
 from tests.conftest import TEST_DEVICE, TEST_LIMITS, ServerThread, serve_process
 from tests.launcher import ServerProcess
-from tests.tiny_models import build
 
 TINY = ("bert", "distilbert")
 NAMES = (DEFAULT_MODEL_NAME, *TINY)
@@ -53,11 +52,10 @@ OPTIONS = [
 
 
 @pytest.fixture(scope="module")
-def engines(engine, tmp_path_factory, corpus):
+def engines(engine, tiny_folders):
     from bertstream.server.engine import Engine
 
-    root = tmp_path_factory.mktemp("models")
-    tiny = [Engine(str(build(name, root, corpus)), device=TEST_DEVICE, dtype="float32")
+    tiny = [Engine(str(tiny_folders[name]), device=TEST_DEVICE, dtype="float32")
             for name in TINY]
     return [engine, *tiny]
 
