@@ -21,7 +21,7 @@ from .engine import Engine
 from .limits import Limits
 from .metrics import Metrics
 from .security import Security
-from .service import GrpcFrontEnd
+from .service import SERVICE_NAME, GrpcFrontEnd
 
 log = logging.getLogger("bertstream.app")
 
@@ -95,6 +95,9 @@ async def start_server(engines: Engine | Sequence[Engine], limits: Limits,
     registry."""
     engines = list(engines) if isinstance(engines, (list, tuple)) else [engines]
     names = [engine.name for engine in engines]
+    if any(name in ("", SERVICE_NAME) for name in names):
+        raise ValueError(f"a model may not be called {SERVICE_NAME!r} or nothing (the whole "
+                         f"server's health names): name it (--model NAME=PATH)")
     if len(set(names)) < len(names):
         raise ValueError(f"two models have one name: {', '.join(names)}; name them "
                          f"(--model NAME=PATH)")

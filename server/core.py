@@ -168,12 +168,14 @@ class Core:
                                    self.limits.max_response_bytes)
 
     def score_cost(self, call: ScoreCall, request_bytes: int) -> int:
-        """What a Rerank or Classify request may hold: its bytes and its scores'."""
+        """What a Rerank or Classify request may hold: its bytes, its tokens (ids and segment
+        ids, at most the max length a pair) and its scores."""
         try:
-            labels = len(self.engine_for(call.model).labels) or 1
+            engine = self.engine_for(call.model)
         except EmbedError:
             return request_bytes
-        return request_bytes + min(call.items * labels * 4, self.limits.max_response_bytes)
+        held = call.items * (engine.max_length * 8 + (len(engine.labels) or 1) * 4)
+        return request_bytes + min(held, self.limits.max_response_bytes)
 
     def tokenize_cost(self, request_bytes: int) -> int:
         """What a Tokenize request may hold: its bytes and its answer's (some 16 bytes a token,

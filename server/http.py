@@ -111,8 +111,10 @@ class CohereRerankRequest(BaseModel):
 
 
 class TEIPredictRequest(BaseModel):
-    """A text, a list of texts, or a list of [text, text_pair] pairs."""
-    inputs: Union[Text, Texts, list[Annotated[list[Text], Field(min_length=2, max_length=2)]]]
+    """As text-embeddings-inference reads it: a text; two texts, one pair; or a list of texts
+    ([text] as well) or of [text, text_pair] pairs."""
+    inputs: Union[Text, list[Union[Text, Annotated[list[Text], Field(min_length=1,
+                                                                        max_length=2)]]]]
     raw_scores: bool = False
     truncate: bool = False
     model: Text | None = Field(None, description="A served model's name; none: the default.")
@@ -284,9 +286,15 @@ def create_app(core: Core, serving, budget: MemoryBudget, tokens: list[bytes] = 
 
     @app.post("/predict", summary="text-embeddings-inference-compatible classification")
     async def tei_predict(request: Request, body: TEIPredictRequest):
-        single = isinstance(body.inputs, str)
-        items = [body.inputs] if single else body.inputs
-        pairs = bool(items) and not isinstance(items[0], str)
+        inputs = body.inputs
+        single = isinstance(inputs, str) or (len(inputs) == 2 and all(
+            isinstance(item, str) for item in inputs))  # TEI: two texts are one pair
+        items = [inputs] if single else [item[0] if isinstance(item, list) and len(item) == 1
+                                         else item for item in inputs]
+        pairs = [not isinstance(item, str) for item in items]
+        if any(pairs) and not all(pairs):
+            raise EmbedError.invalid("inputs: texts and pairs mixed; send one or the other")
+        pairs = bool(pairs) and pairs[0]
         if pairs:
             call = ScoreCall("classify", [a for a, _ in items], [b for _, b in items],
                              raw_scores=body.raw_scores, truncate=body.truncate,

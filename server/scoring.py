@@ -59,13 +59,16 @@ def check_modules(folder: str | Path) -> None:
                             f"serves a sequence-classification Transformer alone")
 
 
-def model_activation(config, num_labels: int) -> torch.nn.Module:
-    """The activation CrossEncoder.predict applies: the config's (a torch.nn class, as
-    sentence-transformers trusts without remote code), else sigmoid for one label, none for
-    several."""
+def model_activation(folder: str | Path, config, num_labels: int) -> torch.nn.Module:
+    """The activation CrossEncoder.predict applies, where CrossEncoder looks for it:
+    config_sentence_transformers.json, then config.json's sentence_transformers entry (or the
+    older sbert_ce_default_activation_function), a torch class (what sentence-transformers
+    trusts without remote code); else sigmoid for one label, none for several."""
+    saved = Path(folder, "config_sentence_transformers.json")
+    path = json.loads(saved.read_text()).get("activation_fn") if saved.is_file() else None
     settings = getattr(config, "sentence_transformers", None) or {}
-    path = settings.get("activation_fn") or getattr(config, "sbert_ce_default_activation_function",
-                                                    None)
+    path = path or settings.get("activation_fn") or \
+        getattr(config, "sbert_ce_default_activation_function", None)
     if path and path.startswith("torch."):
         module, _, name = path.rpartition(".")
         import importlib
@@ -87,3 +90,59 @@ def scores(logits: torch.Tensor, rows: np.ndarray, activation: torch.nn.Module) 
         logits = logits[torch.from_numpy(rows).to(logits.device)]
     with torch.inference_mode():
         return np.ascontiguousarray(activation(logits.float()).cpu().numpy(), dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class PairTemplate:
+    """How the tokenizer joins a pair, read off one encoded pair: the special tokens before,
+    between and after the two texts, with the segment ids of every part ([CLS] a [SEP] b [SEP]
+    with 0s then 1s for BERT; <s> a </s></s> b </s>, all 0, for RoBERTa)."""
+
+    prefix: tuple[int, ...]
+    prefix_types: tuple[int, ...]
+    first_type: int
+    middle: tuple[int, ...]
+    middle_types: tuple[int, ...]
+    second_type: int
+    suffix: tuple[int, ...]
+    suffix_types: tuple[int, ...]
+
+    @classmethod
+    def of(cls, backend) -> "PairTemplate":
+        encoding = backend.encode("a", "b")
+        sides, ids, types = encoding.sequence_ids, encoding.ids, encoding.type_ids
+        first = [i for i, side in enumerate(sides) if side == 0]
+        second = [i for i, side in enumerate(sides) if side == 1]
+        return cls(tuple(ids[:first[0]]), tuple(types[:first[0]]), types[first[0]],
+                   tuple(ids[first[-1] + 1:second[0]]), tuple(types[first[-1] + 1:second[0]]),
+                   types[second[0]], tuple(ids[second[-1] + 1:]),
+                   tuple(types[second[-1] + 1:]))
+
+    @property
+    def added(self) -> int:
+        return len(self.prefix) + len(self.middle) + len(self.suffix)
+
+    def join(self, first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A pair's ids and segment ids."""
+        parts = (self.prefix, first, self.middle, second, self.suffix)
+        ids = np.concatenate([np.asarray(part, dtype=np.int32) for part in parts])
+        types = np.concatenate([np.asarray(self.prefix_types, dtype=np.int32),
+                                np.full(len(first), self.first_type, dtype=np.int32),
+                                np.asarray(self.middle_types, dtype=np.int32),
+                                np.full(len(second), self.second_type, dtype=np.int32),
+                                np.asarray(self.suffix_types, dtype=np.int32)])
+        return ids, types
+
+
+def longest_first(first: int, second: int, budget: int) -> tuple[int, int]:
+    """Tokens kept of each side of a pair of that many, `budget` in all: Hugging Face tokenizers'
+    longest_first truncation (what CrossEncoder asks for), in its closed form. Only min(length,
+    budget + 1) of each side matters, which is what lets a side be cut before tokenizing."""
+    if first + second <= budget:
+        return first, second
+    short, long_ = sorted((first, second))
+    long_ = short if short > budget else max(short, budget - short)
+    if short + long_ > budget:
+        short, long_ = budget // 2, budget // 2 + budget % 2
+    kept_short, kept_long = min(short, min(first, second)), min(long_, max(first, second))
+    return (kept_short, kept_long) if first <= second else (kept_long, kept_short)

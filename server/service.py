@@ -250,15 +250,19 @@ class EmbedderService(pb_grpc.EmbedderServicer):
 
         async def read_requests():
             requests = aiter(request_iterator)
-            while True:
-                await account.room()
-                try:
-                    request = await anext(requests)
-                except StopAsyncIteration:
-                    break
-                holds.append(await account.hold(cost(request)))
-                await in_flight.put((request.request_id, asyncio.ensure_future(
-                    answer(rpc, request, caller))))
+            try:
+                while True:
+                    await account.room()
+                    try:
+                        request = await anext(requests)
+                    except StopAsyncIteration:
+                        break
+                    holds.append(await account.hold(cost(request)))
+                    await in_flight.put((request.request_id, asyncio.ensure_future(
+                        answer(rpc, request, caller))))
+            except Exception:  # the answers' loop must still end: `await reader` re-raises it
+                await in_flight.put(None)
+                raise
             await in_flight.put(None)
 
         reader = asyncio.ensure_future(read_requests())
@@ -347,7 +351,7 @@ class EmbedderService(pb_grpc.EmbedderServicer):
 
     async def Classify(self, request, context):
         return await self._unary(context, self._classify, "Classify", request,
-                                 lambda r: self.core.score_cost(classify_call(r), r.ByteSize()))
+                                 self._classify_cost)
 
     async def _unary(self, context, answer, rpc: str, request, cost):
         """One request answered by answer(rpc, request), holding cost(request) bytes against
@@ -366,7 +370,18 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         return response
 
     def _rerank_cost(self, request) -> int:
-        return self.core.score_cost(rerank_call(request), request.ByteSize())
+        try:
+            call = rerank_call(request)
+        except EmbedError:  # a bad enum: answered with an error, at once
+            return request.ByteSize()
+        # echoed documents are sent back: their bytes again
+        return self.core.score_cost(call, request.ByteSize() * (1 + request.return_documents))
+
+    def _classify_cost(self, request) -> int:
+        try:
+            return self.core.score_cost(classify_call(request), request.ByteSize())
+        except EmbedError:
+            return request.ByteSize()
 
     async def _rerank(self, rpc: str, request, caller: object = None) -> pb.RerankResponse:
         call = rerank_call(request)

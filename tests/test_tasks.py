@@ -265,3 +265,73 @@ def test_the_cohere_sdk_reranks_against_the_server(served, documents):
     assert [r.index for r in answer.results] == [r["index"] for r in expected]
     np.testing.assert_allclose([r.relevance_score for r in answer.results],
                                [r["score"] for r in expected], rtol=0, atol=ATOL)
+
+
+def test_pairs_long_on_both_sides_are_cut_as_cross_encoder_cuts_them(served, st, corpus):
+    """Longest first, both sides over the max length; one side of long words (one [UNK] each)
+    that a cut at a space would shorten too much; empty and one-character sides."""
+    long_words = " ".join(["x" * 150] * 50)
+    long_text = max(corpus, key=len)
+    pairs = [(long_text, long_text), (long_words, long_text), (long_text, long_words),
+             (corpus[0], long_text), (long_text, ""), ("", "a"), ("a", long_text[:300])]
+    for name in (RERANKER, CLASSIFIER):
+        got = served.client.classify([a for a, _ in pairs], [b for _, b in pairs],
+                                     raw_scores=True, model=name)
+        want = st[name].predict(pairs, activation_fn=torch.nn.Identity())
+        np.testing.assert_allclose(got.scores.reshape(want.shape), want, rtol=0, atol=ATOL)
+
+
+def test_the_activation_the_folder_names_is_the_one_applied(folders, st, documents, tmp_path):
+    """config_sentence_transformers.json's activation_fn, as CrossEncoder reads it first."""
+    import shutil
+
+    from sentence_transformers import CrossEncoder
+
+    from bertstream.server.engine import Engine
+
+    folder = tmp_path / "identity"
+    shutil.copytree(folders[RERANKER], folder)
+    saved = json.loads((folder / "config_sentence_transformers.json").read_text())
+    saved["activation_fn"] = "torch.nn.modules.linear.Identity"
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(saved))
+    server = ServerThread(Engine(str(folder), device=TEST_DEVICE, dtype="float32"),
+                          Limits(**TEST_LIMITS))
+    try:
+        with Client(server.target, timeout=60) as client:
+            got = client.rerank(QUERY, documents)
+        want = CrossEncoder(str(folder), device="cpu").predict([(QUERY, d) for d in documents])
+        assert want.min() < 0 or want.max() > 1  # logits: no sigmoid applied
+        np.testing.assert_allclose([r["score"] for r in sorted(got, key=lambda r: r["index"])],
+                                   want, rtol=0, atol=ATOL)
+    finally:
+        server.stop()
+
+
+def test_a_bad_enum_in_a_rerank_stream_is_answered_and_the_stream_goes_on(served, documents):
+    stub = pb_grpc.EmbedderStub(served.client._channel)
+    requests = [pb.RerankRequest(request_id="0", query="q", documents=documents[:2],
+                                 model=RERANKER),
+                pb.RerankRequest(request_id="1", query="q", documents=documents[:2],
+                                 model=RERANKER, priority=7),
+                pb.RerankRequest(request_id="2", query="q", documents=documents[:2],
+                                 model=RERANKER)]
+    responses = list(stub.RerankStream(iter(requests), timeout=30))
+    assert [r.request_id for r in responses] == ["0", "1", "2"]
+    assert responses[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "priority" in responses[1].error.message
+    assert len(responses[2].results) == 2
+
+
+def test_http_predict_reads_two_texts_as_one_pair_as_tei_does(served, documents):
+    pair = served.client.classify([QUERY], [documents[0]], model=CLASSIFIER)
+    status, body = post(served, "/predict", {"inputs": [QUERY, documents[0]],
+                                             "model": CLASSIFIER})
+    assert status == 200 and isinstance(body[0], dict)  # one answer: the pair's
+    np.testing.assert_allclose([{e["label"]: e["score"] for e in body}[label]
+                                for label in pair.labels], pair.scores[0], rtol=0, atol=ATOL)
+    status, body = post(served, "/predict", {"inputs": [[QUERY], [documents[0]]],
+                                             "model": CLASSIFIER})
+    assert status == 200 and len(body) == 2  # one-element lists: single texts
+    status, body = post(served, "/predict", {"inputs": [QUERY, [QUERY, documents[0]]],
+                                             "model": CLASSIFIER})
+    assert status == 400 and "mixed" in body["error"]["message"]
