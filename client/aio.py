@@ -13,7 +13,7 @@ import numpy as np
 from .core import (SEND_ATTEMPTS, Classified, EmbedStreamError, LocalTokenizer, Usage, batches,
                    build_request, check_combine_strategy, classified_of, classify_request,
                    combine_tokens, decode_response, embed_request, make_channel, ranked_of,
-                   rerank_request, send_again, tokens_request)
+                   rerank_request, send_again, sparse_of, sparse_request, tokens_request)
 from .sync import info_of, tokens_of
 from bertstream.proto import embedder_pb2 as pb
 from bertstream.proto import embedder_pb2_grpc as pb_grpc
@@ -179,6 +179,16 @@ class AsyncClient:
     async def info(self, model: str | None = None) -> dict:
         return info_of(await self._stub.Info(pb.InfoRequest(model=model or self.model or ""),
                                              timeout=self.timeout, metadata=self._metadata))
+
+    async def embed_sparse(self, texts: Sequence[str], top_k: int | None = None,
+                     truncate: bool = True, model: str | None = None,
+                     priority: str | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """As Client.embed_sparse."""
+        response = await self._stub.EmbedSparse(sparse_request(
+            texts, top_k=top_k, truncate=truncate, model=model or self.model,
+            priority=priority), timeout=self.timeout, metadata=self._metadata)
+        self.last_usage = Usage.of(response)
+        return sparse_of(response)
 
     async def rerank(self, query: str, documents: Sequence[str], top_n: int | None = None,
                      return_documents: bool = False, raw_scores: bool = False,

@@ -159,6 +159,22 @@ def tokens_request(texts: Sequence[str], **options) -> pb.EmbedRequest:
     return build_request(texts, pooling="none", **options)
 
 
+def sparse_request(texts: Sequence[str], request_id: str = "", *, top_k: int | None = None,
+                   truncate: bool = True, model: str | None = None,
+                   priority: str | None = None) -> pb.EmbedSparseRequest:
+    if isinstance(texts, str):
+        raise TypeError("texts must be a sequence of strings, not one string")
+    return pb.EmbedSparseRequest(request_id=request_id, texts=list(texts), top_k=top_k or 0,
+                                 truncate=truncate, model=model or "",
+                                 priority=_choice(PRIORITIES, priority, "priority"))
+
+
+def sparse_of(response: pb.EmbedSparseResponse) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per text: (indices int32 ascending, values float32)."""
+    return [(np.frombuffer(v.indices, "<i4").astype(np.int32),
+             np.frombuffer(v.values, "<f4").astype(np.float32)) for v in response.embeddings]
+
+
 def rerank_request(query: str, documents: Sequence[str], request_id: str = "", *,
                    top_n: int | None = None, return_documents: bool = False,
                    raw_scores: bool = False, truncate: bool = True, model: str | None = None,

@@ -13,7 +13,7 @@ import numpy as np
 from .core import (SEND_ATTEMPTS, Classified, EmbedStreamError, LocalTokenizer, Usage, batches,
                    build_request, check_combine_strategy, classified_of, classify_request,
                    combine_tokens, decode_response, embed_request, make_channel, ranked_of,
-                   rerank_request, send_again, tokens_request)
+                   rerank_request, send_again, sparse_of, sparse_request, tokens_request)
 from bertstream.proto import embedder_pb2 as pb
 from bertstream.proto import embedder_pb2_grpc as pb_grpc
 
@@ -224,6 +224,18 @@ class Client:
         """What the server runs for the model (None: the client's model, else the default)."""
         return info_of(self._stub.Info(pb.InfoRequest(model=model or self.model or ""),
                                        timeout=self.timeout, metadata=self._metadata))
+
+    def embed_sparse(self, texts: Sequence[str], top_k: int | None = None,
+                     truncate: bool = True, model: str | None = None,
+                     priority: str | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each text's SPLADE vector on a sparse model: (indices int32 ascending, values
+        float32) per text; top_k keeps each vector's largest values (None: the model's
+        max_active_dims, else every non-zero value)."""
+        response = self._stub.EmbedSparse(sparse_request(
+            texts, top_k=top_k, truncate=truncate, model=model or self.model,
+            priority=priority), timeout=self.timeout, metadata=self._metadata)
+        self.last_usage = Usage.of(response)
+        return sparse_of(response)
 
     def rerank(self, query: str, documents: Sequence[str], top_n: int | None = None,
                return_documents: bool = False, raw_scores: bool = False, truncate: bool = True,

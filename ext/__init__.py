@@ -32,7 +32,7 @@ LAYER_COMBINES = ("concat", "mean")
 __all__ = [
     "POOLING_MODES", "MODE_ALIASES", "pool_modes", "LAYER_COMBINES", "default_threads", "pool", "masked_mean", "masked_max",
     "cls_pool", "mean_max", "gather_tokens", "l2_normalize", "pack_float16", "pack_bfloat16",
-    "pack_int8", "pack_binary", "bfloat16_to_float32",
+    "pack_int8", "pack_binary", "bfloat16_to_float32", "SPLADE_POOLINGS", "splade",
 ]
 
 
@@ -257,4 +257,28 @@ def pack_binary(x: np.ndarray, n_threads: int | None = None) -> np.ndarray:
     x = _check_vectors(x)
     out = np.empty((x.shape[0], (x.shape[1] + 7) // 8), dtype=np.uint8)
     _kernels.pack_sign_bits(x, out, default_threads(n_threads))
+    return out
+
+
+SPLADE_POOLINGS = ("max", "sum")
+SPLADE_ACTIVATIONS = ("relu", "log1p_relu")  # log(1 + relu(x)), and log1p of that once more
+
+
+def splade(logits, lengths, pooling: str = "max", activation: str = "relu", out=None,
+           n_threads: int | None = None) -> np.ndarray:
+    """SPLADE pooling of masked-language-model logits (batch, seq, vocab), as
+    sentence-transformers' SpladePooling computes it: log(1 + relu(logit)) for every token and
+    vocabulary entry ("log1p_relu": log1p once more), then the max or the sum over each row's
+    real tokens. Returns (batch, vocab) float32, zero wherever no real token's logit was
+    positive."""
+    if pooling not in SPLADE_POOLINGS:
+        raise ValueError(f"pooling must be one of {SPLADE_POOLINGS}, got {pooling!r}")
+    if activation not in SPLADE_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {SPLADE_ACTIVATIONS}, got {activation!r}")
+    (layer,), bf16 = _as_layers(logits)
+    batch, seq, vocab = layer.shape
+    lengths = _as_lengths(lengths, batch, seq)
+    out = _check_out(out, (batch, vocab))
+    _kernels.splade(layer, lengths, pooling == "sum", activation == "log1p_relu", bf16, out,
+                    default_threads(n_threads))
     return out

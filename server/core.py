@@ -39,6 +39,22 @@ TOKENIZE_CHUNK_TEXTS = 256
 
 
 @dataclass
+class SparseCall:
+    """EmbedSparse in the core's terms: texts for a SPLADE model; top_k keeps each vector's
+    largest values (None: the model's max_active_dims, else every non-zero one)."""
+
+    texts: Sequence[str]
+    top_k: int | None = None
+    truncate: bool = True
+    priority: str = INTERACTIVE
+    model: str = ""
+
+    @property
+    def items(self) -> int:
+        return len(self.texts)
+
+
+@dataclass
 class ScoreCall:
     """Rerank or Classify in the core's terms: items of one text (firsts) or of two (firsts and
     seconds, pairs), scored by a cross-encoder. For Rerank, firsts is the query once per
@@ -332,6 +348,37 @@ class Core:
         return await self._compute(engine, call.items, options, "float32", call.priority, wait,
                                    caller, sequence, work)
 
+    async def embed_sparse(self, call: SparseCall, wait: bool = False,
+                           caller: object = None) -> JobResult:
+        """A SPLADE model's sparse vectors of texts: validated, the answer's size bounded before
+        any compute (every text at its top_k, or all the vocabulary, 8 bytes a value), then
+        the path of every embedding. Raises EmbedError."""
+        sequence = next(self._sequence)
+        engine = self.engine_for(call.model)
+        require(engine, "embed_sparse")
+        self.check_texts(call.texts)
+        options = engine.sparse_options(call.top_k)
+        size = call.items * (options.top_k or options.width) * 8
+        if size > self.limits.max_response_bytes:
+            raise EmbedError.too_large(
+                f"the response could be {size:,} bytes ({call.items:,} texts x "
+                f"{options.top_k or options.width:,} values of 8 bytes), over the limit of "
+                f"{self.limits.max_response_bytes:,} (max_response_bytes); send fewer texts or "
+                f"a smaller top_k")
+        work = (sum(map(len, call.texts)) <= INLINE_TOKENIZE_CHARS, engine.tokenize, call.texts,
+                call.truncate)
+        return await self._compute(engine, call.items, options, "float32", call.priority, wait,
+                                   caller, sequence, work)
+
+    def sparse_cost(self, call: SparseCall, request_bytes: int) -> int:
+        """What an EmbedSparse request may hold: its bytes and its answer's."""
+        try:
+            options = self.engine_for(call.model).sparse_options(call.top_k)
+        except EmbedError:
+            return request_bytes
+        return request_bytes + min(call.items * (options.top_k or options.width) * 8,
+                                   self.limits.max_response_bytes)
+
     async def _compute(self, engine: Engine, items: int, options, dtype: str, lane: str,
                        wait: bool, caller: object, sequence: int, work: tuple,
                        tokenized: Callable[[Tokenized], None] | None = None) -> JobResult:
@@ -366,15 +413,17 @@ class Core:
         self.metrics.truncated.labels(engine.name).inc(result.usage.truncated_items)
         return result
 
-    async def observed(self, rpc: str, call: EmbedCall | ScoreCall, wait: bool = False,
-                       caller: object = None, codes: dict | None = None) -> JobResult:
+    async def observed(self, rpc: str, call: EmbedCall | ScoreCall | SparseCall,
+                       wait: bool = False, caller: object = None,
+                       codes: dict | None = None) -> JobResult:
         """embed() or score(), as the call is, counted and timed by RPC and outcome (once per
         request, success or not); `codes` names the outcome of each EmbedError kind in the
         front-end's terms."""
         started, code, texts = time.perf_counter(), "OK", call.items
         # by the model served: a name sent that is not served is not a label (any string could be)
         model = call.model if call.model in self.engines else "" if call.model else self.engine.name
-        compute = self.score if isinstance(call, ScoreCall) else self.embed
+        compute = self.score if isinstance(call, ScoreCall) else \
+            self.embed_sparse if isinstance(call, SparseCall) else self.embed
         try:
             return await compute(call, wait, caller)
         except EmbedError as error:
@@ -428,6 +477,8 @@ async def warm_up(core: Core) -> None:
         try:
             if "embed" in engine.tasks:
                 await core.embed(EmbedCall([longest], model=name))
+            elif "embed_sparse" in engine.tasks:
+                await core.embed_sparse(SparseCall([longest], model=name))
             else:  # a cross-encoder: a pair of the longest
                 await core.score(ScoreCall("classify", [longest], [longest], model=name))
         except EmbedError as error:

@@ -18,7 +18,7 @@ from bertstream import ext
 from .errors import EmbedError
 from .pipeline import NORMALIZE, Pipeline, local_model_folder, read_pipeline
 from . import scoring
-from .scoring import CROSS_ENCODER, EMBEDDING, ScoreOptions
+from .scoring import CROSS_ENCODER, EMBEDDING, SPARSE, ScoreOptions, SparseOptions
 
 log = logging.getLogger("bertstream.engine")
 
@@ -103,6 +103,9 @@ class Engine:
         if self.kind == CROSS_ENCODER:
             scoring.check_modules(folder)
             self.pipeline = Pipeline()
+        elif self.kind == SPARSE:
+            self.splade = scoring.read_splade(folder)
+            self.pipeline = Pipeline()
         else:
             self.pipeline = read_pipeline(folder) if Path(folder).is_dir() else Pipeline()
         encoder = str(Path(folder, self.pipeline.transformer_path)) if Path(folder).is_dir() \
@@ -115,7 +118,7 @@ class Engine:
             raise ValueError(f"{self.model_name}: no fast (Rust) tokenizer; bertstream needs one")
         check_token_ids(encoder, self.tokenizer, model_config)
         self.model, self.attention = load_encoder(encoder, local, TORCH_DTYPES[self.dtype],
-                                                  classifier=self.kind == CROSS_ENCODER)
+                                                  self.kind)
         self.model = self.model.to(self.device).eval()
         self.weight_bytes = sum(tensor.numel() * tensor.element_size() for tensor in
                                 (*self.model.parameters(), *self.model.buffers()))
@@ -144,6 +147,8 @@ class Engine:
                                                                    self.num_labels)}
             self._classify_activation = scoring.classify_activation(config, self.num_labels)
             self.output_width = self.num_labels
+        elif self.kind == SPARSE:  # one dimension per vocabulary entry
+            self.output_width = int(config.vocab_size)
         else:
             self.output_width = self._check_pipeline_widths()
         # Segment ids go in where the tokenizer makes them (BERT's pairs; not DistilBERT's)
@@ -280,6 +285,14 @@ class Engine:
         activation = "none" if raw else "model" if task == "rerank" else \
             self._classify_activation
         return ScoreOptions(activation, self.num_labels)
+
+    def sparse_options(self, top_k: int | None) -> SparseOptions:
+        """Keep each vector's top_k largest values (None or 0: the model's max_active_dims, if
+        it has one; else every non-zero value)."""
+        if top_k is not None and not 0 <= top_k <= self.output_width:
+            raise EmbedError.invalid(f"top_k: {top_k} is outside 0..{self.output_width} (the "
+                                     f"model's dimensions; 0: every non-zero value)")
+        return SparseOptions(top_k or self.splade.max_active_dims, self.output_width)
 
     def tokenize_pairs(self, firsts, seconds, truncate: bool = True,
                        field: str = "texts") -> Tokenized:
@@ -462,7 +475,7 @@ class Engine:
         """The model itself: every layer's hidden states, or a cross-encoder's logits (what
         benchmarks/host_path.py's stand-in replaces, to measure everything around it)."""
         with torch.inference_mode():
-            if self.kind == CROSS_ENCODER:
+            if self.kind != EMBEDDING:  # classifier, or masked-language logits
                 return self.model(**inputs).logits
             return self.model(**inputs, output_hidden_states=True).hidden_states
 
@@ -489,6 +502,11 @@ class Engine:
         cross-encoder (ScoreOptions): the rows' scores, (len(rows), labels)."""
         if isinstance(options, ScoreOptions):
             return scoring.scores(hidden_states, rows, self._activations[options.activation])
+        if isinstance(options, SparseOptions):
+            dense = ext.splade(host_array(hidden_states, rows), lengths[rows],
+                               self.splade.pooling, self.splade.activation,
+                               n_threads=self.pool_threads)
+            return scoring.sparse_rows(dense, options.top_k)
         layers = [host_array(hidden_states[layer], rows) for layer in options.layers]
         row_lengths = lengths[rows]
         threads = self.pool_threads
@@ -624,12 +642,14 @@ def special_ends(tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(ids[:before]), tuple(ids[len(ids) - after:])
 
 
-def load_encoder(folder: str, local: bool, dtype: torch.dtype, classifier: bool = False):
-    """The encoder (with its classification head, for a cross-encoder) with SDPA attention where
-    it has it, else its default; and which one it got."""
-    from transformers import AutoModel, AutoModelForSequenceClassification
+def load_encoder(folder: str, local: bool, dtype: torch.dtype, kind: str = EMBEDDING):
+    """The encoder (with its head: a cross-encoder's classifier, a sparse encoder's masked-
+    language model) with SDPA attention where it has it, else its default; and which one it
+    got."""
+    from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
-    auto = AutoModelForSequenceClassification if classifier else AutoModel
+    auto = {CROSS_ENCODER: AutoModelForSequenceClassification, SPARSE: AutoModelForMaskedLM,
+            EMBEDDING: AutoModel}[kind]
     try:
         model = auto.from_pretrained(folder, local_files_only=local, attn_implementation="sdpa",
                                      dtype=dtype)

@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .budget import MemoryBudget
-from .core import Core, EmbedCall, ScoreCall, ranking
+from .core import Core, EmbedCall, ScoreCall, SparseCall, ranking
 from .errors import EmbedError, ErrorKind
 from .security import bearer_allowed
 
@@ -85,6 +85,13 @@ class TEIEmbedRequest(BaseModel):
     truncate: bool = False
     prompt_name: Text | None = None
     dimensions: int | None = None
+    model: Text | None = Field(None, description="A served model's name; none: the default.")
+
+
+class TEISparseRequest(BaseModel):
+    inputs: Union[Text, Texts]
+    truncate: bool = False  # as TEI
+    top_k: int | None = Field(None, description="Keep each vector's top_k largest values.")
     model: Text | None = Field(None, description="A served model's name; none: the default.")
 
 
@@ -258,6 +265,18 @@ def create_app(core: Core, serving, budget: MemoryBudget, tokens: list[bytes] = 
         return await within_share(
             request, core.score_cost(call, 0),
             lambda: core.observed("http", call, codes=STATUS_LABELS))
+
+    @app.post("/embed_sparse", summary="text-embeddings-inference-compatible sparse embeddings")
+    async def tei_embed_sparse(request: Request, body: TEISparseRequest):
+        call = SparseCall(texts_of(body.inputs), top_k=body.top_k, truncate=body.truncate,
+                          model=body.model or "")
+        result, sent = await within_share(
+            request, core.sparse_cost(call, 0),
+            lambda: core.observed("http", call, codes=STATUS_LABELS))
+        pieces = (orjson.dumps([{"index": int(i), "value": float(v)}
+                                for i, v in zip(indices, values)])
+                  for indices, values in result.sparse)
+        return json_stream(b"[", pieces, b"]", sent)
 
     @app.post("/rerank", summary="text-embeddings-inference-compatible rerank")
     async def tei_rerank(request: Request, body: TEIRerankRequest):

@@ -28,9 +28,10 @@ class Usage:
 
 @dataclass
 class JobResult:
-    embeddings: Packed
+    embeddings: Packed | None  # None for sparse vectors
     lengths: list[int] | None  # token-level only: tokens per text
     usage: Usage
+    sparse: list | None = None  # sparse only: per text, (indices, values)
 
 
 @dataclass(eq=False)
@@ -87,6 +88,8 @@ class Job:
         """The answer of a whole job, packed in its dtype."""
         rows = [self._rows[i] for i in range(len(self.ids))]
         self._rows.clear()
+        if getattr(self.options, "sparse", False):
+            return JobResult(None, None, self.usage, sparse=rows)
         if self.options.token_level:
             vectors = np.concatenate(rows)
             lengths = [len(r) for r in rows]

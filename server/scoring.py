@@ -1,5 +1,8 @@
-"""Cross-encoders: what a sequence-classification folder says (its labels, its activation, its
-problem type), and its logits as scores. The engine loads the model; this says what to make of it.
+"""The models that are not dense embedders, and what to make of their outputs: cross-encoders (a
+sequence-classification folder: its labels, activation and problem type; its logits as scores)
+and SPLADE sparse encoders (a masked-language model and its SpladePooling: vocabulary-wide
+logits pooled by the ext kernels into sparse vectors). The engine loads the model; this says
+what it is and what its outputs mean.
 
 sentence-transformers' CrossEncoder is the reference: `predict` applies the model's activation
 (the config's `sentence_transformers.activation_fn`, else sigmoid for one label and none for
@@ -18,8 +21,9 @@ import torch
 
 from .pipeline import PipelineError
 
-EMBEDDING, CROSS_ENCODER = "embedding", "cross-encoder"
-TASKS = {EMBEDDING: ("embed", "tokenize"), CROSS_ENCODER: ("rerank", "classify", "tokenize")}
+EMBEDDING, CROSS_ENCODER, SPARSE = "embedding", "cross-encoder", "sparse"
+TASKS = {EMBEDDING: ("embed", "tokenize"), CROSS_ENCODER: ("rerank", "classify", "tokenize"),
+         SPARSE: ("embed_sparse", "tokenize")}
 # Activations a request can get, by name: the model's own ("model"), or none (raw logits).
 NAMED = {"none": torch.nn.Identity(), "sigmoid": torch.nn.Sigmoid(),
          "softmax": torch.nn.Softmax(dim=-1)}
@@ -35,9 +39,35 @@ class ScoreOptions:
     token_level = False  # one row per item, as an embedding's options say
 
 
+@dataclass(frozen=True)
+class SparseOptions:
+    """A sparse embedding request: keep the top_k largest values of each vector (0: every
+    non-zero one); width: the vocabulary (the vectors' dimensions)."""
+
+    top_k: int
+    width: int
+    token_level = False
+    sparse = True
+
+
+@dataclass(frozen=True)
+class Splade:
+    """A SparseEncoder folder's SpladePooling: max or sum, relu or log1p_relu; and its saved
+    max_active_dims (0: none)."""
+
+    pooling: str = "max"
+    activation: str = "relu"
+    max_active_dims: int = 0
+
+
 def model_kind(folder: str | Path) -> str:
-    """CROSS_ENCODER for a sequence-classification model's folder (a CrossEncoder's, or a plain
-    transformers ...ForSequenceClassification), else EMBEDDING."""
+    """SPARSE for a SparseEncoder folder (a transformer and SpladePooling), CROSS_ENCODER for a
+    sequence-classification model's (a CrossEncoder's, or a plain transformers
+    ...ForSequenceClassification), else EMBEDDING."""
+    modules = Path(folder, "modules.json")
+    if modules.is_file() and any(module.get("type", "").endswith("SpladePooling")
+                                 for module in json.loads(modules.read_text())):
+        return SPARSE
     config = Path(folder, "config.json")
     if not config.is_file():
         return EMBEDDING
@@ -57,6 +87,42 @@ def check_modules(folder: str | Path) -> None:
     if kinds != ["Transformer"] or modules[0].get("path", "") not in ("", "."):
         raise PipelineError(f"{modules_file}: a cross-encoder of modules {kinds}; bertstream "
                             f"serves a sequence-classification Transformer alone")
+
+
+def read_splade(folder: str | Path) -> Splade:
+    """A SparseEncoder folder's pipeline: exactly its transformer (at the folder's root) then
+    SpladePooling; anything else is refused, naming the modules."""
+    folder = Path(folder)
+    modules = json.loads((folder / "modules.json").read_text())
+    kinds = [module.get("type", "?").rsplit(".", 1)[-1] for module in modules]
+    if kinds not in (["Transformer", "SpladePooling"], ["MLMTransformer", "SpladePooling"]) \
+            or modules[0].get("path", "") not in ("", "."):
+        raise PipelineError(f"{folder / 'modules.json'}: a sparse encoder of modules {kinds}; "
+                            f"bertstream serves a masked-language Transformer, then SpladePooling")
+    pooling = json.loads((folder / modules[1]["path"] / "config.json").read_text())
+    saved = folder / "config_sentence_transformers.json"
+    settings = json.loads(saved.read_text()) if saved.is_file() else {}
+    splade = Splade(pooling.get("pooling_strategy", "max"),
+                    pooling.get("activation_function", "relu"),
+                    int(settings.get("max_active_dims") or 0))
+    if splade.pooling not in ("max", "sum") or splade.activation not in ("relu", "log1p_relu"):
+        raise PipelineError(f"{folder / modules[1]['path']}: SpladePooling {splade.pooling!r} "
+                            f"with {splade.activation!r}; bertstream serves max or sum, with "
+                            f"relu or log1p_relu")
+    return splade
+
+
+def sparse_rows(dense: np.ndarray, top_k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each row's non-zero entries as (indices ascending, int32; values, float32); with top_k,
+    only its top_k largest (as SparseEncoder's max_active_dims)."""
+    rows = []
+    for row in dense:
+        indices = np.flatnonzero(row)
+        if top_k and len(indices) > top_k:
+            keep = np.argpartition(row[indices], len(indices) - top_k)[len(indices) - top_k:]
+            indices = np.sort(indices[keep])
+        rows.append((indices.astype(np.int32), row[indices].astype(np.float32)))
+    return rows
 
 
 def model_activation(folder: str | Path, config, num_labels: int) -> torch.nn.Module:

@@ -23,7 +23,7 @@ from bertstream.proto import embedder_pb2_grpc as pb_grpc
 from bertstream.proto import labels
 from .jobs import JobResult
 from .budget import MemoryBudget
-from .core import Core, EmbedCall, ScoreCall, ranking
+from .core import Core, EmbedCall, ScoreCall, SparseCall, ranking
 from .errors import EmbedError, ErrorKind
 from .security import Security, bearer_allowed
 
@@ -341,6 +341,34 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         return pb.TokenizerResponse(tokenizer_json=engine.tokenizer_json,
                                     sha256=engine.tokenizer_sha256)
 
+    async def EmbedSparse(self, request, context):
+        return await self._unary(context, self._embed_sparse, "EmbedSparse", request,
+                                 self._sparse_cost)
+
+    async def EmbedSparseStream(self, request_iterator, context):
+        async for response in self._stream(request_iterator, context, "EmbedSparseStream",
+                                           self._embed_sparse, self._sparse_cost,
+                                           pb.EmbedSparseResponse):
+            yield response
+
+    def _sparse_cost(self, request) -> int:
+        try:
+            return self.core.sparse_cost(sparse_call(request), request.ByteSize())
+        except EmbedError:
+            return request.ByteSize()
+
+    async def _embed_sparse(self, rpc: str, request,
+                            caller: object = None) -> pb.EmbedSparseResponse:
+        call = sparse_call(request)
+        result = await self.core.observed(rpc, call, wait=rpc == "EmbedSparseStream",
+                                          caller=caller, codes=STATUS_NAMES)
+        return pb.EmbedSparseResponse(
+            request_id=request.request_id, usage=usage_of(result.usage),
+            dimensions=self.core.engine_for(call.model).output_width,
+            embeddings=[pb.SparseVector(indices=indices.astype("<i4").tobytes(),
+                                        values=values.astype("<f4").tobytes())
+                        for indices, values in result.sparse])
+
     async def Rerank(self, request, context):
         return await self._unary(context, self._rerank, "Rerank", request, self._rerank_cost)
 
@@ -439,6 +467,13 @@ async def abort(context, error: EmbedError):
     log.info("request failed", extra={"fields": {"kind": error.kind.value,
                                                  "error": error.message}})
     await context.abort(STATUS_CODES[error.kind], error.message)
+
+
+def sparse_call(request: pb.EmbedSparseRequest) -> SparseCall:
+    return SparseCall(request.texts, top_k=request.top_k or None,
+                      truncate=request.truncate if request.HasField("truncate") else True,
+                      priority=enum_name(PRIORITY_NAMES, request.priority, "priority"),
+                      model=request.model)
 
 
 def rerank_call(request: pb.RerankRequest) -> ScoreCall:

@@ -348,3 +348,48 @@ def test_l2_normalize_refuses_readonly():
     x.flags.writeable = False
     with pytest.raises(ValueError, match="writeable"):
         ext.l2_normalize(x)
+
+
+# ---------------------------------------------------------------- SPLADE
+
+def ref_splade(logits32, lengths, pooling, activation):
+    """log1p(relu(x)) (twice for log1p_relu) over each row's real tokens, max or sum."""
+    rows = []
+    for b, length in enumerate(lengths):
+        x = np.log1p(np.maximum(logits32[b, :length].astype(np.float64), 0))
+        if activation == "log1p_relu":
+            x = np.log1p(x)
+        rows.append(x.max(0) if pooling == "max" else x.sum(0))
+    return np.array(rows, dtype=np.float32)
+
+
+@pytest.mark.parametrize("dtype", INPUT_DTYPES)
+@pytest.mark.parametrize("pooling", ext.SPLADE_POOLINGS)
+@pytest.mark.parametrize("activation", ("relu", "log1p_relu"))
+@settings(max_examples=30, deadline=None)
+@given(case=pooling_cases(), n_threads=st.sampled_from(THREADS))
+def test_splade_matches_reference(dtype, pooling, activation, case, n_threads):
+    shape, lengths, seed = case
+    rng = np.random.default_rng(seed)
+    pad_value = np.uint16(0x7FC0) if dtype == "bfloat16" else np.nan  # NaN padding: never read
+    logits = padded(make_hidden(rng, shape, dtype), lengths, pad_value)
+    out = poisoned((shape[0], shape[2]))
+    result = ext.splade(logits, lengths, pooling, activation, out=out, n_threads=n_threads)
+    assert result is out
+    expected = ref_splade(to_float32(logits, dtype), lengths, pooling, activation)
+    np.testing.assert_allclose(result, expected, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_splade_edge_values():
+    """All logits negative: a zero row; +inf stays +inf; a NaN logit of a real token makes its
+    entry NaN (as torch's relu and max do); one token alone is its own max and sum."""
+    logits = np.array([[[-1, -2, 3]], [[np.inf, 0, np.nan]]], dtype=np.float32)
+    lengths = np.array([1, 1])
+    for pooling in ext.SPLADE_POOLINGS:
+        got = ext.splade(logits, lengths, pooling)
+        np.testing.assert_array_equal(got[0], [0, 0, np.log1p(np.float32(3))])
+        assert got[1, 0] == np.inf and got[1, 1] == 0 and np.isnan(got[1, 2])
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        ext.splade(logits, lengths, "mean")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        ext.splade(logits, lengths, "max", "gelu")

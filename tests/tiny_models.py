@@ -168,3 +168,27 @@ def build_cross_encoder(architecture: str, folder: Path, texts) -> Path:
     out = folder / f"ce-{architecture}"
     CrossEncoder(str(raw), device="cpu", max_length=MAX_SEQ_LENGTH).save(str(out))
     return out
+
+
+def build_sparse_encoder(pooling: str, folder: Path, texts) -> Path:
+    """Save a tiny random BERT masked-language model with SPLADE pooling (`pooling`: max or sum)
+    as sentence-transformers' SparseEncoder saves one, into folder/splade-<pooling>."""
+    import torch
+    import transformers
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.base.modules import Transformer
+    from sentence_transformers.sparse_encoder.modules import SpladePooling
+
+    torch.manual_seed(20 + len(pooling))
+    raw = folder / f"splade-{pooling}-mlm"
+    tokenizer = _tokenizer("bert", raw, texts)
+    model = transformers.BertForMaskedLM(_config("bert", tokenizer)).eval()
+    model.save_pretrained(raw)
+    tokenizer.save_pretrained(raw)
+    transformer = Transformer(str(raw), max_seq_length=MAX_SEQ_LENGTH,
+                              transformer_task="fill-mask")
+    splade = SpladePooling(pooling_strategy=pooling,
+                           embedding_dimension=transformer.get_embedding_dimension())
+    out = folder / f"splade-{pooling}"
+    SparseEncoder(modules=[transformer, splade], device="cpu").save(str(out))
+    return out

@@ -1,0 +1,199 @@
+"""SPLADE sparse vectors on the same engine: EmbedSparse over gRPC and HTTP against
+sentence-transformers' own SparseEncoder on the same folders.
+
+Two tiny random BERT masked-language models with SpladePooling, one with max pooling and one with
+sum, saved by SparseEncoder, served in one server beside all-MiniLM-L6-v2. Texts include one over
+the max length (40 tokens), one character and non-Latin scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+
+from bertstream.client import AsyncClient, Client
+from bertstream.proto import embedder_pb2 as pb
+from bertstream.proto import embedder_pb2_grpc as pb_grpc
+from bertstream.server.engine import DEFAULT_MODEL_NAME
+from bertstream.server.limits import Limits
+from tests.conftest import TEST_DEVICE, TEST_LIMITS, ServerThread
+from tests.tiny_models import build_sparse_encoder
+
+ATOL = 1e-5
+POOLINGS = ("max", "sum")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, corpus):
+    root = tmp_path_factory.mktemp("sparse")
+    return {f"splade-{pooling}": build_sparse_encoder(pooling, root, corpus)
+            for pooling in POOLINGS}
+
+
+@pytest.fixture(scope="module")
+def st(folders):
+    from sentence_transformers import SparseEncoder
+
+    return {name: SparseEncoder(str(folder), device="cpu") for name, folder in folders.items()}
+
+
+@pytest.fixture(scope="module")
+def served(engine, folders):
+    from bertstream.server.engine import Engine
+
+    engines = [engine] + [Engine(str(folder), device=TEST_DEVICE, dtype="float32")
+                          for folder in folders.values()]
+    server = ServerThread(engines, Limits(**TEST_LIMITS), http_port=0)
+    server.base = f"http://127.0.0.1:{server.running.http_port}"
+    server.client = Client(server.target, timeout=60)
+    yield server
+    server.client.close()
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def texts(corpus):
+    return sorted(corpus[:60], key=len)[:8] + [max(corpus, key=len), "a",
+                                                "日本語の文章を埋め込む。", "Привет, мир!"]
+
+
+def expected(model, texts, max_active_dims=None):
+    """SparseEncoder.encode's vectors as (indices, values) per text."""
+    dense = model.encode(texts, convert_to_tensor=True, convert_to_sparse_tensor=False,
+                         max_active_dims=max_active_dims).cpu().numpy()
+    return [(np.flatnonzero(row), row[np.flatnonzero(row)]) for row in dense]
+
+
+def assert_same(got, want):
+    assert len(got) == len(want)
+    for (indices, values), (want_indices, want_values) in zip(got, want):
+        np.testing.assert_array_equal(indices, want_indices)
+        np.testing.assert_allclose(values, want_values, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_sparse_vectors_equal_sparse_encoder(served, st, texts, pooling):
+    name = f"splade-{pooling}"
+    got = served.client.embed_sparse(texts, model=name)
+    assert_same(got, expected(st[name], texts))
+    assert all(np.all(np.diff(indices) > 0) for indices, _ in got)  # ascending
+    assert served.client.last_usage.truncated_items == 1  # the long text
+    top = served.client.embed_sparse(texts, top_k=5, model=name)
+    assert_same(top, expected(st[name], texts, max_active_dims=5))
+    assert all(len(indices) <= 5 for indices, _ in top)
+
+
+def test_the_models_max_active_dims_applies_by_default(folders, texts, tmp_path):
+    import shutil
+
+    from sentence_transformers import SparseEncoder
+
+    from bertstream.server.engine import Engine
+
+    folder = tmp_path / "capped"
+    shutil.copytree(folders["splade-max"], folder)
+    saved = json.loads((folder / "config_sentence_transformers.json").read_text())
+    saved["max_active_dims"] = 7
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(saved))
+    server = ServerThread(Engine(str(folder), device=TEST_DEVICE, dtype="float32"),
+                          Limits(**TEST_LIMITS))
+    try:
+        with Client(server.target, timeout=60) as client:
+            got = client.embed_sparse(texts)
+        assert_same(got, expected(SparseEncoder(str(folder), device="cpu"), texts))
+        assert max(len(indices) for indices, _ in got) == 7
+    finally:
+        server.stop()
+
+
+def test_sparse_requests_are_bounded_and_refused_clearly(served, texts):
+    client = served.client
+    cases = [
+        (lambda: client.embed_sparse([], model="splade-max"), grpc.StatusCode.INVALID_ARGUMENT,
+         "texts: empty"),
+        (lambda: client.embed_sparse(texts, top_k=10**6, model="splade-max"),
+         grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
+        (lambda: client.embed_sparse(texts, truncate=False, model="splade-max"),
+         grpc.StatusCode.INVALID_ARGUMENT, "truncate is false"),
+        (lambda: client.embed_sparse(texts), grpc.StatusCode.FAILED_PRECONDITION,
+         "not embed_sparse"),
+        (lambda: client.embed(texts, model="splade-sum"), grpc.StatusCode.FAILED_PRECONDITION,
+         "it does embed_sparse, tokenize"),
+        # every text could hold the whole vocabulary: its size is known before any compute
+        (lambda: client.embed_sparse(["x"] * 500, model="splade-max"), None, None),
+    ]
+    for call, code, message in cases:
+        if code is None:
+            assert len(call()) == 500
+            continue
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == code and message in info.value.details(), \
+            info.value.details()
+
+
+def test_a_sparse_answer_over_the_response_limit_is_refused_before_compute(engine, folders):
+    from bertstream.server.engine import Engine
+
+    sparse = Engine(str(folders["splade-max"]), device=TEST_DEVICE, dtype="float32")
+    limit = 8 * sparse.output_width * 10  # ten texts at the whole vocabulary
+    server = ServerThread(sparse, Limits(**{**TEST_LIMITS, "max_response_bytes": limit}))
+    try:
+        with Client(server.target, timeout=60) as client:
+            assert len(client.embed_sparse(["x"] * 10)) == 10
+            with pytest.raises(grpc.RpcError) as info:
+                client.embed_sparse(["x"] * 11)
+            assert "max_response_bytes" in info.value.details()
+            assert len(client.embed_sparse(["x"] * 11, top_k=5)) == 11
+    finally:
+        server.stop()
+
+
+def test_the_sparse_stream_answers_in_order(served, st, texts):
+    stub = pb_grpc.EmbedderStub(served.client._channel)
+    requests = [pb.EmbedSparseRequest(request_id=str(i), texts=texts[i:i + 3], model="splade-sum")
+                for i in range(0, len(texts), 3)]
+    requests.insert(1, pb.EmbedSparseRequest(request_id="bad", model="splade-sum"))
+    responses = list(stub.EmbedSparseStream(iter(requests), timeout=60))
+    assert [r.request_id for r in responses] == [r.request_id for r in requests]
+    assert responses[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    got = [(np.frombuffer(v.indices, "<i4"), np.frombuffer(v.values, "<f4"))
+           for r in responses if not r.HasField("error") for v in r.embeddings]
+    assert_same(got, expected(st["splade-sum"], texts))
+    assert responses[0].dimensions == st["splade-sum"].get_embedding_dimension()
+
+
+def test_http_embed_sparse_in_tei_shape(served, texts):
+    want = served.client.embed_sparse(texts, model="splade-max")
+    request = urllib.request.Request(
+        served.base + "/embed_sparse", headers={"Content-Type": "application/json"},
+        data=json.dumps({"inputs": texts, "model": "splade-max", "truncate": True}).encode())
+    with urllib.request.urlopen(request, timeout=60) as response:
+        body = json.loads(response.read())
+    assert len(body) == len(texts)
+    for entries, (indices, values) in zip(body, want):
+        assert [e["index"] for e in entries] == indices.tolist()
+        np.testing.assert_allclose([e["value"] for e in entries], values, rtol=0, atol=ATOL)
+    request = urllib.request.Request(
+        served.base + "/embed_sparse", headers={"Content-Type": "application/json"},
+        data=json.dumps({"inputs": "x", "model": DEFAULT_MODEL_NAME}).encode())
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=60)
+    assert info.value.code == 400 and b"not embed_sparse" in info.value.read()
+
+
+def test_the_async_client_embeds_sparse(served, texts):
+    import asyncio
+
+    async def run():
+        async with AsyncClient(served.target, timeout=60, model="splade-max") as client:
+            return await client.embed_sparse(texts)
+
+    assert_same(asyncio.run(run()), served.client.embed_sparse(texts, model="splade-max"))
+    kinds = {m["name"]: (m["kind"], m["tasks"]) for m in served.client.list_models()}
+    assert kinds["splade-max"] == ("sparse", ["embed_sparse", "tokenize"])
