@@ -1,8 +1,9 @@
 """The composition root: builds the server from its parts and owns their lifecycle.
 
 engines (one per served model) -> one batcher (with the lanes' admission) -> core -> the
-front-ends (gRPC always, HTTP on request), all on one event loop. Nothing below this module knows how the others are put
-together: the front-ends are adapters over the core, and neither imports the other.
+front-ends (gRPC always, HTTP on request), all on one event loop. Nothing below this module
+knows how the others are put together: the front-ends are adapters over the core, and neither
+imports the other.
 """
 
 from __future__ import annotations

@@ -373,8 +373,10 @@ class Core:
     def sparse_cost(self, call: SparseCall, request_bytes: int) -> int:
         """What an EmbedSparse request may hold: its bytes and its answer's."""
         try:
-            options = self.engine_for(call.model).sparse_options(call.top_k)
-        except EmbedError:
+            engine = self.engine_for(call.model)
+            require(engine, "embed_sparse")
+            options = engine.sparse_options(call.top_k)
+        except EmbedError:  # answered with its error, at once
             return request_bytes
         return request_bytes + min(call.items * (options.top_k or options.width) * 8,
                                    self.limits.max_response_bytes)

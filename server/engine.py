@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bertstream import ext
+from .. import ext  # the kernels: ext/ beside server/ in the checkout
 from .errors import EmbedError
 from .pipeline import NORMALIZE, Pipeline, local_model_folder, read_pipeline
 from . import scoring

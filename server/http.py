@@ -6,7 +6,8 @@
 JSON is converted here and nowhere else: limits, admission, tokenizing, metrics and semantics are
 the core's (core.py), shared with gRPC. Bearer tokens are the same as gRPC's; errors use OpenAI's
 shape ({"error": {"message", "type", "code"}}) with the matching status: 400 bad input, 401 no valid
-token, 404 a model not served (code model_not_found), 413 over a size limit, 429 queue full, 500 a failure of the server's own. FastAPI on uvicorn,
+token, 404 a model not served (code model_not_found), 413 over a size limit, 429 queue full,
+500 a failure of the server's own. FastAPI on uvicorn,
 on the gRPC server's event loop.
 """
 

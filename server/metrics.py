@@ -17,7 +17,8 @@ class Metrics:
         self.registry = prom.CollectorRegistry()
         r = self.registry
         self.requests = prom.Counter(
-            "bertstream_requests", "Requests (stream messages count one each) by RPC, status and model",
+            "bertstream_requests",
+            "Requests (stream messages count one each) by RPC, status and model",
             ["rpc", "code", "model"], registry=r)
         self.texts = prom.Counter(
             "bertstream_texts", "Texts received by RPC, status and model", ["rpc", "code", "model"],
@@ -29,7 +30,8 @@ class Metrics:
             "bertstream_truncated_texts", "Texts cut to the max input length", ["model"],
             registry=r)
         self.latency = prom.Histogram(
-            "bertstream_request_latency_seconds", "Request latency, arrival to response, by RPC and model",
+            "bertstream_request_latency_seconds",
+            "Request latency, arrival to response, by RPC and model",
             ["rpc", "model"], buckets=LATENCY_BUCKETS, registry=r)
         self.streams_open = prom.Gauge(
             "bertstream_streams_open", "EmbedStream calls in progress", registry=r)

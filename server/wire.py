@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bertstream import ext
+from .. import ext  # the kernels: ext/ beside server/ in the checkout
 
 WIRE_DTYPES = ("float32", "float16", "bfloat16", "int8", "binary")
 

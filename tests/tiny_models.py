@@ -187,8 +187,7 @@ def build_sparse_encoder(pooling: str, folder: Path, texts) -> Path:
     tokenizer.save_pretrained(raw)
     transformer = Transformer(str(raw), max_seq_length=MAX_SEQ_LENGTH,
                               transformer_task="fill-mask")
-    splade = SpladePooling(pooling_strategy=pooling,
-                           embedding_dimension=transformer.get_embedding_dimension())
+    splade = SpladePooling(pooling_strategy=pooling, embedding_dimension=len(tokenizer))
     out = folder / f"splade-{pooling}"
     SparseEncoder(modules=[transformer, splade], device="cpu").save(str(out))
     return out
