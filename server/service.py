@@ -205,20 +205,7 @@ class EmbedderService(pb_grpc.EmbedderServicer):
     # ------------------------------------------------------------------ RPCs
 
     async def Embed(self, request, context):
-        account = await self._account(context)
-        try:
-            # Waits while this connection is at its share (its deadline bounds the wait).
-            hold = await account.hold(self._memory_cost(request))
-            # Held until the answer has left (or the call ended), not until this returns.
-            context.add_done_callback(lambda _: hold.release())
-            response = await self._embed("Embed", request)
-        except EmbedError as error:
-            await abort(context, error)
-        except asyncio.CancelledError:
-            await self._say_cut(account, context)
-            raise
-        hold.ready()
-        return response
+        return await self._unary(context, self._embed, "Embed", request, self._memory_cost)
 
     async def _say_cut(self, account, context) -> None:
         """A call cancelled because its connection was cut ends with RESOURCE_EXHAUSTED saying
@@ -383,10 +370,12 @@ class EmbedderService(pb_grpc.EmbedderServicer):
 
     async def _unary(self, context, answer, rpc: str, request, cost):
         """One request answered by answer(rpc, request), holding cost(request) bytes against
-        its connection until the answer has left (as Embed)."""
+        its connection until the answer has left."""
         account = await self._account(context)
         try:
+            # Waits while this connection is at its share (its deadline bounds the wait).
             hold = await account.hold(cost(request))
+            # Held until the answer has left (or the call ended), not until this returns.
             context.add_done_callback(lambda _: hold.release())
             response = await answer(rpc, request)
         except EmbedError as error:

@@ -29,7 +29,8 @@ def test_generated_modules_import_as_bertstream_proto():
     service = bertstream.proto.embedder_pb2.DESCRIPTOR.services_by_name["Embedder"]
     assert [m.name for m in service.methods] == ["Embed", "EmbedStream", "Tokenize", "Info",
                                                  "GetTokenizer", "ListModels", "Rerank",
-                                                 "RerankStream", "Classify"]
+                                                 "RerankStream", "Classify", "EmbedSparse",
+                                                 "EmbedSparseStream"]
     assert bertstream.ext._kernels.__file__.endswith(".so")
 
 

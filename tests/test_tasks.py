@@ -267,6 +267,21 @@ def test_the_cohere_sdk_reranks_against_the_server(served, documents):
                                [r["score"] for r in expected], rtol=0, atol=ATOL)
 
 
+def test_langchains_cohere_reranker_gets_the_grpc_scores(served, documents):
+    """LangChain's CohereRerank (Cohere's ClientV2, POST /v2/rerank) as a retrieval pipeline
+    uses it: documents in, the best top_n out with their relevance scores."""
+    from langchain_cohere import CohereRerank
+    from langchain_core.documents import Document
+
+    reranker = CohereRerank(model=RERANKER, cohere_api_key="none", base_url=served.base,
+                            top_n=4)
+    kept = reranker.compress_documents([Document(page_content=d) for d in documents], QUERY)
+    expected = served.client.rerank(QUERY, documents, top_n=4, model=RERANKER)
+    assert [d.page_content for d in kept] == [documents[r["index"]] for r in expected]
+    np.testing.assert_allclose([d.metadata["relevance_score"] for d in kept],
+                               [r["score"] for r in expected], rtol=0, atol=ATOL)
+
+
 def test_pairs_long_on_both_sides_are_cut_as_cross_encoder_cuts_them(served, st, corpus):
     """Longest first, both sides over the max length; one side of long words (one [UNK] each)
     that a cut at a space would shorten too much; empty and one-character sides."""
