@@ -10,8 +10,6 @@ non-Latin text.
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 
 import grpc
 import numpy as np
@@ -24,6 +22,7 @@ from bertstream.proto import embedder_pb2_grpc as pb_grpc
 from bertstream.server.engine import DEFAULT_MODEL_NAME
 from bertstream.server.limits import Limits
 from tests.conftest import TEST_DEVICE, TEST_LIMITS, ServerThread
+from tests.test_several_models import post
 from tests.tiny_models import CROSS_ENCODERS, build_cross_encoder
 
 ATOL = 1e-5
@@ -193,16 +192,6 @@ def test_info_and_list_models_say_the_kind_and_tasks(served):
     assert models[RERANKER]["tasks"] == ["rerank", "classify", "tokenize"]
     assert models[CLASSIFIER]["tasks"] == ["classify", "tokenize"]
     assert models[CLASSIFIER]["labels"] == CROSS_ENCODERS["distilbert"]
-
-
-def post(served, path, body):
-    request = urllib.request.Request(served.base + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
 
 
 def test_http_rerank_in_tei_and_cohere_shapes(served, documents):
