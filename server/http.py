@@ -48,6 +48,10 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "
                429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 OPEN_PATHS = ("/docs", "/openapi.json")  # no data behind them
 OTHER_STRINGS = 32  # a body's strings besides its texts: field names, model, prompt_name, ...
+# JSON strings and other values a text may take, by route (BodyLimit): Cohere's documents may be
+# {"text": ...} (two strings, one more value), a /predict pair is ["a", "b"] (two strings, three
+# values with its commas); elsewhere a text is one string and one comma.
+PER_TEXT = {"/v1/rerank": (2, 2), "/v2/rerank": (2, 2), "/predict": (2, 3)}
 
 
 def whole_unicode(text: str) -> str:
@@ -457,8 +461,8 @@ class BodyLimit:
     them).
     Any other body is read whole, then handed to the app."""
 
-    def __init__(self, app, limit: int, strings: int, budget: MemoryBudget):
-        self.app, self.limit, self.strings, self.budget = app, limit, strings, budget
+    def __init__(self, app, limit: int, max_texts: int, budget: MemoryBudget):
+        self.app, self.limit, self.max_texts, self.budget = app, limit, max_texts, budget
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -492,10 +496,13 @@ class BodyLimit:
                 return await self._too_large(scope, receive, send)
         data = b"".join(body)
         del body
-        counted = json_counts(data, self.strings)
-        if counted is not None and (counted[0] > self.strings or counted[1] > self.strings):
-            what = (f"more than {self.strings:,} JSON strings" if counted[0] > self.strings else
-                    f"more than {self.strings:,} other JSON values")
+        per_string, per_value = PER_TEXT.get(scope.get("path", ""), (1, 1))
+        strings = self.max_texts * per_string + OTHER_STRINGS
+        values = self.max_texts * per_value + OTHER_STRINGS
+        counted = json_counts(data, max(strings, values))
+        if counted is not None and (counted[0] > strings or counted[1] > values):
+            what = (f"more than {strings:,} JSON strings" if counted[0] > strings else
+                    f"more than {values:,} other JSON values")
             response = error_response(413, f"request body holds {what}; a request takes at most "
                                            f"max_texts_per_request texts")
             return await response(scope, receive, send)
@@ -682,7 +689,7 @@ async def start_http(app: FastAPI, host: str, port: int, body_limit: int, max_te
         options = dict(ssl_certfile=tls_cert, ssl_keyfile=tls_key)
         if tls_client_ca:
             options.update(ssl_ca_certs=tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
-    wrapped = ShutdownAnswers(BodyLimit(app, body_limit, max_texts + OTHER_STRINGS, budget),
+    wrapped = ShutdownAnswers(BodyLimit(app, body_limit, max_texts, budget),
                               stopping)
     protocol = type("GuardedH11", (GuardedH11,), {
         "read_timeout_s": read_timeout_s, "max_connections": connection_cap(max_connections)})

@@ -339,3 +339,20 @@ def test_http_predict_reads_two_texts_as_one_pair_as_tei_does(served, documents)
     status, body = post(served, "/predict", {"inputs": [QUERY, [QUERY, documents[0]]],
                                              "model": CLASSIFIER})
     assert status == 400 and "mixed" in body["error"]["message"]
+
+
+def test_http_takes_as_many_documents_and_pairs_as_grpc(served, documents):
+    """The body's strings and values are counted before parsing: a Cohere document as
+    {"text": ...} and a /predict pair take more of them than a text, and the route allows for
+    it, up to max_texts_per_request items (they were refused at a half and a third of it)."""
+    limit = TEST_LIMITS["max_texts_per_request"]
+    many = (documents * (limit // len(documents) + 1))[:limit]
+    status, body = post(served, "/v1/rerank", {"query": QUERY, "model": RERANKER, "top_n": 1,
+                                               "documents": [{"text": d} for d in many]})
+    assert status == 200 and len(body["results"]) == 1, body
+    status, body = post(served, "/predict", {"inputs": [[QUERY, d] for d in many],
+                                             "model": CLASSIFIER, "truncate": True})
+    assert status == 200 and len(body) == limit
+    status, body = post(served, "/v1/rerank", {"query": QUERY, "model": RERANKER,
+                                               "documents": many + ["one more"]})
+    assert status == 413 and f"over the limit of {limit}" in body["error"]["message"], body
