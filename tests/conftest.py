@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import tempfile
@@ -44,6 +45,26 @@ class ServerThread:
         asyncio.run_coroutine_threadsafe(self.running.stop(grace), self.loop).result(timeout=60)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def served_models(engine, *folders):
+    """A server (gRPC, HTTP at .base, a Client at .client) of the default model's engine and
+    one engine per model folder, for the tests of other model kinds."""
+    from bertstream.client import Client
+    from bertstream.server.engine import Engine
+    from bertstream.server.limits import Limits
+
+    engines = [engine] + [Engine(str(folder), device=TEST_DEVICE, dtype="float32")
+                          for folder in folders]
+    server = ServerThread(engines, Limits(**TEST_LIMITS), http_port=0)
+    server.base = f"http://127.0.0.1:{server.running.http_port}"
+    server.client = Client(server.target, timeout=60)
+    try:
+        yield server
+    finally:
+        server.client.close()
+        server.stop()
 
 
 def free_port() -> int:

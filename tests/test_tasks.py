@@ -21,7 +21,7 @@ from bertstream.proto import embedder_pb2 as pb
 from bertstream.proto import embedder_pb2_grpc as pb_grpc
 from bertstream.server.engine import DEFAULT_MODEL_NAME
 from bertstream.server.limits import Limits
-from tests.conftest import TEST_DEVICE, TEST_LIMITS, ServerThread
+from tests.conftest import TEST_DEVICE, TEST_LIMITS, ServerThread, served_models
 from tests.test_several_models import post
 from tests.tiny_models import CROSS_ENCODERS, build_cross_encoder
 
@@ -45,16 +45,8 @@ def st(folders):
 
 @pytest.fixture(scope="module")
 def served(engine, folders):
-    from bertstream.server.engine import Engine
-
-    engines = [engine] + [Engine(str(folders[name]), device=TEST_DEVICE, dtype="float32")
-                          for name in (RERANKER, CLASSIFIER)]
-    server = ServerThread(engines, Limits(**TEST_LIMITS), http_port=0)
-    server.base = f"http://127.0.0.1:{server.running.http_port}"
-    server.client = Client(server.target, timeout=60)
-    yield server
-    server.client.close()
-    server.stop()
+    with served_models(engine, folders[RERANKER], folders[CLASSIFIER]) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
