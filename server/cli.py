@@ -166,8 +166,10 @@ async def serve(args) -> None:
         metrics_http = running.batcher.metrics.serve_http(args.metrics_port, args.metrics_host)
     for model in engines:
         log.info("model", extra={"fields": {
-            "name": model.name, "path": model.model_name, "max_length": model.max_length,
-            "attention": model.attention, "pipeline": describe_pipeline(model),
+            "name": model.name, "path": model.model_name, "kind": model.kind,
+            "tasks": ",".join(model.tasks), "max_length": model.max_length,
+            "attention": model.attention,
+            "pipeline": describe_pipeline(model) if "embed" in model.tasks else "none",
             "weights_mib": round(model.weight_bytes / 2**20, 1)}})
     log.info("serving", extra={"fields": {
         "models": ",".join(model.name for model in engines), "default_model": engine.name,
