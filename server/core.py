@@ -74,6 +74,14 @@ class ScoreCall:
     def items(self) -> int:
         return len(self.firsts)
 
+    @classmethod
+    def rerank(cls, query: str, documents: Sequence[str], documents_field: str = "documents",
+               **options) -> "ScoreCall":
+        """The query paired with each document (errors name the documents by
+        documents_field)."""
+        return cls("rerank", [query] * len(documents), documents, first_field="query",
+                   second_field=documents_field, **options)
+
 
 @dataclass
 class EmbedCall:
@@ -418,9 +426,9 @@ class Core:
     async def observed(self, rpc: str, call: EmbedCall | ScoreCall | SparseCall,
                        wait: bool = False, caller: object = None,
                        codes: dict | None = None) -> JobResult:
-        """embed() or score(), as the call is, counted and timed by RPC and outcome (once per
-        request, success or not); `codes` names the outcome of each EmbedError kind in the
-        front-end's terms."""
+        """embed(), score() or embed_sparse(), as the call is, counted and timed by RPC and
+        outcome (once per request, success or not); `codes` names the outcome of each
+        EmbedError kind in the front-end's terms."""
         started, code, texts = time.perf_counter(), "OK", call.items
         # by the model served: a name sent that is not served is not a label (any string could be)
         model = call.model if call.model in self.engines else "" if call.model else self.engine.name

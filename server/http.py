@@ -285,10 +285,9 @@ def create_app(core: Core, serving, budget: MemoryBudget, tokens: list[bytes] = 
 
     @app.post("/rerank", summary="text-embeddings-inference-compatible rerank")
     async def tei_rerank(request: Request, body: TEIRerankRequest):
-        result, sent = await scored(request, ScoreCall(
-            "rerank", [body.query] * len(body.texts), body.texts, raw_scores=body.raw_scores,
-            truncate=body.truncate, model=body.model or "", first_field="query",
-            second_field="texts"))
+        result, sent = await scored(request, ScoreCall.rerank(
+            body.query, body.texts, "texts", raw_scores=body.raw_scores, truncate=body.truncate,
+            model=body.model or ""))
         sent()
         return [{"index": i, "score": score, **({"text": body.texts[i]} if body.return_text
                                                 else {})}
@@ -299,9 +298,8 @@ def create_app(core: Core, serving, budget: MemoryBudget, tokens: list[bytes] = 
                                     "CohereRerank call)")
     async def cohere_rerank(request: Request, body: CohereRerankRequest):
         documents = [d if isinstance(d, str) else d.text for d in body.documents]
-        result, sent = await scored(request, ScoreCall(
-            "rerank", [body.query] * len(documents), documents, model=body.model or "",
-            first_field="query", second_field="documents"))
+        result, sent = await scored(request, ScoreCall.rerank(body.query, documents,
+                                                              model=body.model or ""))
         sent()
         ranked = ranking(result.embeddings.as_float32()[:, 0], body.top_n or 0)
         return {"model": core.engine_for(body.model).name,

@@ -467,12 +467,10 @@ def sparse_call(request: pb.EmbedSparseRequest) -> SparseCall:
 
 def rerank_call(request: pb.RerankRequest) -> ScoreCall:
     """A Rerank request in the core's terms: (query, document) pairs."""
-    return ScoreCall(
-        "rerank", [request.query] * len(request.documents), request.documents,
-        raw_scores=request.raw_scores,
+    return ScoreCall.rerank(
+        request.query, request.documents, raw_scores=request.raw_scores,
         truncate=request.truncate if request.HasField("truncate") else True,
-        priority=enum_name(PRIORITY_NAMES, request.priority, "priority"), model=request.model,
-        first_field="query", second_field="documents")
+        priority=enum_name(PRIORITY_NAMES, request.priority, "priority"), model=request.model)
 
 
 def classify_call(request: pb.ClassifyRequest) -> ScoreCall:
