@@ -10,10 +10,11 @@ from typing import AsyncIterable, AsyncIterator, Iterable, Sequence
 import grpc
 import numpy as np
 
-from .core import (SEND_ATTEMPTS, Classified, EmbedStreamError, LocalTokenizer, Usage, batches,
-                   build_request, check_combine_strategy, classified_of, classify_request,
-                   combine_tokens, decode_response, embed_request, make_channel, ranked_of,
-                   rerank_request, send_again, sparse_of, sparse_request, tokens_request)
+from .core import (EMBED_RPC, SEND_ATTEMPTS, SPARSE_RPC, Classified, EmbedStreamError,
+                   LocalTokenizer, Rpc, Usage, batches, build_request, check_combine_strategy,
+                   classified_of, classify_request, combine_tokens, decode_response,
+                   embed_request, make_channel, ranked_of, rerank_request, send_again, sparse_of,
+                   sparse_request, tokens_request)
 from .sync import info_of, tokens_of
 from bertstream.proto import embedder_pb2 as pb
 from bertstream.proto import embedder_pb2_grpc as pb_grpc
@@ -93,18 +94,32 @@ class AsyncClient:
                      window: int = 64, spread: bool | None = None,
                      message_timeout: float | None = None, **options) -> AsyncIterator:
         """As Client.stream, for a plain or an async iterable of texts."""
-        if window < 1:
-            raise ValueError("window must be >= 1")
         requests = (await self._prepared(request)
-                    async for request in _requests(texts, batch_size, options))
-        if self._replicas if spread is None else spread:
-            results = self._spread(requests, window, message_timeout)
-        else:
-            results = self._one_stream(requests, window, message_timeout)
-        async for result in results:
+                    async for request in _requests(texts, batch_size, build_request, options))
+        async for result in self._corpus(EMBED_RPC, requests, window, spread, message_timeout):
             yield result
 
-    async def _one_stream(self, requests, window: int, message_timeout: float | None):
+    async def stream_sparse(self, texts: Iterable[str] | AsyncIterable[str], batch_size: int = 64,
+                            window: int = 64, spread: bool | None = None,
+                            message_timeout: float | None = None, top_k: int | None = None,
+                            truncate: bool = True, model: str | None = None,
+                            priority: str | None = None) -> AsyncIterator:
+        """As Client.stream_sparse, for a plain or an async iterable of texts."""
+        options = dict(top_k=top_k, truncate=truncate, model=model or self.model,
+                       priority=priority)
+        requests = _requests(texts, batch_size, sparse_request, options)
+        async for result in self._corpus(SPARSE_RPC, requests, window, spread, message_timeout):
+            yield result
+
+    def _corpus(self, rpc: Rpc, requests, window: int, spread: bool | None,
+                message_timeout: float | None) -> AsyncIterator:
+        if window < 1:
+            raise ValueError("window must be >= 1")
+        if self._replicas if spread is None else spread:
+            return self._spread(rpc, requests, window, message_timeout)
+        return self._one_stream(rpc, requests, window, message_timeout)
+
+    async def _one_stream(self, rpc: Rpc, requests, window: int, message_timeout: float | None):
         slots = asyncio.Semaphore(window)
         sent_at = collections.deque()  # when each unanswered message went out, oldest first
 
@@ -114,7 +129,8 @@ class AsyncClient:
                 sent_at.append((request.request_id, time.monotonic()))
                 yield request
 
-        call = self._stub.EmbedStream(paced(), timeout=self.timeout, metadata=self._metadata)
+        call = getattr(self._stub, rpc.stream)(paced(), timeout=self.timeout,
+                                               metadata=self._metadata)
         responses = call.__aiter__()
         try:
             while True:
@@ -134,30 +150,30 @@ class AsyncClient:
                 sent_at.popleft()
                 slots.release()
                 self.last_usage = Usage.of(response)
-                yield decode_response(response)
+                yield rpc.decode(response)
         finally:
             call.cancel()
 
-    async def _spread(self, requests, window: int, message_timeout: float | None = None):
-        in_flight: list[tuple[pb.EmbedRequest, asyncio.Task]] = []
+    async def _spread(self, rpc: Rpc, requests, window: int,
+                      message_timeout: float | None = None):
+        in_flight: list[tuple[object, asyncio.Task]] = []
         timeout = message_timeout or self.timeout
         try:
             async for request in requests:
-                in_flight.append((request, self._send(request, timeout)))
+                in_flight.append((request, self._send(rpc, request, timeout)))
                 if len(in_flight) >= window:
-                    yield await self._settle(*in_flight.pop(0), timeout)
+                    yield await self._settle(rpc, *in_flight.pop(0), timeout)
             while in_flight:
-                yield await self._settle(*in_flight.pop(0), timeout)
+                yield await self._settle(rpc, *in_flight.pop(0), timeout)
         finally:
             for _, task in in_flight:
                 task.cancel()
 
-    def _send(self, request: pb.EmbedRequest, timeout: float | None) -> asyncio.Task:
-        return asyncio.ensure_future(self._stub.Embed(request, timeout=timeout,
-                                                      metadata=self._metadata))
+    def _send(self, rpc: Rpc, request, timeout: float | None) -> asyncio.Task:
+        return asyncio.ensure_future(getattr(self._stub, rpc.unary)(
+            request, timeout=timeout, metadata=self._metadata))
 
-    async def _settle(self, request: pb.EmbedRequest, task: asyncio.Task,
-                      timeout: float | None):
+    async def _settle(self, rpc: Rpc, request, task: asyncio.Task, timeout: float | None):
         for attempt in range(1, SEND_ATTEMPTS + 1):
             try:
                 response = await task
@@ -165,9 +181,9 @@ class AsyncClient:
             except grpc.RpcError as error:
                 if not send_again(error, attempt):
                     raise
-                task = self._send(request, timeout)  # its replica went away: another takes it
+                task = self._send(rpc, request, timeout)  # its replica went away: another takes it
         self.last_usage = Usage.of(response)
-        return decode_response(response)
+        return rpc.decode(response)
 
     async def tokenize(self, texts: Sequence[str], truncate: bool = True,
                        model: str | None = None) -> list[list[dict]]:
@@ -231,17 +247,18 @@ class AsyncClient:
         return tokens if combine_strategy is None else combine_tokens(tokens, combine_strategy)
 
 
-async def _requests(texts, batch_size: int, options: dict):
-    """EmbedRequests of batch_size texts from a plain or an async iterable, lazily."""
+async def _requests(texts, batch_size: int, build, options: dict):
+    """Requests of batch_size texts (build(texts, request_id, **options)) from a plain or an
+    async iterable, lazily."""
     if not hasattr(texts, "__aiter__"):
         for number, batch in enumerate(batches(texts, batch_size)):
-            yield build_request(batch, str(number), **options)
+            yield build(batch, str(number), **options)
         return
     batch, number = [], 0
     async for text in texts:
         batch.append(text)
         if len(batch) == batch_size:
-            yield build_request(batch, str(number), **options)
+            yield build(batch, str(number), **options)
             batch, number = [], number + 1
     if batch:
-        yield build_request(batch, str(number), **options)
+        yield build(batch, str(number), **options)

@@ -53,6 +53,11 @@ def embed_parser(subparsers) -> None:
                    help="fail on texts over the model's length instead of cutting them")
     p.add_argument("--priority", choices=[p for p in PRIORITIES if p], default="bulk",
                    help="the server's lane: bulk (default) fills what interactive calls leave")
+    p.add_argument("--sparse", action="store_true",
+                   help="SPLADE vectors from a sparse model, into .parquet (id, indices, values)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="--sparse: keep each vector's K largest values (default: the model's "
+                        "max_active_dims, else every non-zero value)")
     p.add_argument("--tokenize-locally", action="store_true",
                    help="tokenize here, with the server's own tokenizer, and send token ids "
                         "(the same vectors; the tokenizing on this machine's cores)")
@@ -79,11 +84,11 @@ def run_embed(args) -> int:
     fmt = input_format(args.input, args.input_format)
     writer = None
     try:
+        options = _options(args)
+    except ValueError as exc:
+        return _fail(str(exc), 2)
+    try:
         total = count_texts(args.input, fmt)
-        options = dict(pooling=args.pooling, layers=args.layers, layer_combine=args.layer_combine,
-                       normalize=args.normalize, dtype=args.dtype, truncate=args.truncate,
-                       prompt_name=args.prompt_name, prompt=args.prompt,
-                       dimensions=args.dimensions)
         tokens = 0
         with Client(args.server if len(args.server) > 1 else args.server[0], token=token,
                     tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
@@ -94,12 +99,14 @@ def run_embed(args) -> int:
             done = committed_rows(args.output) if args.resume else 0
             if done:  # checked before the output is touched
                 texts = _same_run(args, record, texts, done, total)
-            writer = open_writer(args.output, args.resume, args.commit_rows)
+            writer = open_writer(args.output, args.resume, args.commit_rows, args.sparse)
             run_record.write(args.output, record)
+            stream = client.stream_sparse if args.sparse else client.stream
+            calls = {key: value for key, value in options.items() if key != "sparse"}
             with _progress(args.progress, total, done) as bar:
-                for vectors in client.stream(texts, args.batch_size, args.window,
-                                             message_timeout=args.timeout,
-                                             priority=args.priority, **options):
+                for vectors in stream(texts, args.batch_size, args.window,
+                                      message_timeout=args.timeout, priority=args.priority,
+                                      **calls):
                     writer.append(vectors)
                     tokens += client.last_usage.tokens
                     if bar is not None:
@@ -131,6 +138,29 @@ def run_embed(args) -> int:
                      f"{writer.rows if writer else 0:,} rows written, --resume continues", 1)
     except OSError as exc:
         return _fail(f"{exc}", 1)
+
+
+# What --sparse leaves out: a sparse vector has no pooling, layers, prompt or wire dtype to choose.
+DENSE_ONLY = {"pooling": None, "layers": [-1], "layer_combine": "concat", "normalize": None,
+              "prompt_name": None, "prompt": None, "dimensions": None, "dtype": "float32",
+              "tokenize_locally": False}
+
+
+def _options(args) -> dict:
+    """The options that decide the rows (kept in the run record); ValueError for a dense option
+    given with --sparse."""
+    if not args.sparse:
+        if args.top_k is not None:
+            raise ValueError("--top-k applies to --sparse only")
+        return {key: getattr(args, key) for key in DENSE_ONLY if key != "tokenize_locally"} \
+            | {"truncate": args.truncate}
+    given = [key for key, default in DENSE_ONLY.items() if getattr(args, key) != default]
+    if given:
+        raise ValueError(", ".join(f"--{key.replace('_', '-')}" for key in given)
+                         + " does not apply to --sparse")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+    return {"sparse": True, "top_k": args.top_k, "truncate": args.truncate}
 
 
 class NotTheSameRun(Exception):

@@ -109,12 +109,24 @@ def decode_tensor(tensor: pb.Tensor):
 def decode_response(response: pb.EmbedResponse):
     """The result a response carries: an array per decode_tensor, or for token-level output a
     list of (tokens, width) arrays. A stream message's error raises EmbedStreamError."""
+    _raise_stream_error(response)
+    result = decode_tensor(response.embeddings)
+    return split_tokens(result, response.lengths) if response.lengths else result
+
+
+def _raise_stream_error(response) -> None:
     if response.HasField("error"):
         raise EmbedStreamError(response.request_id,
                                STATUS_BY_NUMBER.get(response.error.code, grpc.StatusCode.UNKNOWN),
                                response.error.message)
-    result = decode_tensor(response.embeddings)
-    return split_tokens(result, response.lengths) if response.lengths else result
+
+
+class Rpc(NamedTuple):
+    """A kind of corpus call, as Client.stream and stream_sparse send it: the stub's streaming
+    method, its unary twin (for spreading over replicas), and what decodes an answer."""
+    stream: str
+    unary: str
+    decode: object
 
 
 def split_tokens(vectors: np.ndarray, lengths: Sequence[int]) -> list[np.ndarray]:
@@ -170,9 +182,15 @@ def sparse_request(texts: Sequence[str], request_id: str = "", *, top_k: int | N
 
 
 def sparse_of(response: pb.EmbedSparseResponse) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per text: (indices int32 ascending, values float32)."""
+    """Per text: (indices int32 ascending, values float32). A stream message's error raises
+    EmbedStreamError."""
+    _raise_stream_error(response)
     return [(np.frombuffer(v.indices, "<i4").astype(np.int32),
              np.frombuffer(v.values, "<f4").astype(np.float32)) for v in response.embeddings]
+
+
+EMBED_RPC = Rpc("EmbedStream", "Embed", decode_response)
+SPARSE_RPC = Rpc("EmbedSparseStream", "EmbedSparse", sparse_of)
 
 
 def rerank_request(query: str, documents: Sequence[str], request_id: str = "", *,

@@ -130,9 +130,13 @@ def committed_rows(path: str) -> int:
     return NpyWriter.committed(path)[0]
 
 
-def open_writer(path: str, resume: bool, commit_rows: int = 8192):
+def open_writer(path: str, resume: bool, commit_rows: int = 8192, sparse: bool = False):
+    """A writer of the output's kind; sparse: SPLADE vectors, which only Parquet holds."""
     if Path(path).suffix.lower() == ".parquet":
-        return ParquetWriter(path, resume, commit_rows)
+        return ParquetWriter(path, resume, commit_rows, sparse)
+    if sparse:
+        raise InputError(f"{path}: sparse vectors are written to .parquet (indices and values "
+                         f"columns), not {Path(path).suffix or 'a file without a suffix'}")
     if Path(path).suffix.lower() == ".npy":
         return NpyWriter(path, resume)
     raise InputError(f"{path}: output must end in .npy or .parquet")
@@ -224,18 +228,20 @@ class NpyWriter:
 
 
 class ParquetWriter:
-    """Parquet with columns id (row number, int64) and embedding (list of float32).
+    """Parquet with columns id (row number, int64) and embedding (list of float32); for sparse
+    vectors, id, indices (list of int32, ascending vocabulary ids) and values (list of float32).
 
     Rows are committed as complete part files in OUTPUT.parts/ (written whole, then renamed), so
     an interrupted run leaves only complete parts; close() joins them into OUTPUT."""
 
-    def __init__(self, path: str, resume: bool, commit_rows: int = 8192):
+    def __init__(self, path: str, resume: bool, commit_rows: int = 8192, sparse: bool = False):
         import pyarrow.parquet as pq
 
         self.path = path
-        self.commit_rows = commit_rows
+        self.commit_rows, self.sparse = commit_rows, sparse
         self.parts = Path(path + ".parts")
-        self._pending: list[np.ndarray] = []
+        self._pending: list = []  # dense: float32 arrays; sparse: (indices, values) per row
+        self._pending_rows = 0
         if not resume:  # a new run: nothing of an earlier one may be counted as committed
             for old in self.parts.glob("*") if self.parts.exists() else ():
                 old.unlink()
@@ -257,32 +263,52 @@ class ParquetWriter:
     def _part_files(self) -> list[Path]:
         return sorted(self.parts.glob("part-*.parquet"))
 
-    def append(self, vectors: np.ndarray) -> None:
-        self._pending.append(np.asarray(vectors, dtype=np.float32))
-        if sum(len(p) for p in self._pending) >= self.commit_rows:
+    def append(self, vectors) -> None:
+        """A float32 (rows, width) array; sparse: a list of (indices, values), one per row."""
+        if self.sparse:
+            self._pending.extend(vectors)
+        else:
+            self._pending.append(np.asarray(vectors, dtype=np.float32))
+        self._pending_rows += len(vectors)
+        if self._pending_rows >= self.commit_rows:
             self.flush()
 
     def flush(self) -> None:
         """Commit the rows appended so far as a part file."""
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
         if not self._pending:
             return
-        vectors = np.concatenate(self._pending)
-        self._pending = []
-        table = pa.table({
-            "id": pa.array(np.arange(self.rows, self.rows + len(vectors)), pa.int64()),
-            "embedding": pa.FixedSizeListArray.from_arrays(
-                pa.array(vectors.reshape(-1)), vectors.shape[1]),
-        })
+        table = self._table(self._pending)
+        self._pending, self._pending_rows = [], 0
         temporary = self.parts / (self._part_name(self.rows) + ".tmp")
         with open(temporary, "wb") as file:
             pq.write_table(table, file)
             _sync(file)
         os.replace(temporary, self.parts / self._part_name(self.rows))
         _sync_directory(self.parts)  # committed: the part is whole on disk under its name
-        self.rows += len(vectors)
+        self.rows += table.num_rows
+
+    def _table(self, pending: list):
+        import pyarrow as pa
+
+        if self.sparse:
+            lengths = np.array([len(indices) for indices, _ in pending], dtype=np.int32)
+            offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+            columns = {
+                "indices": pa.ListArray.from_arrays(offsets, pa.array(
+                    np.concatenate([i for i, _ in pending]).astype(np.int32), pa.int32())),
+                "values": pa.ListArray.from_arrays(offsets, pa.array(
+                    np.concatenate([v for _, v in pending]).astype(np.float32), pa.float32())),
+            }
+            rows = len(pending)
+        else:
+            vectors = np.concatenate(pending)
+            columns = {"embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array(vectors.reshape(-1)), vectors.shape[1])}
+            rows = len(vectors)
+        return pa.table({"id": pa.array(np.arange(self.rows, self.rows + rows), pa.int64()),
+                         **columns})
 
     def close(self) -> None:
         import pyarrow.parquet as pq

@@ -10,10 +10,11 @@ from typing import Iterable, Iterator, Sequence
 import grpc
 import numpy as np
 
-from .core import (SEND_ATTEMPTS, Classified, EmbedStreamError, LocalTokenizer, Usage, batches,
-                   build_request, check_combine_strategy, classified_of, classify_request,
-                   combine_tokens, decode_response, embed_request, make_channel, ranked_of,
-                   rerank_request, send_again, sparse_of, sparse_request, tokens_request)
+from .core import (EMBED_RPC, SEND_ATTEMPTS, SPARSE_RPC, Classified, EmbedStreamError,
+                   LocalTokenizer, Rpc, Usage, batches, build_request, check_combine_strategy,
+                   classified_of, classify_request, combine_tokens, decode_response,
+                   embed_request, make_channel, ranked_of, rerank_request, send_again, sparse_of,
+                   sparse_request, tokens_request)
 from bertstream.proto import embedder_pb2 as pb
 from bertstream.proto import embedder_pb2_grpc as pb_grpc
 
@@ -124,16 +125,33 @@ class Client:
         stream is cancelled and EmbedStreamError (DEADLINE_EXCEEDED) raised.
         """
         if window < 1:
-            raise ValueError("window must be >= 1")
+            raise ValueError("window must be >= 1")  # before the tokenizer is fetched
         if self.tokenize_locally:  # fetch the tokenizer now, not on gRPC's sending thread
             self._prepared(build_request(["a"], model=options.get("model")))
         requests = (self._prepared(build_request(batch, str(number), **options))
                     for number, batch in enumerate(batches(texts, batch_size)))
-        if self._replicas if spread is None else spread:
-            return self._spread(requests, window, message_timeout)
-        return self._one_stream(requests, window, message_timeout)
+        return self._corpus(EMBED_RPC, requests, window, spread, message_timeout)
 
-    def _one_stream(self, requests, window: int, message_timeout: float | None):
+    def stream_sparse(self, texts: Iterable[str], batch_size: int = 64, window: int = 64,
+                      spread: bool | None = None, message_timeout: float | None = None,
+                      top_k: int | None = None, truncate: bool = True, model: str | None = None,
+                      priority: str | None = None) -> Iterator:
+        """As stream, for a sparse model: per message, what embed_sparse returns for its texts
+        (an (indices, values) pair per text), in input order, at most `window` in flight."""
+        requests = (sparse_request(batch, str(number), top_k=top_k, truncate=truncate,
+                                   model=model or self.model, priority=priority)
+                    for number, batch in enumerate(batches(texts, batch_size)))
+        return self._corpus(SPARSE_RPC, requests, window, spread, message_timeout)
+
+    def _corpus(self, rpc: Rpc, requests, window: int, spread: bool | None,
+                message_timeout: float | None) -> Iterator:
+        if window < 1:
+            raise ValueError("window must be >= 1")
+        if self._replicas if spread is None else spread:
+            return self._spread(rpc, requests, window, message_timeout)
+        return self._one_stream(rpc, requests, window, message_timeout)
+
+    def _one_stream(self, rpc: Rpc, requests, window: int, message_timeout: float | None):
         slots = threading.Semaphore(window)
         stop = threading.Event()
         failures = []  # from reading the texts, which runs on gRPC's sending thread
@@ -152,7 +170,8 @@ class Client:
             except Exception as exc:  # end the stream cleanly; the caller gets exc after the
                 failures.append(exc)  # answers to what was sent before it
 
-        responses = self._stub.EmbedStream(paced(), timeout=self.timeout, metadata=self._metadata)
+        responses = getattr(self._stub, rpc.stream)(paced(), timeout=self.timeout,
+                                                    metadata=self._metadata)
         late = []
 
         def watchdog():  # cancels the stream when its oldest unanswered message is overdue
@@ -169,7 +188,7 @@ class Client:
                 sent_at.popleft()
                 slots.release()
                 self.last_usage = Usage.of(response)
-                yield decode_response(response)
+                yield rpc.decode(response)
         except grpc.RpcError:
             if late:
                 raise EmbedStreamError(late[0], grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -181,24 +200,25 @@ class Client:
         if failures:
             raise failures[0]
 
-    def _spread(self, requests, window: int, message_timeout: float | None = None):
+    def _spread(self, rpc: Rpc, requests, window: int, message_timeout: float | None = None):
         in_flight = collections.deque()
         timeout = message_timeout or self.timeout
         try:
             for request in requests:
-                in_flight.append((request, self._send(request, timeout)))
+                in_flight.append((request, self._send(rpc, request, timeout)))
                 if len(in_flight) >= window:
-                    yield self._settle(*in_flight.popleft(), timeout)
+                    yield self._settle(rpc, *in_flight.popleft(), timeout)
             while in_flight:
-                yield self._settle(*in_flight.popleft(), timeout)
+                yield self._settle(rpc, *in_flight.popleft(), timeout)
         finally:
             for _, future in in_flight:
                 future.cancel()
 
-    def _send(self, request: pb.EmbedRequest, timeout: float | None):
-        return self._stub.Embed.future(request, timeout=timeout, metadata=self._metadata)
+    def _send(self, rpc: Rpc, request, timeout: float | None):
+        return getattr(self._stub, rpc.unary).future(request, timeout=timeout,
+                                                      metadata=self._metadata)
 
-    def _settle(self, request: pb.EmbedRequest, future, timeout: float | None):
+    def _settle(self, rpc: Rpc, request, future, timeout: float | None):
         for attempt in range(1, SEND_ATTEMPTS + 1):
             try:
                 response = future.result()
@@ -206,9 +226,9 @@ class Client:
             except grpc.RpcError as error:
                 if not send_again(error, attempt):
                     raise
-                future = self._send(request, timeout)  # its replica went away: another takes it
+                future = self._send(rpc, request, timeout)  # its replica went away: another takes it
         self.last_usage = Usage.of(response)
-        return decode_response(response)
+        return rpc.decode(response)
 
     def tokenize(self, texts: Sequence[str], truncate: bool = True,
                  model: str | None = None) -> list[list[dict]]:

@@ -8,6 +8,7 @@ the max length (40 tokens), one character and non-Latin scripts.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import urllib.error
 import urllib.request
@@ -16,7 +17,7 @@ import grpc
 import numpy as np
 import pytest
 
-from bertstream.client import AsyncClient, Client
+from bertstream.client import AsyncClient, Client, EmbedStreamError
 from bertstream.proto import embedder_pb2 as pb
 from bertstream.proto import embedder_pb2_grpc as pb_grpc
 from bertstream.server.engine import DEFAULT_MODEL_NAME
@@ -180,8 +181,6 @@ def test_http_embed_sparse_in_tei_shape(served, texts):
 
 
 def test_the_async_client_embeds_sparse(served, texts):
-    import asyncio
-
     async def run():
         async with AsyncClient(served.target, timeout=60, model="splade-max") as client:
             return await client.embed_sparse(texts)
@@ -189,3 +188,72 @@ def test_the_async_client_embeds_sparse(served, texts):
     assert_same(asyncio.run(run()), served.client.embed_sparse(texts, model="splade-max"))
     kinds = {m["name"]: (m["kind"], m["tasks"]) for m in served.client.list_models()}
     assert kinds["splade-max"] == ("sparse", ["embed_sparse", "tokenize"])
+
+
+def test_the_clients_stream_sparse_vectors_in_order(served, st, texts):
+    want = expected(st["splade-sum"], texts)
+    client = served.client
+    for spread in (False, True):  # one EmbedSparseStream; one EmbedSparse call per message
+        messages = list(client.stream_sparse(iter(texts), batch_size=3, window=2, spread=spread,
+                                             model="splade-sum"))
+        assert [len(m) for m in messages] == [3, 3, 3, 3]
+        assert_same([row for message in messages for row in message], want)
+    with pytest.raises(EmbedStreamError) as info:  # the long text, with truncation off
+        list(client.stream_sparse(texts, batch_size=4, truncate=False, model="splade-sum"))
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and info.value.request_id == "2"
+
+    async def run():
+        async with AsyncClient(served.target, timeout=60, model="splade-sum") as aio:
+            return [row async for message in aio.stream_sparse(texts, batch_size=5, top_k=4)
+                    for row in message]
+
+    assert_same(asyncio.run(run()), expected(st["splade-sum"], texts, max_active_dims=4))
+
+
+def read_sparse(path) -> list:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    assert table.column_names == ["id", "indices", "values"]
+    assert table.column("id").to_pylist() == list(range(table.num_rows))
+    return [(np.array(i, dtype=np.int32), np.array(v, dtype=np.float32))
+            for i, v in zip(table.column("indices").to_pylist(),
+                            table.column("values").to_pylist())]
+
+
+def test_embed_sparse_command_writes_parquet_and_resumes_exactly(served, st, texts, tmp_path,
+                                                                 monkeypatch, capsys):
+    from bertstream.client import corpus_io
+    from bertstream.client.cli import main
+
+    source = tmp_path / "in.jsonl"
+    rows = texts * 3
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows), encoding="utf-8")
+    target = tmp_path / "sparse.parquet"
+    base = ["embed", str(source), "-o", str(target), "--server", served.target, "--sparse",
+            "--model", "splade-max", "--batch-size", "4", "--window", "2", "--commit-rows", "8",
+            "--no-progress"]
+    want = expected(st["splade-max"], rows, max_active_dims=6)
+    appended, append = [], corpus_io.ParquetWriter.append
+
+    def interrupted(writer, vectors):  # Ctrl-C on the fourth message
+        appended.append(len(vectors))
+        if len(appended) == 4:
+            raise KeyboardInterrupt
+        append(writer, vectors)
+
+    monkeypatch.setattr(corpus_io.ParquetWriter, "append", interrupted)
+    assert main(base + ["--top-k", "6"]) == 130
+    monkeypatch.setattr(corpus_io.ParquetWriter, "append", append)
+    capsys.readouterr()
+    assert main(base + ["--top-k", "5", "--resume"]) == 2  # not the same run
+    assert "--top-k: 6 then, 5 now" in capsys.readouterr().err
+    assert main(base + ["--top-k", "6", "--resume"]) == 0
+    assert_same(read_sparse(target), want)
+
+    for extra, message in ((["--pooling", "mean"], "--pooling does not apply to --sparse"),
+                           (["-o", str(tmp_path / "s.npy")], "sparse vectors are written to "
+                                                             ".parquet"),
+                           (["--no-truncate"], "INVALID_ARGUMENT")):
+        assert main(base + extra) != 0
+        assert message in capsys.readouterr().err
