@@ -38,14 +38,15 @@ class Metrics:
         self.queue_depth = prom.Gauge(
             "bertstream_queue_texts", "Texts waiting for a forward pass", registry=r)
         self.queue_wait = prom.Histogram(
-            "bertstream_queue_wait_seconds", "Time a text waited before its forward pass started",
+            "bertstream_queue_wait_seconds", "Per forward pass, how long its longest-waiting "
+            "text waited for it",
             buckets=LATENCY_BUCKETS, registry=r)
         self.lane_queue_texts = prom.Gauge(
             "bertstream_lane_queue_texts", "Texts waiting for a forward pass, by lane", ["lane"],
             registry=r)
         self.lane_queue_wait = prom.Histogram(
-            "bertstream_lane_queue_wait_seconds", "Time a text waited before its forward pass "
-            "started, by lane", ["lane"], buckets=LATENCY_BUCKETS, registry=r)
+            "bertstream_lane_queue_wait_seconds", "Per forward pass, how long its "
+            "longest-waiting text waited for it, by lane", ["lane"], buckets=LATENCY_BUCKETS, registry=r)
         self.lane_batches = prom.Counter(
             "bertstream_lane_batches", "Forward passes, by the lane they served", ["lane"],
             registry=r)

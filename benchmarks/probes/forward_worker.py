@@ -1,0 +1,77 @@
+"""Probe: a forward worker's CPU per text with a forward pass that costs nothing, in-process.
+
+    python -m benchmarks.probes.forward_worker [--rounds 15]
+
+3,000 corpus paragraphs, tokenized once in messages of 64, go through a Queue and Batcher._run
+on this thread (no other thread, no gRPC): queueing, cutting, padding, the stand-in forward
+pass (views of one random buffer), pooling, settling the jobs, packing. Prints the CPU per text
+(the least and the median of the rounds; the machine is noisy) and the calls that cost the
+most, by cProfile. host_path.py measures the same path inside a served stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import statistics
+import time
+
+from benchmarks.harness import machine, stdlib_paragraphs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=15)
+    args = parser.parse_args()
+    import torch
+
+    from bertstream.server.batcher import Batcher
+    from bertstream.server.engine import Engine
+    from bertstream.server.jobs import Job
+    from bertstream.server.text_queue import Queue
+
+    engine = Engine(device="cpu", dtype="float32", threads=1, forward_workers=1)
+    flat = torch.randn(1024 * 512 * engine.hidden_size)
+
+    def stand_in(input_ids, attention_mask, **_):
+        rows, longest = input_ids.shape
+        layer = flat[:rows * longest * engine.hidden_size].view(rows, longest,
+                                                                engine.hidden_size)
+        return (layer,) * (engine.num_layers + 1)
+
+    engine.run_model = stand_in
+    texts = list(stdlib_paragraphs()[:3000])
+    options = engine.options()
+    messages = [engine.tokenize(texts[i:i + 64], prompt=options.prompt)
+                for i in range(0, len(texts), 64)]
+    batcher = Batcher([engine], 1024)  # its own workers stay idle: nothing is submitted
+
+    def one_round():
+        queue, caller = Queue(1024), object()
+        for number, tokens in enumerate(messages):
+            queue.add(Job(tokens.ids, options, "float32", lambda result: None, caller=caller,
+                          sequence=number, engine=engine))
+        while queue.waiting:
+            batcher._run(queue.cut(), 0)
+
+    one_round()
+    seconds = []
+    for _ in range(args.rounds):
+        started = time.thread_time()
+        one_round()
+        seconds.append(time.thread_time() - started)
+    print(machine())
+    print(f"forward worker path: {min(seconds) / len(texts) * 1e6:.1f} µs a text at least, "
+          f"median {statistics.median(seconds) / len(texts) * 1e6:.1f} µs "
+          f"({args.rounds} rounds of {len(texts):,} texts)")
+    profile = cProfile.Profile()
+    profile.enable()
+    one_round()
+    profile.disable()
+    pstats.Stats(profile).sort_stats("tottime").print_stats(12)
+    batcher.close()
+
+
+if __name__ == "__main__":
+    main()
