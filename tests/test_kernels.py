@@ -393,3 +393,21 @@ def test_splade_edge_values():
         ext.splade(logits, lengths, "mean")
     with pytest.raises(ValueError, match="activation must be one of"):
         ext.splade(logits, lengths, "max", "gelu")
+
+
+def test_splade_max_over_tokens_keeps_nan_and_empty_rows():
+    """The max is taken of the logits, then activated once: a NaN of any real token still
+    wins over larger logits before or after it, -inf, negative and zero logits give 0, and
+    padding past a row's length is never read."""
+    logits = np.array([[[np.nan, 1.0, -np.inf], [5.0, 2.0, -np.inf], [7.0, np.nan, 9.0]],
+                       [[-np.inf, -1.0, 0.0], [9.0, 9.0, 9.0], [9.0, 9.0, 9.0]]],
+                      dtype=np.float32)
+    for activation in ("relu", "log1p_relu"):
+        got = ext.splade(logits, np.array([3, 1]), "max", activation)
+        assert np.isnan(got[0, 0]) and np.isnan(got[0, 1])
+        expected = np.log1p(np.float32(9.0))
+        expected = np.log1p(expected) if activation == "log1p_relu" else expected
+        assert got[0, 2] == np.float32(expected)
+        np.testing.assert_array_equal(got[1], [0, 0, 0])
+        two = ext.splade(logits, np.array([2, 1]), "max", activation)  # row 0: tokens 0-1 only
+        assert np.isnan(two[0, 0]) and two[0, 2] == 0
