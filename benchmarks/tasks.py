@@ -1,14 +1,14 @@
 """Served rerank and sparse embeddings against sentence-transformers in-process, in one run.
 
-    python -m benchmarks.tasks [--queries 40] [--documents 25] [--texts 1000]
+    python -m benchmarks.tasks [--queries 40] [--documents 25] [--texts 1000] [--callers 4]
 
 Two models of all-MiniLM-L6-v2's shape (6 layers, 384 wide, its tokenizer and 30,522-token
 vocabulary), random weights (the work is the same as trained ones'), saved with
 sentence-transformers' own classes: a CrossEncoder with one label and a SparseEncoder (masked
 language model, SpladePooling max). Rerank: --queries queries of --documents corpus paragraphs
 each, by `CrossEncoder.predict` (batch 32) in this process, then by one `bertstream serve` of both
-models through four callers. Sparse: --texts corpus paragraphs by `SparseEncoder.encode` (batch
-32), then served in messages of 64 through four callers. Printed: pairs/s and texts/s, and the
+models through --callers callers (4). Sparse: --texts corpus paragraphs by `SparseEncoder.encode` (batch
+32), then served in messages of 64 through the same callers. Printed: pairs/s and texts/s, and the
 ratio served / in-process.
 """
 
@@ -25,7 +25,6 @@ from pathlib import Path
 
 from benchmarks.harness import free_port, machine, stdlib_paragraphs
 
-CALLERS = 4
 
 
 def build(folder: Path) -> tuple[Path, Path]:
@@ -80,10 +79,10 @@ def serve(cross: Path, splade: Path) -> tuple[subprocess.Popen, str]:
             time.sleep(0.5)
 
 
-def spread(work, items) -> float:
-    """Seconds for CALLERS threads to run work(item) over every item."""
+def spread(work, items, callers: int) -> float:
+    """Seconds for `callers` threads to run work(item) over every item."""
     started = time.perf_counter()
-    with ThreadPoolExecutor(CALLERS) as pool:
+    with ThreadPoolExecutor(callers) as pool:
         list(pool.map(work, items))
     return time.perf_counter() - started
 
@@ -93,6 +92,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=40)
     parser.add_argument("--documents", type=int, default=25)
     parser.add_argument("--texts", type=int, default=1000)
+    parser.add_argument("--callers", type=int, default=4, help="concurrent callers of the server")
     args = parser.parse_args()
     import torch
     from sentence_transformers import CrossEncoder, SparseEncoder
@@ -126,10 +126,10 @@ def main() -> None:
             with Client(target, timeout=600) as client:
                 client.embed_sparse(texts[:64], model="splade")  # warm
                 served = spread(lambda i: client.rerank(queries[i], lists[i], model="rerank"),
-                                range(args.queries))
+                                range(args.queries), args.callers)
                 messages = [texts[i:i + 64] for i in range(0, len(texts), 64)]
                 sparse_served = spread(lambda m: client.embed_sparse(m, model="splade"),
-                                       messages)
+                                       messages, args.callers)
         finally:
             process.terminate()
             process.wait(timeout=60)
@@ -137,7 +137,7 @@ def main() -> None:
                 ("sparse (texts/s)", len(texts) / sparse_alone, len(texts) / sparse_served)]
     print(f"{machine()}; MiniLM-sized random models, float32; rerank {args.queries} queries x "
           f"{args.documents} corpus paragraphs, sparse {args.texts:,} paragraphs; "
-          f"{CALLERS} callers")
+          f"{args.callers} callers")
     print("\n| task | sentence-transformers in-process | served | x |")
     print("| --- | ---: | ---: | ---: |")
     for task, baseline, ours in rows:
