@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import tempfile
@@ -167,12 +168,17 @@ def reference():
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="eager").eval()
 
+    @functools.lru_cache(maxsize=256)  # many tests ask for the same texts: one pass each
     def hidden_states(text: str, max_length: int = 256):
-        """All layers' hidden states of one text, alone (no padding): list of (tokens, hidden)."""
+        """All layers' hidden states of one text, alone (no padding): list of (tokens, hidden),
+        read-only (they are shared between tests)."""
         encoded = tokenizer([text], truncation=True, max_length=max_length, return_tensors="pt")
         with torch.inference_mode():
             out = model(**encoded, output_hidden_states=True)
-        return [layer[0].numpy() for layer in out.hidden_states]
+        layers = [layer[0].numpy() for layer in out.hidden_states]
+        for layer in layers:
+            layer.flags.writeable = False
+        return tuple(layers)
 
     return hidden_states
 

@@ -311,7 +311,12 @@ def test_a_tokenize_whose_caller_went_away_stops(client, engine, monkeypatch):
         pb_grpc.EmbedderStub(client._channel).Tokenize(
             pb.TokenizeRequest(texts=["word " * 300] * 500), timeout=0.3)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    time.sleep(3)
+    # Still going, it would add a chunk every 0.05 s until all 50 are done: wait until no
+    # chunk came for half a second (or the 2.5 s of work are long over).
+    seen, deadline = -1, time.monotonic() + 4
+    while len(chunks) != seen and time.monotonic() < deadline:
+        seen = len(chunks)
+        time.sleep(0.5)
     assert len(chunks) <= 15, len(chunks)
 
 
