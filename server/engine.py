@@ -335,7 +335,7 @@ class Engine:
         cut to fewer than `most` tokens, it is cut again four times longer, up to whole."""
         limit = self.max_length * CUT_CHARS_PER_TOKEN
         cuts = {i: cut for i, text in enumerate(texts)
-                if (cut := cut_point(text, limit)) is not None}
+                if (cut := cut_point(text, limit, self._full)) is not None}
         encode = self._full.encode_batch_fast
         rows = [e.ids[:most] for e in encode([text[:cuts[i]] if i in cuts else text
                                              for i, text in enumerate(texts)],
@@ -344,7 +344,7 @@ class Engine:
             longer = limit
             while len(rows[i]) < most and cuts[i] < len(texts[i]):
                 longer *= 4
-                cuts[i] = cut_point(texts[i], longer) or len(texts[i])
+                cuts[i] = cut_point(texts[i], longer, self._full) or len(texts[i])
                 rows[i] = encode([texts[i][:cuts[i]]], add_special_tokens=False)[0].ids[:most]
         return [np.array(row, dtype=np.int32) for row in rows]
 
@@ -375,14 +375,14 @@ class Engine:
         # no longer overflows (mostly spaces, say) is cut again four times longer, up to whole.
         limit = self.max_length * CUT_CHARS_PER_TOKEN
         cuts = {i: cut for i, text in enumerate(texts)
-                if (cut := cut_point(text, limit)) is not None}
+                if (cut := cut_point(text, limit, self._full)) is not None}
         encodings = encode([text[:cuts[i]] if i in cuts else text
                             for i, text in enumerate(texts)])
         for i in cuts:
             longer = limit
             while not encodings[i].overflowing and cuts[i] < len(texts[i]):
                 longer *= 4
-                cuts[i] = cut_point(texts[i], longer) or len(texts[i])
+                cuts[i] = cut_point(texts[i], longer, self._full) or len(texts[i])
                 encodings[i] = encode([texts[i][:cuts[i]]])[0]
         truncated = [bool(e.overflowing) for e in encodings]
         if not truncate and any(truncated):
@@ -559,13 +559,26 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def cut_point(text: str, limit: int) -> int | None:
-    """Where to cut a text longer than `limit` characters: its last whitespace before `limit`;
-    None if it is not longer or has no whitespace there."""
+def cut_point(text: str, limit: int, tokenizer=None) -> int | None:
+    """Where to cut a text longer than `limit` characters, so that the tokens before the cut are
+    the whole text's: its last whitespace before `limit`. In a text without whitespace there
+    (Chinese, Japanese: 100,000 such characters were 100,000 tokens and their overflow pieces,
+    27 s and 2.7 GB for 200 of them), the start of the last word `tokenizer` sees in the first
+    `limit` characters: its pre-tokenizer splits a text into words where that does not depend
+    on what follows (BERT's, a CJK character at a time), so every word before the last one is
+    whole. None if the text is not longer, or is one word as far as `limit` (it is tokenized
+    whole)."""
     if len(text) <= limit:
         return None
     cut = max(text.rfind(space, 0, limit) for space in CUT_AT)
-    return cut if cut > 0 else None
+    if cut > 0 or tokenizer is None:
+        return cut if cut > 0 else None
+    encoding = tokenizer.encode(text[:limit], add_special_tokens=False)
+    words = encoding.word_ids
+    if not words or not words[-1]:  # no word, or one word all the way
+        return None
+    start = encoding.offsets[words.index(words[-1])][0]
+    return start if start > 0 else None
 
 
 def model_max_length(tokenizer, config) -> int:

@@ -164,6 +164,43 @@ def test_huge_texts_do_not_starve_a_small_caller(served):
     check_memory(served, "150 texts of 100,000 characters")
 
 
+def test_texts_without_spaces_are_cut_before_tokenizing(served):
+    """100 texts of 100,000 Japanese characters (30 MB, within the limits): no whitespace to
+    cut them at, so each was tokenized whole, 100,000 tokens and their overflow pieces (200 of
+    them: 27 s and +2.7 GB in-process). Now each is cut at a word the tokenizer sees (one CJK character
+    each), so the kept tokens are the same: each vector equals the one of its first 3,000
+    characters (256 tokens either way), and another caller is answered meanwhile."""
+    text = ("日本語の文章を埋め込む。" * 8334)[:100_000]
+    with Client(served.target, timeout=120) as client:
+        vectors, latencies = while_a_small_caller_calls(
+            served.target, lambda: client.embed([text] * 100))
+        assert client.last_usage.truncated_items == 100
+        np.testing.assert_allclose(vectors, np.repeat(client.embed([text[:3000]]), 100, 0),
+                                   rtol=0, atol=1e-6)
+    HOSTILE_REPORT["small request during 100 texts of 100,000 CJK characters"] = (
+        f"max {max(latencies) * 1000:.0f} ms ({len(latencies)} requests)")
+    assert max(latencies) < 3.0, latencies
+    check_memory(served, "100 texts of 100,000 CJK characters")
+
+
+@pytest.mark.parametrize("text", [
+    "日本語の文章を埋め込む。" * 500,                  # CJK: a word a character
+    "中文句子" * 300 + " then words " * 300,             # CJK, then whitespace past the limit
+    ("abc" * 400 + "日本") * 5,                          # one long word up to the limit
+], ids=["japanese", "chinese-then-words", "one-long-word"])
+def test_a_cut_keeps_the_tokens_of_the_whole_text(engine, text):
+    """The tokens kept from a text cut before tokenizing are those the tokenizer keeps from the
+    whole text: as embedding input, and as either side of a cross-encoder pair."""
+    from bertstream.server import engine as engine_module
+
+    limit = engine.max_length * engine_module.CUT_CHARS_PER_TOKEN
+    assert len(text) > limit
+    whole = engine._truncating.encode(text).ids
+    assert engine.tokenize([text]).ids[0].tolist() == whole
+    side = engine._full.encode(text, add_special_tokens=False).ids[:engine.max_length + 1]
+    assert engine._side_ids([text], engine.max_length + 1)[0].tolist() == side
+
+
 def test_a_caller_that_never_reads_holds_bounded_memory(served):
     """64 messages whose answers are 32 MB each (2 GB in all), sent at once, answers never read:
     the stream's read-ahead stops at its byte budget."""
