@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -337,9 +338,13 @@ class Engine:
         cuts = {i: cut for i, text in enumerate(texts)
                 if (cut := cut_point(text, limit, self._full)) is not None}
         encode = self._full.encode_batch_fast
-        rows = [e.ids[:most] for e in encode([text[:cuts[i]] if i in cuts else text
+        alone = {i for i, text in enumerate(texts) if len(text) > limit and i not in cuts}
+        rows = [e.ids[:most] for e in encode([text[:cuts[i]] if i in cuts else
+                                             "" if i in alone else text
                                              for i, text in enumerate(texts)],
                                             add_special_tokens=False)]
+        for i in alone:  # one word past the limit: whole, one at a time (see tokenize())
+            rows[i] = encode([texts[i]], add_special_tokens=False)[0].ids[:most]
         for i in cuts:
             longer = limit
             while len(rows[i]) < most and cuts[i] < len(texts[i]):
@@ -373,17 +378,27 @@ class Engine:
         # the memory and time of a whole text for tokens that are thrown away. Tokens before a
         # space do not depend on what follows it, so the kept tokens are the same. A cut text that
         # no longer overflows (mostly spaces, say) is cut again four times longer, up to whole.
+        # A text that is one word past the limit (a long run of letters without whitespace or
+        # punctuation, for a byte-level BPE) cannot be cut: it is tokenized whole, alone, and
+        # only what is kept of it stays (_Kept), so a request of many holds one at a time (50 of
+        # 100,000 characters together held 1.3 GB).
         limit = self.max_length * CUT_CHARS_PER_TOKEN
         cuts = {i: cut for i, text in enumerate(texts)
                 if (cut := cut_point(text, limit, self._full)) is not None}
-        encodings = encode([text[:cuts[i]] if i in cuts else text
-                            for i, text in enumerate(texts)])
+        alone = [i for i, text in enumerate(texts) if len(text) > limit and i not in cuts]
+        together = [i for i in range(len(texts)) if i not in set(alone)]
+        encodings: list = [None] * len(texts)
+        for i, encoding in zip(together, encode([texts[i][:cuts[i]] if i in cuts else texts[i]
+                                                 for i in together])):
+            encodings[i] = encoding
+        for i in alone:
+            encodings[i] = _Kept.of(encode([texts[i]])[0], details)
         for i in cuts:
             longer = limit
             while not encodings[i].overflowing and cuts[i] < len(texts[i]):
                 longer *= 4
                 cuts[i] = cut_point(texts[i], longer, self._full) or len(texts[i])
-                encodings[i] = encode([texts[i][:cuts[i]]])[0]
+                encodings[i] = _Kept.of(encode([texts[i][:cuts[i]]])[0], details)
         truncated = [bool(e.overflowing) for e in encodings]
         if not truncate and any(truncated):
             i = truncated.index(True)
@@ -557,6 +572,20 @@ def resolve_device(device: str) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r}: CUDA is not available on this machine")
     return resolved
+
+
+class _Kept(NamedTuple):
+    """What tokenize() keeps of an encoding: its ids, and offsets and token strings if asked;
+    not its overflow pieces (for a long text, all of its tokens again)."""
+    ids: list
+    offsets: list
+    tokens: list
+    overflowing: bool
+
+    @classmethod
+    def of(cls, encoding, details: bool) -> "_Kept":
+        return cls(encoding.ids, encoding.offsets if details else [],
+                   encoding.tokens if details else [], bool(encoding.overflowing))
 
 
 def cut_point(text: str, limit: int, tokenizer=None) -> int | None:

@@ -183,6 +183,41 @@ def test_texts_without_spaces_are_cut_before_tokenizing(served):
     check_memory(served, "100 texts of 100,000 CJK characters")
 
 
+def test_a_word_that_cannot_be_cut_is_tokenized_alone(tiny_folders):
+    """A byte-level BPE (RoBERTa's) sees a run of CJK letters without punctuation as one word:
+    no cut point. 12 such texts of 100,000 characters were tokenized together and held +300 MB
+    (+1.3 GB for 50); each is now tokenized alone and only its kept tokens stay. Measured in a
+    process of its own (its peak RSS reset first), for embedding input and pair sides."""
+    import subprocess
+    import sys
+
+    script = f"""
+from bertstream.server.engine import Engine
+engine = Engine({str(tiny_folders["roberta"])!r}, device="cpu", dtype="float32")
+text = "日本語" * 33_334
+
+def kib(field):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field))
+
+with open("/proc/self/clear_refs", "w") as refs:
+    refs.write("5")  # the peak (VmHWM) starts again from what is resident now
+before = kib("VmRSS:")
+ids = engine.tokenize([text] * 12).ids
+sides = engine._side_ids([text] * 12, engine.max_length + 1)
+assert {{len(row) for row in ids}} == {{engine.max_length}}, [len(row) for row in ids]
+assert {{len(row) for row in sides}} == {{engine.max_length + 1}}
+print((kib("VmHWM:") - before) * 1024)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    grown = int(done.stdout.split()[-1])
+    HOSTILE_REPORT["12 uncuttable texts of 100,000 characters, tokenized"] = \
+        f"+{grown / 2**20:,.0f} MB"
+    assert grown < 200 * 2**20, f"peak RSS grew by {grown / 2**20:,.0f} MB"
+
+
 @pytest.mark.parametrize("text", [
     "日本語の文章を埋め込む。" * 500,                  # CJK: a word a character
     "中文句子" * 300 + " then words " * 300,             # CJK, then whitespace past the limit
