@@ -152,3 +152,29 @@ def test_serve_command_logs_serves_and_stops():
     finally:
         process.kill()
         process.wait()
+
+
+def test_a_test_server_whose_port_was_taken_starts_on_another(monkeypatch):
+    """The suite's own launcher: a port free_port() gave out can be taken before the server
+    binds it (seen once in a full run); the server is started again on another port."""
+    import socket
+
+    from tests import conftest
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ports = iter([taken.getsockname()[1]])
+    fresh = conftest.free_port
+    monkeypatch.setattr(conftest, "free_port", lambda: next(ports, None) or fresh())
+    try:
+        process, target = conftest.serve_process("--log-level", "WARNING")
+        try:
+            assert target != f"127.0.0.1:{taken.getsockname()[1]}"
+            with Client(target, timeout=30) as client:
+                assert client.embed(["moved"]).shape == (1, 384)
+        finally:
+            process.kill()
+            process.wait()
+    finally:
+        taken.close()
