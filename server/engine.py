@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -385,8 +385,8 @@ class Engine:
         limit = self.max_length * CUT_CHARS_PER_TOKEN
         cuts = {i: cut for i, text in enumerate(texts)
                 if (cut := cut_point(text, limit, self._full)) is not None}
-        alone = [i for i, text in enumerate(texts) if len(text) > limit and i not in cuts]
-        together = [i for i in range(len(texts)) if i not in set(alone)]
+        alone = {i for i, text in enumerate(texts) if len(text) > limit and i not in cuts}
+        together = [i for i in range(len(texts)) if i not in alone]
         encodings: list = [None] * len(texts)
         for i, encoding in zip(together, encode([texts[i][:cuts[i]] if i in cuts else texts[i]
                                                  for i in together])):
