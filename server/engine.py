@@ -18,7 +18,7 @@ import torch
 from .. import ext  # the kernels: ext/ beside server/ in the checkout
 from .errors import EmbedError
 from .pipeline import NORMALIZE, Pipeline, local_model_folder, read_pipeline
-from . import scoring
+from . import scoring, unpadded
 from .scoring import CROSS_ENCODER, EMBEDDING, SPARSE, ScoreOptions, SparseOptions
 
 log = logging.getLogger("bertstream.engine")
@@ -699,7 +699,8 @@ def load_encoder(folder: str, local: bool, dtype: torch.dtype, kind: str = EMBED
         log.info("no SDPA attention (%s); using the model's default", str(exc).split("\n")[0])
         model = auto.from_pretrained(folder, local_files_only=local, dtype=dtype)
     attention = getattr(model.config, "_attn_implementation", None) or "default"
-    log.info("attention: %s", attention)
+    log.info("attention: %s; %d layers computed over real tokens only", attention,
+             unpadded.install(model))
     return model, attention
 
 

@@ -365,3 +365,31 @@ def test_tokenize_locally_equals_server_tokenized(served, probe_texts):
             np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
         streamed = np.concatenate(list(local.stream(probe_texts, batch_size=8, window=2)))
         np.testing.assert_allclose(streamed, served.client.embed(probe_texts), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES + ["all-MiniLM-L6-v2"])
+def test_bert_layers_compute_real_tokens_only_and_keep_every_hidden_state(folders, name):
+    """server/unpadded.py: a padded batch's every hidden state equals the model's own forward
+    pass on its real tokens (1e-6), and the padding is not computed (zero); other architectures'
+    layers are left as they are."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from bertstream.server.engine import default_model_path, load_encoder
+
+    folder = str(folders.get(name) or default_model_path())
+    ours, attention = load_encoder(folder, local=True, dtype=torch.float32)
+    kept = {} if attention == "default" else {"attn_implementation": attention}
+    theirs = AutoModel.from_pretrained(folder, dtype=torch.float32, **kept)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    batch = tokenizer(["a", "a somewhat longer text, to pad the others", "two words"],
+                      padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        got = ours(**batch, output_hidden_states=True).hidden_states
+        want = theirs(**batch, output_hidden_states=True).hidden_states
+    real = batch["attention_mask"].bool()
+    assert len(got) == len(want)
+    for layer, (a, b) in enumerate(zip(got, want)):
+        assert torch.allclose(a[real], b[real], atol=1e-6, rtol=0), layer
+    unpadded = name in ("bert", "roberta", "all-MiniLM-L6-v2")
+    assert bool((got[-1][~real] == 0).all()) == unpadded

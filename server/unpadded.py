@@ -1,0 +1,66 @@
+"""An encoder layer computed over the real tokens only.
+
+Every step of a BERT layer but the attention works token by token: the query, key, value and
+output projections, the feed-forward and the layer norms (on a CPU, 85% of the forward pass).
+A padded batch pays them for its padding too: many small unary calls (rerank's groups) are
+padded 1.2x. So each such layer gathers its batch's real tokens, runs those steps on them
+alone, and puts them back in the padded shape only for the attention and for its output (which
+the model's own hooks record as its hidden state, and the next layer takes). The result is the
+same to the bit (a projection's rows do not depend on one another): tests compare every
+architecture's vectors with sentence-transformers'.
+
+Only layers of BERT's own structure are changed (BERT and its copies in transformers: RoBERTa,
+XLM-RoBERTa, ELECTRA, CamemBERT); others (DistilBERT, MPNet) run as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Gathering and putting back cost a few percent of a layer: below that share of padding, the
+# layer runs padded (sorted stream batches are padded 1-3%).
+LITTLE_PADDING = 0.97
+BERT_LAYERS = {"BertLayer", "RobertaLayer", "XLMRobertaLayer", "ElectraLayer", "CamembertLayer"}
+
+
+def install(model: torch.nn.Module) -> int:
+    """Make the model's BERT-structured layers compute over real tokens only; how many were."""
+    layers = [module for module in model.modules()
+              if type(module).__name__ in BERT_LAYERS and not getattr(module, "is_decoder", True)
+              and not hasattr(module, "crossattention")]
+    for layer in layers:
+        layer.forward = _unpadded_forward(layer, layer.forward)
+    return len(layers)
+
+
+def _unpadded_forward(layer, padded_forward):
+    attention, projections = layer.attention.self, layer.attention.output
+    width = attention.attention_head_size
+
+    def forward(hidden_states, attention_mask=None, *args, **kwargs):
+        # SDPA's mask: boolean, (rows, 1, queries, keys). None when nothing is padded, and a
+        # float mask from another attention: then the layer as it was.
+        if attention_mask is None or attention_mask.dtype != torch.bool \
+                or attention_mask.dim() != 4 or layer.training:
+            return padded_forward(hidden_states, attention_mask, *args, **kwargs)
+        rows, longest, hidden = hidden_states.shape
+        real = attention_mask[:, 0, 0, :].reshape(-1).nonzero().squeeze(1)  # query 0 is real
+        if len(real) > LITTLE_PADDING * rows * longest:  # gathering would cost what it saves
+            return padded_forward(hidden_states, attention_mask, *args, **kwargs)
+        tokens = hidden_states.reshape(rows * longest, hidden).index_select(0, real)
+
+        def padded(values: torch.Tensor) -> torch.Tensor:
+            full = values.new_zeros(rows * longest, values.shape[1]).index_copy_(0, real, values)
+            return full.view(rows, longest, -1, width).transpose(1, 2)
+
+        context = F.scaled_dot_product_attention(
+            padded(attention.query(tokens)), padded(attention.key(tokens)),
+            padded(attention.value(tokens)), attn_mask=attention_mask, scale=attention.scaling)
+        context = context.transpose(1, 2).reshape(rows * longest, hidden).index_select(0, real)
+        attended = projections.LayerNorm(projections.dense(context) + tokens)
+        out = layer.output.LayerNorm(layer.output.dense(layer.intermediate(attended)) + attended)
+        return out.new_zeros(rows * longest, hidden).index_copy_(0, real, out).view(
+            rows, longest, hidden)
+
+    return forward
