@@ -41,7 +41,7 @@ test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 bench: setup
-	$(PY) benchmarks/bench_kernels.py
+	$(PY) -m benchmarks.bench_kernels
 
 # On a CUDA machine (with a CUDA build of torch): the suite on cuda, the throughput table in
 # float16 and bfloat16, pooling on the device vs on the host. Results in gpu-check/.

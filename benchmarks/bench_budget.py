@@ -1,22 +1,19 @@
 """Token budget per forward pass vs throughput of the in-process loop, float32 and bfloat16.
 
-    python benchmarks/bench_budget.py [--texts 600]
+    python -m benchmarks.bench_budget [--texts 600]
 
 Chooses the server's default --max-batch-tokens for a device; run it on the machine in question.
 """
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_throughput import InProcess, stdlib_paragraphs  # noqa: E402
+from benchmarks.bench_throughput import InProcess, stdlib_paragraphs
 
-from bertstream import ext  # noqa: E402
+from bertstream import ext
 
 
 def main():

@@ -2,7 +2,7 @@
 clients, beside one gRPC stream to the same server, and beside Infinity's HTTP server (the same
 model, precision and texts, 4 concurrent clients).
 
-    python benchmarks/bench_http.py [--texts 1000] [--rounds 3] [--infinity PATH_TO_infinity_emb]
+    python -m benchmarks.bench_http [--texts 1000] [--rounds 3] [--infinity PATH_TO_infinity_emb]
 
 Every round runs each compared thing once, back to back; the table gives texts/s as the median over
 rounds (range in brackets) and the ratio to bertstream HTTP as the median of per-round ratios. HTTP
@@ -19,17 +19,14 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_throughput import BATCH_TOKENS, Server, cpu, stream_all, timed  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
-from tests.corpus import stdlib_paragraphs  # noqa: E402
+from benchmarks.bench_throughput import BATCH_TOKENS, Server, cpu, stream_all, timed
+from benchmarks.harness import free_port
+from benchmarks.harness import stdlib_paragraphs
 
-from bertstream.server.engine import default_model_path  # noqa: E402
+from bertstream.server.engine import default_model_path
 
 BATCH = 64
 CLIENTS = 4

@@ -1,6 +1,6 @@
 """Pooling kernels vs torch and numpy, in one run.
 
-    python benchmarks/bench_kernels.py [--repeat 30] [--cold]
+    python -m benchmarks.bench_kernels [--repeat 30] [--cold]
 
 GB/s counts the bytes of real tokens read (sum(lengths) x hidden x 4); padding is not counted, as a
 masked kernel never needs to read it. Ratios are against torch's usual masked mean on the same input.

@@ -2,7 +2,7 @@
 against `bertstream.client.ray.embed` with 2 actors, on the same two server replicas and the same
 corpus paragraphs, Parquet in and Parquet out.
 
-    python benchmarks/bench_ray.py [--texts 5000] [--rounds 3] [--threads 1]
+    python -m benchmarks.bench_ray [--texts 5000] [--rounds 3] [--threads 1]
 
 Each round runs both, back to back; times run from the command to the output on disk: the CLI's
 process start and the Ray job's actor start are in, `ray.init()` (once per cluster) is not. The
@@ -25,9 +25,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_throughput import BATCH_TOKENS, Server, cpu, timed  # noqa: E402
-from tests.corpus import stdlib_paragraphs  # noqa: E402
+from benchmarks.bench_throughput import BATCH_TOKENS, Server, cpu, timed
+from benchmarks.harness import stdlib_paragraphs
 
 SHARDS = 10
 

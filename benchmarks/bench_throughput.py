@@ -1,6 +1,6 @@
 """Served throughput against in-process baselines, in one run: the five targets of the throughput issue.
 
-    python benchmarks/bench_throughput.py [--texts 1000] [--long-texts 100000] [--rounds 5]
+    python -m benchmarks.bench_throughput [--texts 1000] [--long-texts 100000] [--rounds 5]
         [--device cpu] [--dtypes float32 ...] [--soak-only]
 
 Every round runs each compared thing once, back to back (both servers stay up, idle when not
@@ -28,19 +28,17 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.harness import free_port, stdlib_paragraphs  # noqa: E402
-from benchmarks.harness import machine as cpu  # noqa: E402,F401  (bench_http, bench_ray use it)
+from benchmarks.harness import free_port, stdlib_paragraphs
+from benchmarks.harness import machine as cpu  # noqa: F401  (bench_http, bench_ray use it)
 
-from bertstream import ext  # noqa: E402
-from bertstream.client import Client  # noqa: E402
-from bertstream.server.limits import BATCH_TOKENS_BY_DEVICE as BATCH_TOKENS  # noqa: E402
-from bertstream.server.engine import default_model_path  # noqa: E402
+from bertstream import ext
+from bertstream.client import Client
+from bertstream.server.limits import BATCH_TOKENS_BY_DEVICE as BATCH_TOKENS
+from bertstream.server.engine import default_model_path
 
 MAX_LENGTH = 256
 ROUNDS = 5

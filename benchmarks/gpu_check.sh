@@ -21,10 +21,10 @@ status=0
 HF_HUB_OFFLINE=1 BERTSTREAM_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider \
     ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.txt" || status=1
 for dtype in float16 bfloat16; do
-    HF_HUB_OFFLINE=1 "$PY" benchmarks/probes/gpu_pooling.py --dtype "$dtype" 2>&1 \
+    HF_HUB_OFFLINE=1 "$PY" -m benchmarks.probes.gpu_pooling --dtype "$dtype" 2>&1 \
         | tee "$OUT/pooling-$dtype.txt" || status=1
 done
-HF_HUB_OFFLINE=1 "$PY" benchmarks/bench_throughput.py --device cuda --texts "${TEXTS:-3000}" \
+HF_HUB_OFFLINE=1 "$PY" -m benchmarks.bench_throughput --device cuda --texts "${TEXTS:-3000}" \
     --long-texts 0 --rounds "${ROUNDS:-3}" 2>&1 | tee "$OUT/throughput.txt" || status=1
 HF_HUB_OFFLINE=1 "$PY" -m benchmarks.host_path --texts "${TEXTS:-3000}" --batch-tokens 32768 \
     2>&1 | tee "$OUT/host-path.txt" || status=1

@@ -1,7 +1,7 @@
 """Probe: A/B two versions of the server code in one run (servers alive together, measured
 alternately), so a change is judged against the machine's noise.
 
-    python benchmarks/probes/ab_servers.py REF_A REF_B [--dtype bfloat16] [--rounds 5]
+    python -m benchmarks.probes.ab_servers REF_A REF_B [--dtype bfloat16] [--rounds 5]
 
 REF is a git revision, or WORKTREE for the files as they are. Each side is a bertstream package
 with server/ and client/ Python files taken from REF (the kernels and stubs as built here).
@@ -10,14 +10,13 @@ import argparse
 import shutil
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-from benchmarks.bench_throughput import (BATCH_TOKENS, Server, concurrent_streams,  # noqa: E402
+from benchmarks.bench_throughput import (BATCH_TOKENS, Server, concurrent_streams,
                                          stream_all, timed, unary_latency)
-from tests.corpus import stdlib_paragraphs  # noqa: E402
+from benchmarks.harness import stdlib_paragraphs
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 parser = argparse.ArgumentParser()

@@ -2,22 +2,20 @@
 sentence-transformers folder (Transformer, Pooling, Normalize), served over gRPC and compared with
 SentenceTransformer(folder).encode on corpus paragraphs, a long text and non-Latin text.
 
-    python benchmarks/probes/architectures.py
+    python -m benchmarks.probes.architectures
 """
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.conftest import ServerThread  # noqa: E402
-from tests.corpus import stdlib_paragraphs  # noqa: E402
-from tests.tiny_models import MAX_SEQ_LENGTH, _tokenizer  # noqa: E402
+from tests.conftest import ServerThread
+from benchmarks.harness import stdlib_paragraphs
+from tests.tiny_models import MAX_SEQ_LENGTH, _tokenizer
 
-from bertstream.client import Client  # noqa: E402
-from bertstream.server.engine import Engine  # noqa: E402
-from bertstream.server.limits import Limits  # noqa: E402
+from bertstream.client import Client
+from bertstream.server.engine import Engine
+from bertstream.server.limits import Limits
 
 # family -> (tokenizer kind from tests/tiny_models.py, pooling)
 FAMILIES = {"electra": ("bert", "mean"), "deberta-v2": ("bert", "cls"),

@@ -1,7 +1,7 @@
 """Probe (CUDA only): pooling on the device against copying hidden states to the host for the
 Cython kernels, on real forward passes of corpus batches (`make gpu-check` runs it).
 
-    python benchmarks/probes/gpu_pooling.py [--dtype float16] [--texts 2000] [--budget 32768]
+    python -m benchmarks.probes.gpu_pooling [--dtype float16] [--texts 2000] [--budget 32768]
 
 Per batch, after the forward pass (synchronized):
 - host: what the engine does today, every hidden state row copied to the host (Engine.pool,
@@ -14,15 +14,13 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.corpus import stdlib_paragraphs  # noqa: E402
+from benchmarks.harness import stdlib_paragraphs
 
-from bertstream.server.engine import Engine  # noqa: E402
+from bertstream.server.engine import Engine
 
 
 def device_mean(hidden: torch.Tensor, lengths: torch.Tensor) -> np.ndarray:

@@ -3,18 +3,15 @@ texts from 10 streams past their first message (about 100,000 texts, lengths 5-2
 10,000-text request (the largest legal one), then 200 cuts. These run under the batcher's lock,
 so they hold up every other worker and submitter.
 
-    python benchmarks/probes/queue_cost.py
+    python -m benchmarks.probes.queue_cost
 """
 import random
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.test_queue import FakeJob  # noqa: E402
+from tests.test_queue import FakeJob
 
-from bertstream.server.text_queue import Queue  # noqa: E402
+from bertstream.server.text_queue import Queue
 
 random.seed(0)
 queue = Queue(1024)

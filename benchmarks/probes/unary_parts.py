@@ -1,6 +1,6 @@
 """Probe: the parts of a unary call's latency, each measured on its own (p50 of 100 calls).
 
-    python benchmarks/probes/unary_parts.py [--dtype bfloat16]
+    python -m benchmarks.probes.unary_parts [--dtype bfloat16]
 
 gRPC alone (Info, which does no work) against Embed of one short text on a served model; the
 forward pass of that text on one and on all cores; tokenizing it one text at a time against
@@ -13,21 +13,18 @@ worker threads (a second OpenMP team in the process: their compute times are not
 import argparse
 import asyncio
 import statistics
-import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from benchmarks.bench_throughput import BATCH_TOKENS, Server, timed  # noqa: E402
-from tests.corpus import stdlib_paragraphs  # noqa: E402
+from benchmarks.bench_throughput import BATCH_TOKENS, Server, timed
+from benchmarks.harness import stdlib_paragraphs
 
-from bertstream import ext  # noqa: E402
-from bertstream.client import Client  # noqa: E402
-from bertstream.server.engine import Engine  # noqa: E402
+from bertstream import ext
+from bertstream.client import Client
+from bertstream.server.engine import Engine
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--dtype", default="bfloat16")
