@@ -46,6 +46,12 @@ class Batcher:
     # This many forward passes failing in a row (nothing succeeding between them) marks the
     # engine unhealthy: the health service then says NOT_SERVING.
     UNHEALTHY_AFTER_FAILURES = 5
+    # An interactive call waits for a bulk batch already running (a pass cannot be cut short).
+    # So while interactive calls come (one in the last few seconds), bulk batches are cut at
+    # half the budget: half the wait, for a CPU's throughput that is flat from 512 to 2,048
+    # tokens (BENCHMARKS.md, "CPU token budget").
+    BULK_BESIDE_INTERACTIVE = 0.5
+    INTERACTIVE_RECENT_S = 5.0
 
     def __init__(self, engines: Engine | Sequence[Engine], max_batch_tokens: int,
                  metrics: Metrics | None = None,
@@ -72,6 +78,7 @@ class Batcher:
                        for lane in LANES}
         self._last_served = {lane: 0 for lane in LANES}
         self._interactive_in_a_row = 0  # batches cut from interactive while bulk waited
+        self._interactive_at = -float("inf")  # time.monotonic() of the last interactive job
         self._work = threading.Condition()
         # Guarded by _work. Idle from the start: a worker not yet in its loop runs no batch (so
         # worker 1, up first, still leaves the first batch to worker 0).
@@ -96,6 +103,8 @@ class Batcher:
             raise ValueError("a job needs at least one text")
         if job.engine is None:
             job.engine = self.engine
+        if job.lane == INTERACTIVE:
+            self._interactive_at = time.monotonic()  # one float: no lock needed
         self.metrics.queue_depth.inc(len(job.ids))
         self.metrics.lane_queue_texts.labels(job.lane).inc(len(job.ids))
         if self._work.acquire(blocking=False):  # the usual case: no thread hop, no wake-up
@@ -182,7 +191,7 @@ class Batcher:
                 self._work.wait()
             self._idle[number] = False
             lane = self._next_lane()
-            batch = self._next_queue(lane).cut()
+            batch = self._next_queue(lane).cut(self._bulk_budget() if lane == BULK else None)
             self.metrics.lane_queue_texts.labels(lane).dec(len(batch))
             self.metrics.lane_batches.labels(lane).inc()
             if self.waiting or self._closing:
@@ -209,6 +218,12 @@ class Batcher:
         if bulk:
             self._interactive_in_a_row += 1
         return INTERACTIVE
+
+    def _bulk_budget(self) -> int | None:
+        """A bulk batch's token budget: half while interactive calls come, else the whole."""
+        if time.monotonic() - self._interactive_at < self.INTERACTIVE_RECENT_S:
+            return max(1, int(self.max_batch_tokens * self.BULK_BESIDE_INTERACTIVE))
+        return None
 
     def _next_queue(self, lane: str) -> Queue:
         """The lane's next model with work, after the one it served last (turns)."""

@@ -104,19 +104,21 @@ class Queue:
             self._sorted.sort()
         self.waiting += len(items)
 
-    def cut(self) -> list[Queued]:
-        """The next batch, sorted by length (at least one text; the queue must not be empty)."""
+    def cut(self, budget: int | None = None) -> list[Queued]:
+        """The next batch, sorted by length (at least one text; the queue must not be empty),
+        within budget tokens (rows x longest; default the queue's own)."""
+        budget = budget or self.budget
         heads = {caller: line[0].oldest() for caller, line in self._lines.items()}
         self._served = {caller: self._served.get(caller, -1) for caller in heads}
         turn = min(heads, key=lambda c: (self._served[c], heads[c].arrival))
         self._cuts += 1
         self._served[turn] = self._cuts
         if turn in self._leads:
-            batch = self._lead_batch(self._lines[turn][0].left())
+            batch = self._lead_batch(self._lines[turn][0].left(), budget)
             for item in batch:
                 del self._sorted[bisect.bisect_left(self._sorted, (item.length, item.arrival))]
         else:
-            batch = self._run_holding(heads[turn])
+            batch = self._run_holding(heads[turn], budget)
         self.waiting -= len(batch)
         for caller in {item.job.who for item in batch}:
             line = self._lines[caller]
@@ -129,10 +131,10 @@ class Queue:
                 del self._lines[caller]
         return batch
 
-    def _run_holding(self, anchor: Queued) -> list[Queued]:
+    def _run_holding(self, anchor: Queued, budget: int) -> list[Queued]:
         """The run holding the anchor, of the runs that cut the sorted line of texts greedily from the
         shortest (as an offline loop over the sorted texts would)."""
-        ordered, budget = self._sorted, self.budget
+        ordered = self._sorted
         at = bisect.bisect_left(ordered, (anchor.length, anchor.arrival))
         low = 0
         end = len(ordered)
@@ -157,7 +159,7 @@ class Queue:
             item.taken = True
         return batch
 
-    def _lead_batch(self, texts: list[Queued]) -> list[Queued]:
+    def _lead_batch(self, texts: list[Queued], budget: int) -> list[Queued]:
         """The shortest group of a lead job's texts, filled up with the other callers' longest
         texts that fit under the group's longest. A group grows from the shortest text while it
         fits the budget and its padded tokens stay within LEAD_SPREAD of its real ones: a job of
@@ -167,12 +169,12 @@ class Queue:
         group, real = texts[:1], texts[0].length
         for item in texts[1:]:
             padded = (len(group) + 1) * item.length
-            if padded > self.budget or padded > self.LEAD_SPREAD * (real + item.length):
+            if padded > budget or padded > self.LEAD_SPREAD * (real + item.length):
                 break
             group.append(item)
             real += item.length
         longest = group[-1].length
-        rows = max(1, self.budget // longest)
+        rows = max(1, budget // longest)
         fillers, caller = [], group[0].job.who
         below = bisect.bisect_right(self._sorted, (longest, float("inf")))
         for at in range(below - 1, -1, -1):

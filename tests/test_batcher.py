@@ -212,3 +212,39 @@ def test_models_take_turns_and_a_batch_holds_one_models_texts(engine, corpus):
         assert held <= {tuple(row.tolist()) for row in ids[name]}, name
     np.testing.assert_allclose(results["b"][0], alone(engine, texts["b"][0])[0], atol=1e-4)
     np.testing.assert_allclose(results["a"][7], alone(engine, texts["a"][7])[0], atol=1e-4)
+
+
+class TokenEngine(RecordingEngine):
+    """Notes each forward pass's padded tokens (rows x longest)."""
+
+    def forward(self, ids):
+        self.calls.append(len(ids) * max(len(row) for row in ids))
+        return self._engine.forward(ids)
+
+
+def test_bulk_batches_are_cut_at_half_the_budget_while_interactive_calls_come(engine, corpus):
+    """An interactive call waits for the bulk batch already running: while interactive calls
+    come, bulk batches are cut at half the budget (a shorter wait); with none lately, whole."""
+    from bertstream.server.jobs import BULK, INTERACTIVE
+
+    recording = TokenEngine(engine)
+    batcher = Batcher(recording, max_batch_tokens=256)
+    options = engine.options("mean", (), "concat", False)
+    ids = [row for row in engine.tokenize(list(corpus[:200])).ids if 10 <= len(row) <= 60][:60]
+
+    def bulk_passes(lane_before: str) -> list[int]:
+        """The padded tokens of a bulk job's passes, after one job in lane_before."""
+        for lane, job_ids in ((lane_before, ids[:1]), (BULK, ids)):
+            done = Future()
+            recording.calls.clear()
+            batcher.submit(Job(job_ids, options, "float32", done.set_result, lane=lane))
+            done.result(timeout=120)
+        return list(recording.calls)
+
+    try:
+        beside = bulk_passes(INTERACTIVE)
+        batcher._interactive_at = -float("inf")  # the last interactive call long ago
+        alone = bulk_passes(BULK)
+    finally:
+        batcher.close()
+    assert max(beside) <= 128 < max(alone) <= 256, (beside, alone)
