@@ -10,7 +10,7 @@ import signal
 import sys
 from importlib.metadata import entry_points
 
-from .limits import BATCH_TOKENS_BY_DEVICE, Limits
+from .limits import BATCH_TOKENS_BY_DEVICE, COMPUTE_DTYPES, DTYPE_BY_DEVICE, Limits
 
 log = logging.getLogger("bertstream")
 
@@ -22,8 +22,9 @@ def serve_parser(subparsers) -> None:
                         "sharing one queue and the forward workers; the first is the default "
                         "(default: the packaged all-MiniLM-L6-v2, loaded with no network)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
-                   help="forward-pass precision (default: float32 on CPU, float16 on GPU)")
+    p.add_argument("--dtype", choices=COMPUTE_DTYPES, default=None,
+                   help=f"forward-pass precision (default: {DTYPE_BY_DEVICE['cpu']} on CPU, "
+                        f"{DTYPE_BY_DEVICE['cuda']} on GPU)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 = any free)")
     p.add_argument("--max-batch-tokens", type=int, default=None,

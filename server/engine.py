@@ -17,6 +17,7 @@ import torch
 
 from .. import ext  # the kernels: ext/ beside server/ in the checkout
 from .errors import EmbedError
+from .limits import COMPUTE_DTYPES, DTYPE_BY_DEVICE
 from .pipeline import NORMALIZE, Pipeline, local_model_folder, read_pipeline
 from . import scoring, unpadded
 from .scoring import CROSS_ENCODER, EMBEDDING, SPARSE, ScoreOptions, SparseOptions
@@ -27,13 +28,12 @@ log = logging.getLogger("bertstream.engine")
 # request that names none gets (Engine.options).
 # The kernels' modes, their pairs, and token-level output (no pooling).
 POOLINGS = (*ext.POOLING_MODES, *ext.MODE_ALIASES, "none")
-DTYPES = ("float32", "float16", "bfloat16")
 # Characters per kept token beyond which a text is cut before tokenizing (Engine.tokenize): English
 # takes 4-5 per token, so 12 keeps every token that truncation keeps with a wide margin (and a
 # text that needs more is cut again, longer).
 CUT_CHARS_PER_TOKEN = 12
 CUT_AT = " \n\t\r"  # whitespace every tokenizer here splits words at
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TORCH_DTYPES = {name: getattr(torch, name) for name in COMPUTE_DTYPES}
 
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"  # the packaged model's name (its folder is "model")
@@ -94,9 +94,9 @@ class Engine:
         self.model_name = model or default_model_path()
         self.name = name or (Path(model.rstrip("/")).name if model else DEFAULT_MODEL_NAME)
         self.device = resolve_device(device)
-        self.dtype = dtype or ("float32" if self.device.type == "cpu" else "float16")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        self.dtype = dtype or DTYPE_BY_DEVICE.get(self.device.type, "float32")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"dtype must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
         folder = local_model_folder(self.model_name)
         # A sequence-classification folder is a cross-encoder (rerank, classify); any other is
         # an embedding model with its sentence-transformers pipeline.

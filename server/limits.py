@@ -8,6 +8,9 @@ from dataclasses import dataclass
 # Measured (BENCHMARKS.md): on the CPU, small batches keep activations in cache; 1024 tokens was
 # the fastest budget for float32 and bfloat16 alike. A GPU wants big batches.
 BATCH_TOKENS_BY_DEVICE = {"cpu": 1024, "cuda": 32768}
+# The forward pass's precisions, and each device's default (the command line offers these).
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+DTYPE_BY_DEVICE = {"cpu": "float32", "cuda": "float16"}
 
 
 @dataclass(frozen=True)
