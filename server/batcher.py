@@ -254,9 +254,10 @@ class Batcher:
         model = engine.name
         metrics.batch_rows.labels(model).observe(rows)
         metrics.batch_tokens.labels(model).observe(rows * longest)
+        real = sum(item.length for item in batch)
         metrics.padded_tokens.labels(model).inc(rows * longest)
-        metrics.real_tokens.labels(model).inc(sum(item.length for item in batch))
-        metrics.forward_flops.labels(model).inc(engine.forward_flops(rows, longest))
+        metrics.real_tokens.labels(model).inc(real)
+        metrics.forward_flops.labels(model).inc(engine.forward_flops(rows, longest, real))
         for part, hidden, lengths in self._forward_splitting(engine, batch):
             self._complete(part, hidden, lengths, start, number)
             del hidden  # free the layers before the next part

@@ -121,6 +121,7 @@ class Engine:
         self.model, self.attention = load_encoder(encoder, local, TORCH_DTYPES[self.dtype],
                                                   self.kind)
         self.model = self.model.to(self.device).eval()
+        self.unpadded = unpadded.installed(self.model)  # its layers skip a batch's padding
         self.weight_bytes = sum(tensor.numel() * tensor.element_size() for tensor in
                                 (*self.model.parameters(), *self.model.buffers()))
         config = self.model.config
@@ -494,15 +495,20 @@ class Engine:
                 return self.model(**inputs).logits
             return self.model(**inputs, output_hidden_states=True).hidden_states
 
-    FLOPS_FORMULA = ("layers x rows x longest x (8 h^2 + 4 h i + 4 longest h): per layer and "
-                     "padded token, the Q, K, V and output projections, the feed-forward, the "
-                     "attention scores and their weighted sum (h hidden size, i feed-forward "
-                     "width; a multiply-add is 2; embeddings, norms, softmax and pooling left out)")
+    FLOPS_FORMULA = ("layers x (tokens x (8 h^2 + 4 h i) + rows x longest^2 x 4 h): per layer, the Q, "
+                     "K, V and output projections and the feed-forward per token, the attention "
+                     "scores and their weighted sum per padded position pair (h hidden size, i "
+                     "feed-forward width; a multiply-add is 2; embeddings, norms, softmax and "
+                     "pooling left out); tokens are the batch's real ones where its layers skip "
+                     "the padding (BERT-structured, padded over 3%), else rows x longest")
 
-    def forward_flops(self, rows: int, longest: int) -> int:
+    def forward_flops(self, rows: int, longest: int, real: int) -> int:
         """A forward pass's floating-point operations, by FLOPS_FORMULA."""
         h, i = self.hidden_size, self.intermediate_size
-        return self.num_layers * rows * longest * (8 * h * h + 4 * h * i + 4 * longest * h)
+        tokens = real if self.unpadded and unpadded.computes_real_only(real, rows, longest) \
+            else rows * longest
+        attention = rows * longest * longest * 4 * h
+        return self.num_layers * (tokens * (8 * h * h + 4 * h * i) + attention)
 
     def free_cache(self) -> None:
         """Give cached device memory back after a failed forward pass (CUDA out of memory)."""

@@ -33,7 +33,18 @@ def install(model: torch.nn.Module) -> int:
               and not hasattr(module, "crossattention")]
     for layer in layers:
         layer.forward = _unpadded_forward(layer, layer.forward)
+        layer.computes_real_tokens_only = True
     return len(layers)
+
+
+def installed(model: torch.nn.Module) -> bool:
+    """Whether install() changed the model's layers."""
+    return any(getattr(module, "computes_real_tokens_only", False) for module in model.modules())
+
+
+def computes_real_only(real: int, rows: int, longest: int) -> bool:
+    """Whether a batch of `real` tokens in rows x longest is padded enough to gather."""
+    return real <= LITTLE_PADDING * rows * longest
 
 
 def _unpadded_forward(layer, padded_forward):
@@ -50,7 +61,7 @@ def _unpadded_forward(layer, padded_forward):
             return padded_forward(hidden_states, attention_mask, *args, **kwargs)
         rows, longest, hidden = hidden_states.shape
         real = attention_mask[:, 0, 0, :].reshape(-1).nonzero().squeeze(1)
-        if len(real) > LITTLE_PADDING * rows * longest:  # gathering would cost what it saves
+        if not computes_real_only(len(real), rows, longest):  # gathering costs what it saves
             return padded_forward(hidden_states, attention_mask, *args, **kwargs)
         tokens = hidden_states.reshape(rows * longest, hidden).index_select(0, real)
 

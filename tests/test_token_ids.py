@@ -107,8 +107,10 @@ def test_get_tokenizer_hands_out_the_servers_tokenizer(stub, engine, client):
 
 
 def test_forward_flops_and_tokens_are_counted(server, client, engine):
-    """A lone text on an idle server is one forward pass: the counters grow by its tokens and
-    by the formula Info names, from the model's config."""
+    """One call on an idle server is one forward pass: the counters grow by its tokens and by the
+    formula Info names, from the model's config. A lone text has no padding; two texts of
+    different lengths count the projections' and feed-forward's work over their real tokens only
+    (the layers skip the padding), the attention's over the padded rows."""
     registry = server.batcher.metrics.registry
 
     def sample(name):
@@ -116,14 +118,18 @@ def test_forward_flops_and_tokens_are_counted(server, client, engine):
 
     names = ("bertstream_forward_flops_total", "bertstream_forward_real_tokens_total",
              "bertstream_forward_padded_tokens_total")
-    before = [sample(name) for name in names]
-    text = "one text, alone, through one forward pass"
-    length = len(engine.tokenize([text]).ids[0])
-    client.embed([text])
     h, i, layers = 384, 1536, 6  # all-MiniLM-L6-v2's config
-    flops = layers * length * (8 * h * h + 4 * h * i + 4 * length * h)
-    assert [sample(name) - old for name, old in zip(names, before)] == [flops, length, length]
-    assert "8 h^2 + 4 h i + 4 longest h" in client.info()["forward_flops"]
+    one, two = "one text, alone, through one forward pass", "and a shorter one"
+    for texts in ([one], [one, two]):
+        before = [sample(name) for name in names]
+        lengths = [len(ids) for ids in engine.tokenize(texts).ids]
+        client.embed(texts)
+        real, rows, longest = sum(lengths), len(lengths), max(lengths)
+        flops = layers * (real * (8 * h * h + 4 * h * i) + rows * longest * longest * 4 * h)
+        assert [sample(name) - old for name, old in zip(names, before)] == \
+            [flops, real, rows * longest], lengths
+    assert 1.03 * real < rows * longest  # padded enough for the layers to skip it
+    assert "8 h^2 + 4 h i" in client.info()["forward_flops"]
 
 
 def test_a_big_id_request_is_checked_off_the_event_loop(stub, client, engine):
