@@ -495,12 +495,12 @@ class Engine:
                 return self.model(**inputs).logits
             return self.model(**inputs, output_hidden_states=True).hidden_states
 
-    FLOPS_FORMULA = ("layers x (tokens x (8 h^2 + 4 h i) + rows x longest^2 x 4 h): per layer, the Q, "
-                     "K, V and output projections and the feed-forward per token, the attention "
-                     "scores and their weighted sum per padded position pair (h hidden size, i "
-                     "feed-forward width; a multiply-add is 2; embeddings, norms, softmax and "
-                     "pooling left out); tokens are the batch's real ones where its layers skip "
-                     "the padding (BERT-structured, padded over 3%), else rows x longest")
+    FLOPS_FORMULA = ("layers x (tokens x (8 h^2 + 4 h i) + rows x longest^2 x 4 h): per layer, "
+                     "the Q, K, V and output projections and the feed-forward per token, the "
+                     "attention scores and their weighted sum per padded position pair (h hidden "
+                     "size, i feed-forward width; a multiply-add is 2; embeddings, norms, softmax "
+                     "and pooling left out); tokens are the batch's real ones where its layers "
+                     "skip the padding (BERT-structured, padded over 3%), else rows x longest")
 
     def forward_flops(self, rows: int, longest: int, real: int) -> int:
         """A forward pass's floating-point operations, by FLOPS_FORMULA."""
