@@ -485,7 +485,8 @@ class Engine:
             segments[real] = np.concatenate(type_ids)
             inputs["token_type_ids"] = torch.from_numpy(segments).to(self.device,
                                                                      non_blocking=True)
-        return self.run_model(**inputs), lengths
+        with unpadded.real_tokens(real, self.device):  # for layers that skip the padding
+            return self.run_model(**inputs), lengths
 
     def run_model(self, **inputs: torch.Tensor):
         """The model itself: every layer's hidden states, or a cross-encoder's logits (what

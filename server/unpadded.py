@@ -5,7 +5,9 @@ output projections, the feed-forward and the layer norms (on a CPU, 85% of the f
 A padded batch pays them for its padding too: many small unary calls (rerank's groups) are
 padded 1.2x. So each such layer gathers its batch's real tokens, runs those steps on them
 alone, and puts them back in the padded shape only for the attention and for its output (which
-the model's own hooks record as its hidden state, and the next layer takes). The result is what
+the model's own hooks record as its hidden state, and the next layer takes). Which tokens are
+real the engine says (`real_tokens`, from the lengths it padded), not a reading of the mask: no
+device sync per layer, and a call made without it (another mask, another caller) runs as it was. The result is what
 the padded pass gives up to the math library's rounding, which depends on how many rows one
 matrix product holds (float32: hidden states within a few 1e-6, pooled vectors within 2e-7, as
 the same text alone or in another batch differs; tests compare every architecture's vectors with
@@ -17,6 +19,10 @@ XLM-RoBERTa, ELECTRA, CamemBERT); others (DistilBERT, MPNet) run as they are.
 
 from __future__ import annotations
 
+import contextvars
+from contextlib import contextmanager
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -24,6 +30,9 @@ import torch.nn.functional as F
 # layer runs padded (sorted stream batches are padded 1-3%).
 LITTLE_PADDING = 0.97
 BERT_LAYERS = {"BertLayer", "RobertaLayer", "XLMRobertaLayer", "ElectraLayer", "CamembertLayer"}
+
+# The forward pass in progress on this thread: (rows, longest, flat positions of its real tokens).
+_batch: contextvars.ContextVar = contextvars.ContextVar("bertstream_real_tokens", default=None)
 
 
 def install(model: torch.nn.Module) -> int:
@@ -47,22 +56,31 @@ def computes_real_only(real: int, rows: int, longest: int) -> bool:
     return real <= LITTLE_PADDING * rows * longest
 
 
+@contextmanager
+def real_tokens(real: np.ndarray, device: torch.device):
+    """Within: the installed layers compute only the tokens where `real` (rows x longest,
+    boolean: the padded batch's real positions) is true, if it is padded enough to be worth it."""
+    rows, longest = real.shape
+    where = np.flatnonzero(real)
+    token = _batch.set((rows, longest, torch.from_numpy(where).to(device, non_blocking=True))
+                       if computes_real_only(len(where), rows, longest) else None)
+    try:
+        yield
+    finally:
+        _batch.reset(token)
+
+
 def _unpadded_forward(layer, padded_forward):
     attention, projections = layer.attention.self, layer.attention.output
     width = attention.attention_head_size
 
     def forward(hidden_states, attention_mask=None, *args, **kwargs):
-        # SDPA's mask of padding: boolean, (rows, 1, queries, keys), every query row alike.
-        # None when nothing is padded; a float mask from another attention, or a mask that
-        # differs by query (not padding): the layer as it was.
-        if attention_mask is None or attention_mask.dtype != torch.bool \
-                or attention_mask.dim() != 4 or layer.training \
-                or not bool((attention_mask == attention_mask[:, :, :1, :]).all()):
+        batch = _batch.get()
+        if batch is None or attention_mask is None or layer.training \
+                or hidden_states.shape[:2] != batch[:2]:  # not the engine's batch
             return padded_forward(hidden_states, attention_mask, *args, **kwargs)
-        rows, longest, hidden = hidden_states.shape
-        real = attention_mask[:, 0, 0, :].reshape(-1).nonzero().squeeze(1)
-        if not computes_real_only(len(real), rows, longest):  # gathering costs what it saves
-            return padded_forward(hidden_states, attention_mask, *args, **kwargs)
+        rows, longest, real = batch
+        hidden = hidden_states.shape[2]
         tokens = hidden_states.reshape(rows * longest, hidden).index_select(0, real)
 
         def padded(values: torch.Tensor) -> torch.Tensor:

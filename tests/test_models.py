@@ -369,13 +369,15 @@ def test_tokenize_locally_equals_server_tokenized(served, probe_texts):
 
 @pytest.mark.parametrize("name", ARCHITECTURES + ["all-MiniLM-L6-v2"])
 def test_bert_layers_compute_real_tokens_only_and_keep_every_hidden_state(folders, name):
-    """server/unpadded.py: a padded batch's every hidden state equals the model's own forward
-    pass on its real tokens (1e-5: a matrix product's rounding depends on its row count, up to a
-    few 1e-6 at MiniLM's width), and the padding is not computed (zero); other architectures'
-    layers are left as they are."""
+    """server/unpadded.py: within the engine's real_tokens (as Engine.forward calls the model),
+    a padded batch's every hidden state equals the model's own forward pass on its real tokens
+    (1e-5: a matrix product's rounding depends on its row count, up to a few 1e-6 at MiniLM's
+    width), and the padding is not computed (zero); other architectures' layers are left as
+    they are, and so is every call made without real_tokens (another caller's own mask)."""
     import torch
     from transformers import AutoModel, AutoTokenizer
 
+    from bertstream.server import unpadded
     from bertstream.server.engine import default_model_path, load_encoder
 
     folder = str(folders.get(name) or default_model_path())
@@ -387,20 +389,46 @@ def test_bert_layers_compute_real_tokens_only_and_keep_every_hidden_state(folder
              "Paris is the capital of France, and its largest city by far.", "日本語の文章",
              "The quick brown fox jumps over the lazy dog " * 3, "ok", "Привет, мир!"]
     batch = tokenizer(texts, padding=True, return_tensors="pt")
-    with torch.inference_mode():
-        got = ours(**batch, output_hidden_states=True).hidden_states
-        want = theirs(**batch, output_hidden_states=True).hidden_states
     real = batch["attention_mask"].bool()
+    with torch.inference_mode():
+        with unpadded.real_tokens(real.numpy(), torch.device("cpu")):
+            got = ours(**batch, output_hidden_states=True).hidden_states
+        want = theirs(**batch, output_hidden_states=True).hidden_states
     assert len(got) == len(want)
     for layer, (a, b) in enumerate(zip(got, want)):
         assert torch.allclose(a[real], b[real], atol=1e-5, rtol=0), layer
-    unpadded = name in ("bert", "roberta", "all-MiniLM-L6-v2")
-    assert bool((got[-1][~real] == 0).all()) == unpadded
-    # A mask that differs by query is not padding: such a layer runs as it was.
+    unpadded_layers = name in ("bert", "roberta", "all-MiniLM-L6-v2")
+    assert unpadded.installed(ours) == unpadded_layers
+    assert bool((got[-1][~real] == 0).all()) == unpadded_layers
+    # Without real_tokens, or within them for another shape, a layer runs as it was: a causal
+    # mask (not padding) gives the stock output.
     rows, longest = real.shape
     causal = torch.tril(torch.ones(longest, longest, dtype=torch.bool))
     masked = {**batch, "attention_mask": causal[None, None].expand(rows, 1, longest, longest)
               & real[:, None, None, :]}
     with torch.inference_mode():
-        got, want = (model(**masked).last_hidden_state for model in (ours, theirs))
-    assert torch.allclose(got[real], want[real], atol=1e-5, rtol=0)
+        want = theirs(**masked).last_hidden_state
+        alone = ours(**masked).last_hidden_state
+        with unpadded.real_tokens(np.array([[1, 0, 0], [1, 1, 0]], bool), torch.device("cpu")):
+            other = ours(**masked).last_hidden_state
+    for got in (alone, other):
+        assert torch.allclose(got[real], want[real], atol=1e-5, rtol=0)
+
+
+def test_the_engine_s_forward_pass_skips_the_padding(engine):
+    """Engine.forward tells the layers its batch's real tokens: a padded batch's padding is not
+    computed (zero in the last layer), and each text's normalized vector is what it is alone
+    (1e-6)."""
+    import numpy as np
+
+    texts = ["short", "a much longer text than the other one, to pad it well beyond a few percent"]
+    ids = engine.tokenize(texts).ids
+    hidden, lengths = engine.forward(ids)
+    last = hidden[-1].float().numpy()
+    assert lengths[0] < lengths[1] and not last[0, lengths[0]:].any()
+    options = engine.options()  # the model's own pipeline: normalized vectors
+    together = engine.pool(hidden, lengths, np.arange(2), options)
+    for row, text in enumerate(texts):
+        hidden, lengths = engine.forward(engine.tokenize([text]).ids)
+        alone = engine.pool(hidden, lengths, np.arange(1), options)[0]
+        np.testing.assert_allclose(together[row], alone, atol=1e-6, rtol=0)
