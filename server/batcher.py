@@ -48,9 +48,10 @@ class Batcher:
     UNHEALTHY_AFTER_FAILURES = 5
     # An interactive call waits for a bulk batch already running (a pass cannot be cut short).
     # So while interactive calls come (one in the last few seconds), bulk batches are cut at
-    # half the budget: half the wait (interactive p99 199 -> 118 ms here), for a served stream
-    # as fast at 512 tokens as at 1,024 (BENCHMARKS.md, "Two lanes"). Only every other
-    # worker at half left the wait longer and mixed two budgets' runs.
+    # half the budget: half the wait (interactive p99 199 -> 118 ms here). A served stream alone
+    # is as fast at 512 tokens as at 1,024; beside the calls it kept 0.90x its pace against
+    # 0.96x, within that benchmark's run-to-run noise (BENCHMARKS.md, "Two lanes"). Only every
+    # other worker at half left the wait longer and mixed two budgets' runs.
     BULK_BESIDE_INTERACTIVE = 0.5
     INTERACTIVE_RECENT_S = 5.0
 
@@ -211,9 +212,13 @@ class Batcher:
 
     def _next_lane(self) -> str:
         """Interactive while it has work, but bulk after interactive_per_bulk interactive cuts
-        in a row that it waited through."""
+        in a row that it waited through (half as many while bulk batches are half the budget,
+        so that bulk keeps its share of the tokens computed, not only of the passes)."""
         interactive, bulk = self._waiting(INTERACTIVE), self._waiting(BULK)
-        if bulk and (not interactive or self._interactive_in_a_row >= self.interactive_per_bulk):
+        per_bulk = self.interactive_per_bulk
+        if self._bulk_budget() is not None:
+            per_bulk = max(1, int(per_bulk * self.BULK_BESIDE_INTERACTIVE))
+        if bulk and (not interactive or self._interactive_in_a_row >= per_bulk):
             self._interactive_in_a_row = 0
             return BULK
         if bulk:

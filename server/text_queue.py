@@ -107,7 +107,7 @@ class Queue:
     def cut(self, budget: int | None = None) -> list[Queued]:
         """The next batch, sorted by length (at least one text; the queue must not be empty),
         within budget tokens (rows x longest; default the queue's own)."""
-        budget = budget or self.budget
+        budget = self.budget if budget is None else max(1, budget)
         heads = {caller: line[0].oldest() for caller, line in self._lines.items()}
         self._served = {caller: self._served.get(caller, -1) for caller in heads}
         turn = min(heads, key=lambda c: (self._served[c], heads[c].arrival))

@@ -248,3 +248,24 @@ def test_bulk_batches_are_cut_at_half_the_budget_while_interactive_calls_come(en
     finally:
         batcher.close()
     assert max(beside) <= 128 < max(alone) <= 256, (beside, alone)
+
+
+def test_bulk_keeps_its_share_of_tokens_while_its_batches_are_half(engine):
+    """bulk_share 0.2: one pass in five goes to bulk while both lanes wait; while bulk batches
+    are half the budget (interactive calls coming), one in three, so that bulk still gets a fifth
+    of the tokens computed."""
+    from bertstream.server.jobs import BULK
+
+    batcher = Batcher(RecordingEngine(engine), max_batch_tokens=1024, bulk_share=0.2)
+    batcher._waiting = lambda lane: 1  # both lanes have work
+    try:
+        def bulk_passes(interactive_recent: bool) -> int:
+            batcher._interactive_at = time.monotonic() if interactive_recent else -float("inf")
+            return sum(batcher._next_lane() == BULK for _ in range(60))
+
+        whole, half = bulk_passes(False), bulk_passes(True)
+    finally:
+        del batcher._waiting
+        batcher.close()
+    assert whole == 12 and half == 20
+    assert half * 0.5 / (half * 0.5 + 60 - half) >= 0.2  # bulk's share of the tokens
