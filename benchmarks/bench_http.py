@@ -23,8 +23,7 @@ import threading
 import time
 
 from benchmarks.bench_throughput import BATCH_TOKENS, Server, cpu, stream_all, timed
-from benchmarks.harness import free_port
-from benchmarks.harness import stdlib_paragraphs
+from benchmarks.harness import free_port, stdlib_paragraphs
 
 from bertstream.server.engine import default_model_path
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.conftest import ServerThread
 from benchmarks.harness import stdlib_paragraphs
+from tests.conftest import ServerThread
 from tests.tiny_models import MAX_SEQ_LENGTH, _tokenizer
 
 from bertstream.client import Client
