@@ -48,11 +48,11 @@ class Batcher:
     UNHEALTHY_AFTER_FAILURES = 5
     # An interactive call waits for a bulk batch already running (a pass cannot be cut short).
     # So while interactive calls come (one in the last few seconds), bulk batches are cut at
-    # half the budget: half the wait (interactive p99 199 -> 118 ms here). A served stream alone
-    # is as fast at 512 tokens as at 1,024; beside the calls it kept 0.90x its pace against
-    # 0.96x, within that benchmark's run-to-run noise (BENCHMARKS.md, "Two lanes"). Only every
-    # other worker at half left the wait longer and mixed two budgets' runs.
-    BULK_BESIDE_INTERACTIVE = 0.5
+    # three quarters of the budget: interactive p99 199 -> 146-149 ms here, the stream beside
+    # the calls at 0.90-0.96x its pace alone. At half the budget p99 fell to 116-121 ms but the
+    # stream to 0.84-0.90x: each shorter wait gathers fewer calls into one pass, so more passes
+    # (BENCHMARKS.md, "Two lanes").
+    BULK_BESIDE_INTERACTIVE = 0.75
     INTERACTIVE_RECENT_S = 5.0
 
     def __init__(self, engines: Engine | Sequence[Engine], max_batch_tokens: int,
@@ -212,8 +212,8 @@ class Batcher:
 
     def _next_lane(self) -> str:
         """Interactive while it has work, but bulk after interactive_per_bulk interactive cuts
-        in a row that it waited through (half as many while bulk batches are half the budget,
-        so that bulk keeps its share of the tokens computed, not only of the passes)."""
+        in a row that it waited through (fewer while bulk batches are cut smaller, so that bulk
+        keeps its share of the tokens computed, not only of the passes)."""
         interactive, bulk = self._waiting(INTERACTIVE), self._waiting(BULK)
         per_bulk = self.interactive_per_bulk
         if self._bulk_budget() is not None:
@@ -226,7 +226,7 @@ class Batcher:
         return INTERACTIVE
 
     def _bulk_budget(self) -> int | None:
-        """A bulk batch's token budget: half while interactive calls come, else the whole."""
+        """A bulk batch's token budget: smaller while interactive calls come, else the whole."""
         if time.monotonic() - self._interactive_at < self.INTERACTIVE_RECENT_S:
             return max(1, int(self.max_batch_tokens * self.BULK_BESIDE_INTERACTIVE))
         return None
