@@ -485,7 +485,9 @@ class Engine:
             segments[real] = np.concatenate(type_ids)
             inputs["token_type_ids"] = torch.from_numpy(segments).to(self.device,
                                                                      non_blocking=True)
-        with unpadded.real_tokens(real, self.device):  # for layers that skip the padding
+        if not self.unpadded:
+            return self.run_model(**inputs), lengths
+        with unpadded.real_tokens(real, self.device):  # for the layers that skip the padding
             return self.run_model(**inputs), lengths
 
     def run_model(self, **inputs: torch.Tensor):
