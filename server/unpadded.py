@@ -9,9 +9,9 @@ the model's own hooks record as its hidden state, and the next layer takes). Whi
 real the engine says (`real_tokens`, from the lengths it padded), not a reading of the mask: no
 device sync per layer, and a call made without it (another mask, another caller) runs as it
 was. The result is what the padded pass gives up to the math library's rounding, which depends
-on how many rows one matrix product holds (float32: hidden states within a few 1e-6, pooled vectors within 2e-7, as
-the same text alone or in another batch differs; tests compare every architecture's vectors with
-sentence-transformers').
+on how many rows one matrix product holds (float32: hidden states within a few 1e-6, pooled
+vectors within 2e-7, as the same text alone or in another batch differs; tests compare every
+architecture's vectors with sentence-transformers').
 
 Only layers of BERT's own structure are changed (BERT and its copies in transformers: RoBERTa,
 XLM-RoBERTa, ELECTRA, CamemBERT); others (DistilBERT, MPNet) run as they are.
