@@ -148,6 +148,25 @@ def tiny_folders(tmp_path_factory, corpus):
 
 
 @pytest.fixture(scope="session")
+def fleet_model(tmp_path_factory):
+    """all-MiniLM-L6-v2 cut to its first layer (its tokenizer, width, pooling and normalizing
+    kept), saved by sentence-transformers: for the tests of many servers at once (replicas, Ray),
+    where what is checked is that every row comes back once, in order, equal to a server's own
+    answer, and the six layers' forward passes were most of their time."""
+    from sentence_transformers import SentenceTransformer
+
+    from bertstream.server.engine import default_model_path
+
+    model = SentenceTransformer(default_model_path(), device="cpu")
+    encoder = model[0].auto_model
+    encoder.encoder.layer = encoder.encoder.layer[:1]
+    encoder.config.num_hidden_layers = 1
+    folder = tmp_path_factory.mktemp("fleet-model")
+    model.save(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
 def engine():
     from bertstream.server.engine import Engine
 

@@ -357,21 +357,24 @@ def _served(metrics_port: int) -> float:
                if s.name == "bertstream_texts_total" and s.labels.get("code") == "OK")
 
 
-def test_three_replicas_share_work_and_survive_one_dying(tmp_path, corpus, client):
+def test_three_replicas_share_work_and_survive_one_dying(tmp_path, corpus, fleet_model):
     metrics_ports = [free_port() for _ in range(3)]
     replicas = [(process, target, metrics) for (process, target), metrics in zip(
-        serve_processes(3, "--threads", "1", "--log-level", "WARNING",
-                        each=[("--metrics-port", str(m)) for m in metrics_ports]), metrics_ports)]
+        serve_processes(3, "--model", str(fleet_model), "--threads", "1", "--log-level",
+                        "WARNING", each=[("--metrics-port", str(m)) for m in metrics_ports]),
+        metrics_ports)]
     try:
         texts = [corpus[i % len(corpus)] for i in range(360)]  # 18 messages
-        expected = np.concatenate(list(client.stream(texts, batch_size=400)))
+        with Client(replicas[2][1], timeout=120) as one:
+            expected = one.embed(texts)
+        before = {metrics: _served(metrics) for _, _, metrics in replicas}
         results, killed_at = [], None
         with Client([target for _, target, _ in replicas], timeout=120) as spread:
             for i, part in enumerate(spread.stream(texts, batch_size=20, window=9)):
                 results.append(part)
                 # Once every replica has served (round robin reaches each as it connects),
                 # kill one mid-job.
-                if killed_at is None and all(_served(m) > 0 for _, _, m in replicas):
+                if killed_at is None and all(_served(m) > before[m] for _, _, m in replicas):
                     replicas[0][0].send_signal(signal.SIGKILL)
                     killed_at = i
         assert killed_at is not None and killed_at < 12, "not every replica received work"
@@ -386,13 +389,15 @@ def test_three_replicas_share_work_and_survive_one_dying(tmp_path, corpus, clien
 
 
 def test_a_replica_that_stops_answering_without_a_reset_is_left_behind(tmp_path, corpus,
-                                                                       client):
+                                                                       fleet_model):
     """SIGSTOP: the replica's sockets stay open and silent (as after a power cut or a network
     partition). Client keepalive notices within seconds and its messages go to the other."""
-    replicas = serve_processes(2, "--threads", "1", "--log-level", "WARNING")
+    replicas = serve_processes(2, "--model", str(fleet_model), "--threads", "1",
+                               "--log-level", "WARNING")
     texts = list(corpus[:200])
     try:
-        expected = client.embed(texts)
+        with Client(replicas[1][1], timeout=120) as survivor:
+            expected = survivor.embed(texts)
         results, stopped = [], None
         started = time.perf_counter()
         with Client([target for _, target in replicas], timeout=300) as spread:

@@ -1,4 +1,5 @@
-"""bertstream.client.ray against a local Ray instance and two real server replicas.
+"""bertstream.client.ray against a local Ray instance and two real server replicas (of
+all-MiniLM-L6-v2 cut to one layer: conftest's fleet_model).
 
 300 corpus paragraphs as Parquet shards: every row once, in input order, with its id, equal to
 Client.embed within 1e-5; still every row once and exact by id when a Ray actor dies mid-run and
@@ -33,8 +34,9 @@ ROWS, SHARDS = 300, 6
 
 
 @pytest.fixture(scope="module")
-def replicas():
-    servers = serve_processes(2, "--threads", "1", "--log-level", "WARNING")
+def replicas(fleet_model):
+    servers = serve_processes(2, "--model", str(fleet_model), "--threads", "1",
+                              "--log-level", "WARNING")
     yield servers
     for process, _ in servers:
         process.kill()
