@@ -1,5 +1,11 @@
 """Corpus-scale client: `bertstream embed`, resume, replicas, AsyncClient, the simpletransformers
-drop-in."""
+drop-in.
+
+What these check is the client's (every row once, in order, equal to the server's own answer;
+resume; errors), not the model's: the server here serves conftest's fleet_model
+(all-MiniLM-L6-v2 cut to one layer), a sixth of the forward passes. The drop-in, compared with
+simpletransformers on all-MiniLM-L6-v2 itself, has a server of that.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +26,35 @@ import pytest
 
 from bertstream.client import AsyncClient, Client, RepresentationModel
 from bertstream.client.cli import main as embed_main
-from tests.conftest import ServerThread, free_port, serve_processes
+from tests.conftest import TEST_DEVICE, TEST_LIMITS, ServerThread, free_port, serve_processes
+
+
+@pytest.fixture(scope="module")
+def server(fleet_model):
+    from bertstream.server.engine import Engine
+    from bertstream.server.limits import Limits
+
+    running = ServerThread(Engine(str(fleet_model), device=TEST_DEVICE, dtype="float32"),
+                           Limits(**TEST_LIMITS))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with Client(server.target, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def minilm_server(engine):
+    """A server of all-MiniLM-L6-v2 itself: for the drop-in, and for the runs a test interrupts
+    (on the one-layer model they can end before the interruption lands)."""
+    from bertstream.server.limits import Limits
+
+    running = ServerThread(engine, Limits(**TEST_LIMITS))
+    yield running
+    running.stop()
 
 
 def run_cli(*args) -> int:
@@ -85,13 +119,13 @@ def test_embed_command_tokenizes_locally_to_the_same_vectors(server, tmp_path, t
 def test_standard_input_and_options(server, tmp_path, texts, client):
     process = subprocess.run(
         [sys.executable, "-m", "bertstream.server.cli", "embed", "-", "-o", tmp_path / "s.npy",
-         "--server", server.target, "--normalize", "--pooling", "max", "--layers", "2", "-1"],
+         "--server", server.target, "--normalize", "--pooling", "max", "--layers", "0", "-1"],
         input="\n".join(texts[:20]), text=True, capture_output=True, timeout=120)
     assert process.returncode == 0, process.stderr
     assert "embedded 20 texts" in process.stderr and "tokens/s" in process.stderr
     np.testing.assert_allclose(
         np.load(tmp_path / "s.npy"),
-        client.embed(texts[:20], pooling="max", layers=(2, -1), normalize=True), atol=1e-4)
+        client.embed(texts[:20], pooling="max", layers=(0, -1), normalize=True), atol=1e-4)
 
 
 @pytest.mark.parametrize("setup, message, status", [
@@ -121,25 +155,25 @@ RESUMED_TEXTS = 300
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(server, tmp_path_factory, corpus):
+def uninterrupted(minilm_server, tmp_path_factory, corpus):
     """An uninterrupted run's input and output, once for every interruption below."""
     folder = tmp_path_factory.mktemp("uninterrupted")
     source = folder / "in.txt"
     source.write_text("\n".join(corpus[i % len(corpus)] for i in range(RESUMED_TEXTS)) + "\n",
                       encoding="utf-8")
-    assert run_cli(source, "-o", folder / "whole.npy", "--server", server.target) == 0
+    assert run_cli(source, "-o", folder / "whole.npy", "--server", minilm_server.target) == 0
     return source, read_output(folder / "whole.npy")
 
 
 @pytest.mark.parametrize("output, stop", [("r.npy", signal.SIGKILL),
                                           ("r.parquet", signal.SIGKILL),
                                           ("r.npy", signal.SIGINT)])  # Ctrl-C
-def test_resume_after_interruption_equals_uninterrupted_run(server, tmp_path, uninterrupted,
+def test_resume_after_interruption_equals_uninterrupted_run(minilm_server, tmp_path, uninterrupted,
                                                             output, stop):
     source, whole = uninterrupted
     target = tmp_path / output
     command = [sys.executable, "-m", "bertstream.server.cli", "embed", str(source), "-o",
-               str(target), "--server", server.target, "--batch-size", "32", "--window", "4",
+               str(target), "--server", minilm_server.target, "--batch-size", "32", "--window", "4",
                "--no-progress"]
     if output.endswith(".parquet"):
         command += ["--commit-rows", "100"]  # small parts, so the kill lands between commits
@@ -159,7 +193,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(server, tmp_path, un
     if stop == signal.SIGINT:
         assert process.returncode == 130, err
         assert "interrupted with" in err and "--resume" in err and "Traceback" not in err
-    assert run_cli(source, "-o", target, "--server", server.target, "--resume") == 0
+    assert run_cli(source, "-o", target, "--server", minilm_server.target, "--resume") == 0
     resumed = read_output(target)
     assert resumed.shape == whole.shape == (RESUMED_TEXTS, 384)
     np.testing.assert_allclose(resumed, whole, atol=1e-4)
@@ -501,8 +535,9 @@ def simpletransformers_model():
 
 
 @pytest.fixture(scope="module")
-def drop_in(server):
-    return RepresentationModel("bert", "all-MiniLM-L6-v2", use_cuda=False, target=server.target)
+def drop_in(minilm_server):
+    return RepresentationModel("bert", "all-MiniLM-L6-v2", use_cuda=False,
+                               target=minilm_server.target)
 
 
 @pytest.mark.parametrize("strategy", [None, "mean", "concat", 0, -1, 2])
