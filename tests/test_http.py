@@ -1,6 +1,7 @@
 """The HTTP front-end, with the clients people already use (the real `openai` package and
 LangChain's OpenAIEmbeddings), against the gRPC front-end of the same server: one core, the same
-vectors, the same limits, auth and statuses."""
+vectors, the same limits, auth and statuses. The server's model is conftest's fleet_model
+(all-MiniLM-L6-v2 cut to one layer): what is compared is the two front-ends' answers."""
 
 from __future__ import annotations
 
@@ -16,18 +17,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from bertstream.client import Client
-from bertstream.server.engine import DEFAULT_MODEL_NAME
+from bertstream.server.engine import Engine
 from bertstream.server.limits import Limits
 from bertstream.server.security import Security
-from tests.conftest import TEST_LIMITS, ServerThread
+from tests.conftest import TEST_DEVICE, TEST_LIMITS, ServerThread
 
 TOKEN = "http-test-token"
 ATOL = 1e-5
-MODEL = DEFAULT_MODEL_NAME  # the packaged model, by the name it is served as
+MODEL = "one-layer"  # the name the module's server serves its model as
 
 
 @pytest.fixture(scope="module")
-def served(engine):
+def served(fleet_model):
+    engine = Engine(str(fleet_model), device=TEST_DEVICE, dtype="float32", name=MODEL)
     server = ServerThread(engine, Limits(**TEST_LIMITS), http_port=0,
                           security=Security(auth_tokens=(TOKEN.encode(),)), http_metrics=True)
     server.base = f"http://127.0.0.1:{server.running.http_port}"
@@ -77,7 +79,7 @@ def test_openai_sdk_gets_the_grpc_vectors(served, grpc_client, texts, encoding_f
 
     openai = OpenAI(base_url=served.base + "/v1", api_key=TOKEN, max_retries=0)
     options = {"dimensions": dimensions} if dimensions else {}
-    response = openai.embeddings.create(model="all-MiniLM-L6-v2", input=texts,
+    response = openai.embeddings.create(model=MODEL, input=texts,
                                         encoding_format=encoding_format, **options)
     got = np.array([item.embedding for item in response.data], dtype=np.float32) \
         if encoding_format == "float" else \
@@ -87,7 +89,7 @@ def test_openai_sdk_gets_the_grpc_vectors(served, grpc_client, texts, encoding_f
     assert got.shape == expected.shape == (len(texts), dimensions or 384)
     np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL)
     assert [item.index for item in response.data] == list(range(len(texts)))
-    assert response.model == "all-MiniLM-L6-v2"
+    assert response.model == MODEL
     assert response.usage.prompt_tokens == response.usage.total_tokens > len(texts)
 
 
@@ -113,7 +115,7 @@ def test_openai_sdk_without_a_valid_token_gets_401(served):
 def test_langchain_openai_embeddings(served, grpc_client, texts):
     from langchain_openai import OpenAIEmbeddings
 
-    embeddings = OpenAIEmbeddings(model="all-MiniLM-L6-v2", base_url=served.base + "/v1",
+    embeddings = OpenAIEmbeddings(model=MODEL, base_url=served.base + "/v1",
                                   api_key=TOKEN, check_embedding_ctx_length=False,
                                   max_retries=0)
     np.testing.assert_allclose(np.array(embeddings.embed_documents(texts), dtype=np.float32),
