@@ -31,6 +31,9 @@ def _serve(argv: list[str], output: str | None, max_open_files: int | None) -> N
     sys.stderr = os.fdopen(2, "w", buffering=1)
     if max_open_files:
         resource.setrlimit(resource.RLIMIT_NOFILE, (max_open_files, max_open_files))
+    # The tokenizer's own threads, as in a server a user starts: the suite turns them off for
+    # itself (conftest: the pytest process forks after tokenizing), not for the servers it tests.
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
     from bertstream.server.cli import main
 
     sys.exit(main(argv))
