@@ -31,9 +31,11 @@ def _serve(argv: list[str], output: str | None, max_open_files: int | None) -> N
     sys.stderr = os.fdopen(2, "w", buffering=1)
     if max_open_files:
         resource.setrlimit(resource.RLIMIT_NOFILE, (max_open_files, max_open_files))
-    # The tokenizer's own threads, as in a server a user starts: the suite turns them off for
-    # itself (conftest: the pytest process forks after tokenizing), not for the servers it tests.
-    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    # The tokenizer's own threads, as in a server a user starts (the variable unset): the suite
+    # turns them off for itself (conftest: the pytest process forks after tokenizing), not for
+    # the servers it tests. Unset, the tokenizers library still turns them off in a child forked
+    # after they ran; the fork server never tokenizes.
+    os.environ.pop("TOKENIZERS_PARALLELISM", None)
     from bertstream.server.cli import main
 
     sys.exit(main(argv))

@@ -1,5 +1,5 @@
 """bertstream.client.ray against a local Ray instance and two real server replicas (of
-all-MiniLM-L6-v2 cut to one layer: conftest's fleet_model).
+all-MiniLM-L6-v2 itself: on a model a sixth as costly, a kill would less often find work left).
 
 300 corpus paragraphs as Parquet shards: every row once, in input order, with its id, equal to
 Client.embed within 1e-5; still every row once and exact by id when a Ray actor dies mid-run and
@@ -34,9 +34,8 @@ ROWS, SHARDS = 300, 6
 
 
 @pytest.fixture(scope="module")
-def replicas(fleet_model):
-    servers = serve_processes(2, "--model", str(fleet_model), "--threads", "1",
-                              "--log-level", "WARNING")
+def replicas():
+    servers = serve_processes(2, "--threads", "1", "--log-level", "WARNING")
     yield servers
     for process, _ in servers:
         process.kill()
