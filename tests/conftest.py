@@ -150,9 +150,10 @@ def tiny_folders(tmp_path_factory, corpus):
 @pytest.fixture(scope="session")
 def fleet_model(tmp_path_factory):
     """all-MiniLM-L6-v2 cut to its first layer (its tokenizer, width, pooling and normalizing
-    kept), saved by sentence-transformers: for the tests of many servers at once (replicas, Ray),
-    where what is checked is that every row comes back once, in order, equal to a server's own
-    answer, and the six layers' forward passes were most of their time."""
+    kept), saved by sentence-transformers: for the tests whose point is not the model's work (the
+    corpus client and its replicas, the HTTP front-end against gRPC, a big JSON answer), where
+    what is checked is a server's answer against another front-end's or server's of the same
+    model, and the six layers' forward passes were most of their time."""
     from sentence_transformers import SentenceTransformer
 
     from bertstream.server.engine import default_model_path

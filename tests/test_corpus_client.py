@@ -168,13 +168,13 @@ def uninterrupted(minilm_server, tmp_path_factory, corpus):
 @pytest.mark.parametrize("output, stop", [("r.npy", signal.SIGKILL),
                                           ("r.parquet", signal.SIGKILL),
                                           ("r.npy", signal.SIGINT)])  # Ctrl-C
-def test_resume_after_interruption_equals_uninterrupted_run(minilm_server, tmp_path, uninterrupted,
-                                                            output, stop):
+def test_resume_after_interruption_equals_uninterrupted_run(minilm_server, tmp_path,
+                                                            uninterrupted, output, stop):
     source, whole = uninterrupted
     target = tmp_path / output
     command = [sys.executable, "-m", "bertstream.server.cli", "embed", str(source), "-o",
-               str(target), "--server", minilm_server.target, "--batch-size", "32", "--window", "4",
-               "--no-progress"]
+               str(target), "--server", minilm_server.target, "--batch-size", "32", "--window",
+               "4", "--no-progress"]
     if output.endswith(".parquet"):
         command += ["--commit-rows", "100"]  # small parts, so the kill lands between commits
     # SIGINT at its default in the child: a suite started in the background (`make test &`)

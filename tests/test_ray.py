@@ -200,7 +200,7 @@ def test_the_readme_example_runs_as_written(replicas, local_ray, shards, tmp_pat
 
 
 # Last in the module: after a pipeline failed, the next one's first output came about 15 s
-# later than without it (Ray keeps the failed pipeline's actors a while).
+# later than without it (Ray seems to hold on to the failed pipeline's actors a while).
 
 
 def test_a_bad_option_or_text_stops_the_job_with_the_servers_message(replicas, local_ray,
