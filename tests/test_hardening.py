@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from bertstream.client import Client, decode_tensor
 from bertstream.proto import embedder_pb2 as pb
@@ -407,9 +407,14 @@ FAULT_REPORT = {"fuzzed requests": 0, "fuzzed raw payloads": 0, "forward failure
 
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(request=requests)
+@example(request=pb.EmbedRequest(texts=[""] * 500, pooling=pb.POOLING_LAST_TOKEN, layers=[0] * 6,
+                                 truncate=False))  # a 4.6 MB answer (found by this test)
 def test_fuzzed_requests_get_a_result_or_a_clear_status(server, request):
     FAULT_REPORT["fuzzed requests"] += 1
-    with grpc.insecure_channel(server.target) as channel:
+    # Answers as large as the server allows (max_response_bytes): 500 texts of 6 layers are
+    # 4.6 MB, over the 4 MiB a gRPC client receives by default.
+    with grpc.insecure_channel(server.target,
+                               options=[("grpc.max_receive_message_length", -1)]) as channel:
         stub = pb_grpc.EmbedderStub(channel)
         try:
             response = stub.Embed(request, timeout=120)
