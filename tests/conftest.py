@@ -168,6 +168,14 @@ def fleet_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def fleet_engine(fleet_model):
+    """An Engine of fleet_model, served as "one-layer"."""
+    from bertstream.server.engine import Engine
+
+    return Engine(str(fleet_model), device=TEST_DEVICE, dtype="float32", name="one-layer")
+
+
+@pytest.fixture(scope="session")
 def engine():
     from bertstream.server.engine import Engine
 

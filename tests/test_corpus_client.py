@@ -26,16 +26,14 @@ import pytest
 
 from bertstream.client import AsyncClient, Client, RepresentationModel
 from bertstream.client.cli import main as embed_main
-from tests.conftest import TEST_DEVICE, TEST_LIMITS, ServerThread, free_port, serve_processes
+from tests.conftest import TEST_LIMITS, ServerThread, free_port, serve_processes
 
 
 @pytest.fixture(scope="module")
-def server(fleet_model):
-    from bertstream.server.engine import Engine
+def server(fleet_engine):
     from bertstream.server.limits import Limits
 
-    running = ServerThread(Engine(str(fleet_model), device=TEST_DEVICE, dtype="float32"),
-                           Limits(**TEST_LIMITS))
+    running = ServerThread(fleet_engine, Limits(**TEST_LIMITS))
     yield running
     running.stop()
 

@@ -17,20 +17,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from bertstream.client import Client
-from bertstream.server.engine import Engine
 from bertstream.server.limits import Limits
 from bertstream.server.security import Security
-from tests.conftest import TEST_DEVICE, TEST_LIMITS, ServerThread
+from tests.conftest import TEST_LIMITS, ServerThread
 
 TOKEN = "http-test-token"
 ATOL = 1e-5
-MODEL = "one-layer"  # the name the module's server serves its model as
+MODEL = "one-layer"  # the name conftest's fleet_engine is served as
 
 
 @pytest.fixture(scope="module")
-def served(fleet_model):
-    engine = Engine(str(fleet_model), device=TEST_DEVICE, dtype="float32", name=MODEL)
-    server = ServerThread(engine, Limits(**TEST_LIMITS), http_port=0,
+def served(fleet_engine):
+    server = ServerThread(fleet_engine, Limits(**TEST_LIMITS), http_port=0,
                           security=Security(auth_tokens=(TOKEN.encode(),)), http_metrics=True)
     server.base = f"http://127.0.0.1:{server.running.http_port}"
     yield server

@@ -132,7 +132,7 @@ def test_forward_flops_and_tokens_are_counted(server, client, engine):
     assert "8 h^2 + 4 h i" in client.info()["forward_flops"]
 
 
-def test_a_big_id_request_is_checked_off_the_event_loop(fleet_model):
+def test_a_big_id_request_is_checked_off_the_event_loop(fleet_engine):
     """100 texts of 3,000 ids each (1.2 MB: the ids over the max length are cut) while another
     caller's Info calls (answered on the event loop, no compute) go on: the answer is 100 vectors
     of the cut texts, and the loop was never held up by the check. (A server of conftest's
@@ -141,13 +141,11 @@ def test_a_big_id_request_is_checked_off_the_event_loop(fleet_model):
     import time
 
     from bertstream.client import Client
-    from bertstream.server.engine import Engine
     from bertstream.server.limits import Limits
-    from tests.conftest import TEST_DEVICE, ServerThread
+    from tests.conftest import ServerThread
 
-    engine = Engine(str(fleet_model), device=TEST_DEVICE, dtype="float32")
-    server = ServerThread(engine, Limits(**TEST_LIMITS))
-    text_ids = engine._full.encode("word " * 3000).ids
+    server = ServerThread(fleet_engine, Limits(**TEST_LIMITS))
+    text_ids = fleet_engine._full.encode("word " * 3000).ids
     rows = [text_ids] * 100
     latencies, done = [], threading.Event()
     try:
