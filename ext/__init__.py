@@ -33,6 +33,7 @@ __all__ = [
     "POOLING_MODES", "MODE_ALIASES", "pool_modes", "LAYER_COMBINES", "default_threads", "pool", "masked_mean", "masked_max",
     "cls_pool", "mean_max", "gather_tokens", "l2_normalize", "pack_float16", "pack_bfloat16",
     "pack_int8", "pack_binary", "bfloat16_to_float32", "SPLADE_POOLINGS", "splade",
+    "flatten_ids",
 ]
 
 
@@ -282,3 +283,15 @@ def splade(logits, lengths, pooling: str = "max", activation: str = "relu", out=
     _kernels.splade(layer, lengths, pooling == "sum", activation == "log1p_relu", bf16, out,
                     default_threads(n_threads))
     return out
+
+
+def flatten_ids(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Lists of token ids (the tokenizer's encodings' .ids) back to back: the int32 ids and the
+    int64 offsets where each list starts (len(rows) + 1 of them, the last the total), as
+    text-embeddings-inference's cu_seq_lengths. Every id must fit int32."""
+    if not isinstance(rows, list) or not all(type(row) is list for row in rows):
+        raise ValueError("rows: expected a list of lists of ints")
+    flat = np.empty(sum(map(len, rows)), dtype=np.int32)
+    offsets = np.empty(len(rows) + 1, dtype=np.int64)
+    _kernels.flatten_ids(rows, flat, offsets)
+    return flat, offsets

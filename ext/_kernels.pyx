@@ -7,7 +7,9 @@
 # accumulates in float32 and reads only the first `lengths[b]` positions of row b.
 
 from cython.parallel cimport prange, parallel, threadid
-from libc.stdint cimport int8_t, int64_t, uint8_t, uint16_t
+from cpython.list cimport PyList_GET_ITEM
+from cpython.long cimport PyLong_AsLong
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t
 from libc.string cimport memcpy
 from libc.math cimport sqrt, fabsf, rintf, isfinite, log1pf, INFINITY
 
@@ -340,3 +342,19 @@ def splade(const hidden_t[:, :, ::1] logits, const int64_t[::1] lengths, bint su
             if not sum_pool:
                 for v in range(vocab):
                     row[v] = splade_activation(row[v], twice)
+
+
+def flatten_ids(list rows, int32_t[::1] out, int64_t[::1] offsets):
+    """Token ids as the tokenizer hands them (a list per text of Python ints) back to back into
+    `out`, and where each text starts in `offsets` (len(rows) + 1 entries; the Python layer sized
+    both). One C loop over the ints: numpy converting each list was 7 µs a text of 130 tokens."""
+    cdef Py_ssize_t r, t, n, at = 0
+    cdef list row
+    offsets[0] = 0
+    for r in range(len(rows)):
+        row = <list?> rows[r]
+        n = len(row)
+        for t in range(n):
+            out[at + t] = <int32_t> PyLong_AsLong(<object> PyList_GET_ITEM(row, t))
+        at += n
+        offsets[r + 1] = at

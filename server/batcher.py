@@ -37,6 +37,7 @@ from .errors import EmbedError, ErrorKind
 from .jobs import BULK, INTERACTIVE, LANES, Job
 from .metrics import Metrics
 from .text_queue import Queue, Queued
+from .token_rows import TokenRows
 from .threads import name_os_thread
 
 log = logging.getLogger("bertstream.batcher")
@@ -273,12 +274,10 @@ class Batcher:
         own, the exception in place of the hidden states. The server lives on either way."""
         try:
             started = time.perf_counter()
-            ids = [item.job.ids[item.index] for item in batch]
             if batch[0].job.type_ids is None:
-                hidden, lengths = engine.forward(ids)
+                hidden, lengths = engine.forward(gather(batch, "ids"))
             else:  # a cross-encoder's pairs: their segment ids too
-                hidden, lengths = engine.forward(
-                    ids, [item.job.type_ids[item.index] for item in batch])
+                hidden, lengths = engine.forward(gather(batch, "ids"), gather(batch, "type_ids"))
             self.metrics.forward_seconds.labels(engine.name).observe(time.perf_counter() - started)
             self.failures_in_a_row[engine] = 0
         except Exception as exc:
@@ -299,10 +298,11 @@ class Batcher:
     def _complete(self, batch: list[Queued], hidden, lengths: np.ndarray, start: int,
                   number: int) -> None:
         """Pool a forwarded batch and settle the jobs whose last text it held."""
+        parts = by_job(batch)
         try:
             if isinstance(hidden, Exception):
                 raise hidden
-            pooled = self._pool_batch(batch[0].job.engine, batch, hidden, lengths)
+            pooled = self._pool_batch(batch[0].job.engine, len(batch), parts, hidden, lengths)
             error = None
         except Exception as exc:
             if hidden is not exc:  # forward failures were logged where they happened
@@ -310,18 +310,17 @@ class Batcher:
             which = f"texts[{batch[0].index}]: " if len(batch) == 1 else ""
             error = EmbedError(ErrorKind.INTERNAL, f"{which}computing embeddings failed: "
                                                    f"{type(exc).__name__}: {exc}")
-            pooled = [None] * len(batch)
+            pooled = [None] * len(parts)
         elapsed = time.perf_counter_ns() - start
         failed, finished = [], []
         with self._settling:
-            for job in {item.job for item in batch}:
+            for (job, indices, _), output in zip(parts, pooled):
                 job.timed(start, elapsed)
-            for item, vectors in zip(batch, pooled):
                 if error is not None:
-                    if item.job.fail():
-                        failed.append(item.job)
-                elif item.job.fill(item.index, vectors):
-                    finished.append(item.job)
+                    if job.fail():
+                        failed.append(job)
+                elif job.fill(indices, output):
+                    finished.append(job)
         # This worker is as good as idle. Worker 0: the next call, sent once this one is
         # answered, must wait for it (and all the cores), not go to a one-core worker. The
         # others: that next call finds every other worker idle and gets all the cores (a lone
@@ -340,21 +339,48 @@ class Batcher:
                 log.exception("finishing a job failed")
                 job.on_done(EmbedError(ErrorKind.INTERNAL, f"packing embeddings failed: {exc}"))
 
-    def _pool_batch(self, engine: Engine, batch: list[Queued], hidden,
+    def _pool_batch(self, engine: Engine, rows: int, parts: list, hidden,
                     lengths: np.ndarray) -> list:
-        """Each text's vector (or for pooling "none", its token vectors), in batch order."""
+        """Each part's output, in order, as Job.fill takes it: its texts' vectors, one row each;
+        or a list, per text, of its token vectors (pooling "none") or its sparse vector. The
+        parts asking alike are pooled together (usually all: the batch's rows as they are)."""
         by_options: dict[EmbedOptions, list[int]] = {}
-        for row, item in enumerate(batch):
-            by_options.setdefault(item.job.options, []).append(row)
-        pooled = [None] * len(batch)
-        for options, rows in by_options.items():
-            rows = np.asarray(rows)
-            vectors = engine.pool(hidden, lengths, rows, options)
-            if options.token_level:
-                ends = np.cumsum(lengths[rows])
-                for row, start, end in zip(rows, ends - lengths[rows], ends):
-                    pooled[row] = vectors[start:end]
+        for number, (job, _, _) in enumerate(parts):
+            by_options.setdefault(job.options, []).append(number)
+        pooled = [None] * len(parts)
+        for options, numbers in by_options.items():
+            if len(numbers) == len(parts):  # the common case: no rows picked, none copied
+                chosen, where = np.arange(rows), None
             else:
-                for row, vector in zip(rows, vectors):
-                    pooled[row] = vector
+                chosen = np.sort(np.concatenate([parts[p][2] for p in numbers]))
+                where = np.empty(rows, dtype=np.int64)  # batch row -> its row of the output
+                where[chosen] = np.arange(len(chosen))
+            output = engine.pool(hidden, lengths, chosen, options)
+            if options.token_level:  # the rows' tokens back to back: one array per text
+                ends = np.cumsum(lengths[chosen]).tolist()
+                output = [output[start:end] for start, end in zip([0, *ends], ends)]
+            for p in numbers:
+                at = parts[p][2] if where is None else where[parts[p][2]]
+                pooled[p] = output[at] if isinstance(output, np.ndarray) \
+                    else [output[i] for i in at.tolist()]
         return pooled
+
+
+def gather(batch: list[Queued], field: str) -> TokenRows:
+    """The batch's texts' ids (or, field "type_ids", segment ids), in batch order."""
+    flats = [getattr(item.job, field).flat for item in batch]
+    return TokenRows.of_lengths(
+        np.concatenate([flat[item.start:item.start + item.length]
+                        for flat, item in zip(flats, batch)]),
+        [item.length for item in batch])
+
+
+def by_job(batch: list[Queued]) -> list[tuple[Job, np.ndarray, np.ndarray]]:
+    """A batch's texts by job: (job, its texts' indices, their rows in the batch), jobs in
+    order of their first text."""
+    parts: dict[Job, tuple[list[int], list[int]]] = {}
+    for row, item in enumerate(batch):
+        indices, rows = parts.setdefault(item.job, ([], []))
+        indices.append(item.index)
+        rows.append(row)
+    return [(job, np.array(indices), np.array(rows)) for job, (indices, rows) in parts.items()]

@@ -327,7 +327,7 @@ class Core:
             if call.texts:
                 del call.texts[:]  # tokenized: the strings can go
             if options.token_level:
-                self.check_response_size(sum(map(len, tokens.ids)), options, call.dtype)
+                self.check_response_size(tokens.ids.total, options, call.dtype)
 
         return await self._compute(engine, call.items, options, call.dtype, call.priority, wait,
                                    caller, sequence, work, tokenized)

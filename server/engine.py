@@ -21,6 +21,7 @@ from .limits import COMPUTE_DTYPES, DTYPE_BY_DEVICE
 from .pipeline import NORMALIZE, Pipeline, local_model_folder, read_pipeline
 from . import scoring, unpadded
 from .scoring import CROSS_ENCODER, EMBEDDING, SPARSE, ScoreOptions, SparseOptions
+from .token_rows import TokenRows
 
 log = logging.getLogger("bertstream.engine")
 
@@ -70,11 +71,11 @@ class EmbedOptions:
 
 @dataclass
 class Tokenized:
-    ids: list[np.ndarray]
+    ids: TokenRows
     truncated: list[bool]
     offsets: list[list[tuple[int, int]]]
     tokens: list[list[str]]
-    type_ids: list[np.ndarray] | None = None  # a cross-encoder's segment ids (tokenize_pairs)
+    type_ids: TokenRows | None = None  # a cross-encoder's segment ids (tokenize_pairs)
 
 
 class Engine:
@@ -309,7 +310,8 @@ class Engine:
         two 3,000-character texts: 168 pieces, 40,000 tokens, to keep 256)."""
         if seconds is None:
             tokens = self.tokenize(firsts, truncate)
-            tokens.type_ids = [np.zeros(len(row), dtype=np.int32) for row in tokens.ids]
+            tokens.type_ids = TokenRows(np.zeros(tokens.ids.total, dtype=np.int32),
+                                        tokens.ids.offsets)
             return tokens
         template = self._pair_template
         budget = self.max_length - template.added
@@ -329,7 +331,8 @@ class Engine:
             ids.append(row)
             type_ids.append(types)
             truncated.append(over)
-        return Tokenized(ids=ids, truncated=truncated, offsets=[], tokens=[], type_ids=type_ids)
+        return Tokenized(ids=TokenRows.of(ids), truncated=truncated, offsets=[], tokens=[],
+                         type_ids=TokenRows.of(type_ids))
 
     def _side_ids(self, texts, most: int) -> list[np.ndarray]:
         """One side of pairs: each text's first `most` token ids, no special tokens. A text far
@@ -408,8 +411,9 @@ class Engine:
                 f"texts[{first + i}] has {length} tokens, over the model's maximum of "
                 f"{self.max_length} (truncate is false)")
         return Tokenized(
-            # int32 arrays: a queued text costs ~1 KB, not the ~10 KB of a list of Python ints
-            ids=[np.array(e.ids, dtype=np.int32) for e in encodings],
+            # one int32 buffer: a queued text costs ~0.5 KB, not the ~10 KB of a list of Python
+            # ints, and no array of its own
+            ids=TokenRows.of([e.ids for e in encodings]),
             truncated=truncated,
             offsets=[e.offsets for e in encodings] if details else [],
             tokens=[e.tokens for e in encodings] if details else [],
@@ -460,29 +464,33 @@ class Engine:
             i = int(np.flatnonzero(over)[0])
             raise EmbedError.invalid(f"token_ids[{i}] has {lengths[i]} tokens, over the model's "
                                      f"maximum of {self.max_length} (truncate is false)")
-        rows = np.split(ids, ends[:-1])  # views of the request's bytes: no copy
-        if over.any():
-            keep, tail = self.max_length - len(suffix), np.asarray(suffix, dtype=np.int32)
-            for i in np.flatnonzero(over):
-                rows[i] = np.concatenate([rows[i][:keep], tail])
+        rows = TokenRows.of_lengths(ids, lengths)  # a view of the request's bytes: no copy
+        if over.any():  # each over-long text's content cut, its end's special tokens kept
+            keep = self.max_length - len(suffix)
+            position = np.arange(len(ids)) - np.repeat(starts, lengths)  # within its text
+            kept = ~np.repeat(over, lengths) | (position < keep) \
+                | (position >= np.repeat(lengths, lengths) - len(suffix))
+            rows = TokenRows.of_lengths(ids[kept], np.minimum(lengths, self.max_length))
         return Tokenized(ids=rows, truncated=over.tolist(), offsets=[], tokens=[])
 
     # ------------------------------------------------------------------ forward and pooling
 
-    def forward(self, ids: list[list[int]], type_ids: list | None = None):
+    def forward(self, ids, type_ids=None):
         """One forward pass over texts padded to the longest: every layer's hidden states
         (hidden_states indexing: 0 = embeddings), or a cross-encoder's logits (rows, labels);
-        and the lengths. type_ids: a cross-encoder's segment ids per text (pairs)."""
-        lengths = np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
+        and the lengths. ids: TokenRows (or a sequence of id sequences); type_ids: a
+        cross-encoder's segment ids, alike (pairs)."""
+        ids = TokenRows.of(ids)
+        lengths = ids.lengths
         real = np.arange(int(lengths.max()))[None, :] < lengths[:, None]
         batch = np.full(real.shape, self.pad_id, dtype=np.int64)
-        batch[real] = np.concatenate(ids)  # row by row, in order: one copy, no loop over texts
+        batch[real] = ids.flat  # row by row, in order: one copy, no loop over texts
         mask = real.astype(np.int64)
         inputs = {"input_ids": torch.from_numpy(batch).to(self.device, non_blocking=True),
                   "attention_mask": torch.from_numpy(mask).to(self.device, non_blocking=True)}
         if type_ids is not None and self._type_ids:
             segments = np.zeros(real.shape, dtype=np.int64)
-            segments[real] = np.concatenate(type_ids)
+            segments[real] = TokenRows.of(type_ids).flat
             inputs["token_type_ids"] = torch.from_numpy(segments).to(self.device,
                                                                      non_blocking=True)
         if not self.unpadded:

@@ -10,6 +10,7 @@ import numpy as np
 
 from .engine import EmbedOptions, Engine
 from .errors import EmbedError
+from .token_rows import TokenRows
 from .wire import Packed, pack
 
 
@@ -40,7 +41,7 @@ class Job:
     timed(), fill() and fail() under one lock (the batcher's), and result() once fill() said the
     job is whole."""
 
-    ids: list[list[int]]
+    ids: TokenRows  # (or a sequence of id sequences, made TokenRows)
     options: EmbedOptions
     dtype: str
     on_done: Callable[[JobResult | EmbedError], None]
@@ -50,16 +51,20 @@ class Job:
     cancelled: bool = False  # its caller went away: its texts still queued are dropped
     lane: str = INTERACTIVE
     engine: Engine | None = None  # the model that computes it; None: the batcher's first
-    type_ids: list | None = None  # a cross-encoder's segment of each token (pairs), per text
+    type_ids: TokenRows | None = None  # a cross-encoder's segment of each token (pairs)
     enqueued_ns: int = field(default_factory=time.perf_counter_ns)
     usage: Usage = field(default_factory=Usage)
     _remaining: int = 0
-    _rows: dict = field(default_factory=dict)  # text index -> its vector(s)
+    _vectors: np.ndarray | None = None  # one row per text, filled as batches finish
+    _rows: dict = field(default_factory=dict)  # token-level and sparse: text index -> its output
     _failed: bool = False
 
     def __post_init__(self):
+        self.ids = TokenRows.of(self.ids)
+        if self.type_ids is not None:
+            self.type_ids = TokenRows.of(self.type_ids)
         self._remaining = len(self.ids)
-        self.usage.tokens = sum(len(ids) for ids in self.ids)
+        self.usage.tokens = self.ids.total
         self.usage.truncated_items = self.truncated_items
 
     @property
@@ -67,16 +72,27 @@ class Job:
         """Whose turn its texts take in the queue: its caller's, or its own."""
         return self.caller or self
 
+    @property
+    def one_row_each(self) -> bool:
+        """Its output is one row of numbers per text (not token-level, not sparse)."""
+        return not (self.options.token_level or getattr(self.options, "sparse", False))
+
     def timed(self, started_ns: int, compute_ns: int) -> None:
         """A batch holding some of its texts started at started_ns and took compute_ns."""
         self.usage.queue_ns = max(self.usage.queue_ns, started_ns - self.enqueued_ns)
         self.usage.compute_ns += compute_ns
 
-    def fill(self, index: int, vectors) -> bool:
-        """Text `index`'s vector (or token vectors); True when that was the last one missing
-        (and no batch of it failed): the job is whole."""
-        self._rows[index] = vectors
-        self._remaining -= 1
+    def fill(self, indices: np.ndarray, output) -> bool:
+        """The output of texts `indices`: for one_row_each, an array of one row per text; else
+        one entry per text (its token vectors, its sparse vector). True when that was the last
+        missing (and no batch of it failed): the job is whole."""
+        if self.one_row_each:
+            if self._vectors is None:
+                self._vectors = np.empty((len(self.ids), output.shape[1]), dtype=output.dtype)
+            self._vectors[indices] = output
+        else:
+            self._rows.update(zip(indices.tolist(), output))
+        self._remaining -= len(indices)
         return not self._remaining and not self._failed
 
     def fail(self) -> bool:
@@ -86,13 +102,12 @@ class Job:
 
     def result(self) -> JobResult:
         """The answer of a whole job, packed in its dtype."""
+        if self.one_row_each:
+            vectors, self._vectors = self._vectors, None
+            return JobResult(pack(vectors, self.dtype), None, self.usage)
         rows = [self._rows[i] for i in range(len(self.ids))]
         self._rows.clear()
-        if getattr(self.options, "sparse", False):
+        if not self.options.token_level:  # sparse
             return JobResult(None, None, self.usage, sparse=rows)
-        if self.options.token_level:
-            vectors = np.concatenate(rows)
-            lengths = [len(r) for r in rows]
-        else:
-            vectors, lengths = np.stack(rows), None
-        return JobResult(pack(vectors, self.dtype), lengths, self.usage)
+        return JobResult(pack(np.concatenate(rows), self.dtype), [len(r) for r in rows],
+                         self.usage)

@@ -9,12 +9,13 @@ from dataclasses import dataclass
 from .jobs import Job
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Queued:
     job: Job
     index: int
     length: int
     arrival: int  # order of arrival: the smallest is the oldest
+    start: int  # where its ids begin in its job's (job.ids.flat)
     taken: bool = False  # cut into a batch (it may still sit in its caller's line)
 
 
@@ -80,8 +81,9 @@ class Queue:
 
     def add(self, job: Job) -> None:
         caller = job.who
-        items = [Queued(job, index, len(ids), next(self._arrivals))
-                 for index, ids in enumerate(job.ids)]
+        offsets = job.ids.offsets.tolist()
+        items = [Queued(job, index, end - start, next(self._arrivals), start)
+                 for index, (start, end) in enumerate(zip(offsets, offsets[1:]))]
         if caller not in self._lines:
             self._lines[caller] = []
             # A lead helps when it is whole within a few cuts. Long leads side by side take

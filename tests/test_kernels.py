@@ -411,3 +411,19 @@ def test_splade_max_over_tokens_keeps_nan_and_empty_rows():
         np.testing.assert_array_equal(got[1], [0, 0, 0])
         two = ext.splade(logits, np.array([2, 1]), "max", activation)  # row 0: tokens 0-1 only
         assert np.isnan(two[0, 0]) and two[0, 2] == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(-2**31, 2**31 - 1), max_size=40), max_size=30))
+def test_flatten_ids_matches_reference(rows):
+    flat, offsets = ext.flatten_ids(rows)
+    assert flat.dtype == np.int32 and offsets.dtype == np.int64
+    assert offsets.tolist() == [0, *np.cumsum([len(row) for row in rows]).tolist()]
+    assert flat.tolist() == [i for row in rows for i in row]
+
+
+def test_flatten_ids_refuses_what_is_not_lists_of_ints():
+    with pytest.raises(ValueError, match="lists of ints"):
+        ext.flatten_ids([(1, 2)])
+    with pytest.raises(TypeError):
+        ext.flatten_ids([[1, "2"]])

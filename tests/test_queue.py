@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bertstream.server.text_queue import Queue
+from bertstream.server.token_rows import TokenRows
 
 
 SEQUENCE = itertools.count()
@@ -22,7 +23,7 @@ class FakeJob:
     """What the Queue reads of a Job: its texts' token ids, whose turn they take, its order."""
 
     def __init__(self, lengths, caller=None):
-        self.ids = [range(n) for n in lengths]
+        self.ids = TokenRows.of([range(n) for n in lengths])
         self.who = caller or self
         self.sequence = next(SEQUENCE)
 

@@ -92,9 +92,9 @@ def test_batch_invariance(engine, corpus):
     pass and pooling, as a forward worker runs them: the queue no longer pads a short text to
     long ones, so it is built here)."""
     options = engine.options()
-    longer = engine.tokenize(sorted(corpus, key=len)[-8:]).ids
+    longer = list(engine.tokenize(sorted(corpus, key=len)[-8:]).ids)
     for text in SHORT:
-        ids = engine.tokenize([text]).ids
+        ids = list(engine.tokenize([text]).ids)
         alone = engine.pool(*engine.forward(ids), np.arange(1), options)[0]
         hidden, lengths = engine.forward(longer[:4] + ids + longer[4:])
         assert lengths[4] < lengths.max()  # padded
