@@ -56,8 +56,9 @@ def serve(port: int, batch_tokens: int) -> None:
 
 
 class StandInServer:
-    def __init__(self, batch_tokens: int, cores: str | None = None):
-        self.port = free_port()
+    def __init__(self, batch_tokens: int, cores: str | None = None, port: int | None = None):
+        """port: a given one (default: a free one)."""
+        self.port = port or free_port()
         pin = ["taskset", "-c", cores] if cores else []
         self.process = subprocess.Popen(
             [*pin, sys.executable, "-m", "benchmarks.host_path", "--serve", str(self.port),
@@ -94,23 +95,32 @@ def requests(target: str, texts, local: bool) -> list:
     return built
 
 
-def stream(target: str, messages: list) -> None:
-    """One EmbedStream of the messages; every answer read (and checked for an error)."""
+def stream(target: str, messages: list, own_connection: bool = False) -> None:
+    """One EmbedStream of the messages; every answer read (and checked for an error).
+    own_connection: on a connection of its own (else channels to one target share one)."""
     import grpc
 
     from bertstream.proto import embedder_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", -1)]) as channel:
+    options = [("grpc.max_receive_message_length", -1)]
+    if own_connection:
+        options.append(("grpc.use_local_subchannel_pool", 1))
+    with grpc.insecure_channel(target, options=options) as channel:
         for response in pb_grpc.EmbedderStub(channel).EmbedStream(iter(messages), timeout=600):
             if response.HasField("error"):
                 raise RuntimeError(response.error.message)
 
 
-def streams(target: str, texts, count: int, local: bool) -> None:
+def streams(target, texts, count: int, local: bool, own_connections: bool = False) -> float:
+    """Wall seconds of `count` streams side by side, each of every count-th text; target: one
+    server, or a list of servers the streams take in turn."""
     import threading
 
-    parts = [requests(target, texts[i::count], local) for i in range(count)]
-    threads = [threading.Thread(target=stream, args=(target, part)) for part in parts]
+    targets = [target] if isinstance(target, str) else target
+    parts = [(targets[i % len(targets)], requests(targets[i % len(targets)], texts[i::count],
+                                                  local)) for i in range(count)]
+    threads = [threading.Thread(target=stream, args=(to, part, own_connections))
+               for to, part in parts]
     started = time.perf_counter()
     for thread in threads:
         thread.start()
