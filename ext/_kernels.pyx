@@ -8,7 +8,7 @@
 
 from cython.parallel cimport prange, parallel, threadid
 from cpython.list cimport PyList_GET_ITEM
-from cpython.long cimport PyLong_AsLong
+from cpython.long cimport PyLong_AsLong, PyLong_CheckExact
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t
 from libc.string cimport memcpy
 from libc.math cimport sqrt, fabsf, rintf, isfinite, log1pf, INFINITY
@@ -347,14 +347,28 @@ def splade(const hidden_t[:, :, ::1] logits, const int64_t[::1] lengths, bint su
 def flatten_ids(list rows, int32_t[::1] out, int64_t[::1] offsets):
     """Token ids as the tokenizer hands them (a list per text of Python ints) back to back into
     `out`, and where each text starts in `offsets` (len(rows) + 1 entries; the Python layer sized
-    both). One C loop over the ints: numpy converting each list was 7 µs a text of 130 tokens."""
+    both). One C loop over the ints: numpy converting each list was 1.3 µs a text of 30 tokens.
+    Only exact ints are read (nothing of Python runs inside the loop, so no list can change
+    under it); a value outside int32 raises."""
     cdef Py_ssize_t r, t, n, at = 0
     cdef list row
+    cdef object value
+    cdef long number
+    if offsets.shape[0] != len(rows) + 1:
+        raise ValueError("offsets: expected len(rows) + 1 entries")
     offsets[0] = 0
     for r in range(len(rows)):
         row = <list?> rows[r]
         n = len(row)
+        if at + n > out.shape[0]:
+            raise ValueError("out: too small for the rows")
         for t in range(n):
-            out[at + t] = <int32_t> PyLong_AsLong(<object> PyList_GET_ITEM(row, t))
+            value = <object> PyList_GET_ITEM(row, t)
+            if not PyLong_CheckExact(value):
+                raise TypeError(f"rows[{r}][{t}]: expected an int, got {type(value).__name__}")
+            number = PyLong_AsLong(value)
+            if number < -2147483648 or number > 2147483647:
+                raise OverflowError(f"rows[{r}][{t}]: {number} does not fit int32")
+            out[at + t] = <int32_t> number
         at += n
         offsets[r + 1] = at

@@ -56,6 +56,7 @@ class Job:
     usage: Usage = field(default_factory=Usage)
     _remaining: int = 0
     _vectors: np.ndarray | None = None  # one row per text, filled as batches finish
+    _filled: np.ndarray | None = None  # which of those rows are
     _rows: dict = field(default_factory=dict)  # token-level and sparse: text index -> its output
     _failed: bool = False
 
@@ -89,7 +90,9 @@ class Job:
         if self.one_row_each:
             if self._vectors is None:
                 self._vectors = np.empty((len(self.ids), output.shape[1]), dtype=output.dtype)
+                self._filled = np.zeros(len(self.ids), dtype=bool)
             self._vectors[indices] = output
+            self._filled[indices] = True
         else:
             self._rows.update(zip(indices.tolist(), output))
         self._remaining -= len(indices)
@@ -103,6 +106,9 @@ class Job:
     def result(self) -> JobResult:
         """The answer of a whole job, packed in its dtype."""
         if self.one_row_each:
+            if not self._filled.all():  # a scheduling bug: loud, not rows of whatever memory held
+                raise RuntimeError(f"texts {np.flatnonzero(~self._filled)[:5].tolist()} were "
+                                   f"never computed")
             vectors, self._vectors = self._vectors, None
             return JobResult(pack(vectors, self.dtype), None, self.usage)
         rows = [self._rows[i] for i in range(len(self.ids))]

@@ -32,9 +32,11 @@ class TokenRows:
         if isinstance(rows, list) and all(type(row) is list for row in rows):
             return cls(*ext.flatten_ids(rows))  # the tokenizer's lists: one C loop
         lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
-        flat = np.concatenate([np.asarray(row, dtype=np.int32) for row in rows]) if len(rows) \
-            else np.empty(0, dtype=np.int32)
-        return cls.of_lengths(flat.astype(np.int32, copy=False), lengths)
+        flat = np.concatenate([np.asarray(row, dtype=np.int64) for row in rows]) if len(rows) \
+            else np.empty(0, dtype=np.int64)
+        if flat.size and (flat.min() < -2**31 or flat.max() >= 2**31):
+            raise OverflowError("token ids must fit int32")
+        return cls.of_lengths(flat.astype(np.int32), lengths)
 
     @classmethod
     def of_lengths(cls, flat: np.ndarray, lengths) -> "TokenRows":

@@ -8,6 +8,7 @@ import time
 from concurrent.futures import Future
 
 import numpy as np
+import pytest
 import torch
 
 from bertstream.server.batcher import Batcher
@@ -272,3 +273,19 @@ def test_bulk_keeps_its_share_of_tokens_while_its_batches_are_smaller(engine):
     size = Batcher.BULK_BESIDE_INTERACTIVE
     assert whole == 12 and smaller > whole
     assert smaller * size / (smaller * size + 60 - smaller) >= 0.2  # bulk's share of the tokens
+
+
+def test_a_job_whose_texts_were_not_all_computed_fails_loudly(engine):
+    """Its vectors are one array filled by batches: a text filled twice and one never (a
+    scheduling bug) must not hand the caller a row of whatever memory held."""
+    options = engine.options("mean", (), "concat", False)
+    job = Job(engine.tokenize(["a", "b", "c"]).ids, options, "float32", lambda result: None)
+    vectors = np.ones((2, 384), dtype=np.float32)
+    assert not job.fill(np.array([0, 1]), vectors)
+    assert job.fill(np.array([1]), vectors[:1])  # the count says whole
+    with pytest.raises(RuntimeError, match=r"texts \[2\] were never computed"):
+        job.result()
+    job = Job(engine.tokenize(["a", "b"]).ids, options, "float32", lambda result: None)
+    rows = np.stack([np.full(384, 1.0), np.full(384, 0.0)]).astype(np.float32)
+    assert job.fill(np.array([1, 0]), rows)  # batch order is not text order
+    assert job.result().embeddings.as_float32()[:, 0].tolist() == [0.0, 1.0]

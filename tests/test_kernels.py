@@ -425,5 +425,23 @@ def test_flatten_ids_matches_reference(rows):
 def test_flatten_ids_refuses_what_is_not_lists_of_ints():
     with pytest.raises(ValueError, match="lists of ints"):
         ext.flatten_ids([(1, 2)])
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"rows\[0\]\[1\]: expected an int, got str"):
         ext.flatten_ids([[1, "2"]])
+    with pytest.raises(OverflowError, match="does not fit int32"):
+        ext.flatten_ids([[1], [2**31]])
+    with pytest.raises(OverflowError):
+        ext.flatten_ids([[-2**31 - 1]])
+
+
+def test_flatten_ids_runs_no_python_inside_its_loop():
+    """An item whose __index__ grows the list it is in (which would write past the buffer) is
+    refused, not converted."""
+    class Growing:
+        def __index__(self):
+            row.extend(range(100_000))
+            return 7
+
+    row = [0, 1, 2]
+    row[0] = Growing()
+    with pytest.raises(TypeError, match="expected an int"):
+        ext.flatten_ids([row])

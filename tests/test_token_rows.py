@@ -1,6 +1,7 @@
 """TokenRows, the flat buffer texts' ids travel in, against plain lists."""
 
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from bertstream.server.token_rows import TokenRows
@@ -25,3 +26,8 @@ def test_arrays_lists_and_lengths_make_the_same_rows():
                  TokenRows.of_lengths(flat, [3, 2, 5])):
         assert made.flat.tolist() == flat.tolist() and made.offsets.tolist() == [0, 3, 5, 10]
         assert made.lengths.tolist() == [3, 2, 5]
+
+
+def test_ids_that_do_not_fit_int32_are_refused():
+    with pytest.raises(OverflowError):
+        TokenRows.of([np.array([2**31])])
