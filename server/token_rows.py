@@ -1,10 +1,10 @@
 """Texts' token ids as they travel from the tokenizer to the forward pass: one flat buffer.
 
 A request's ids are one int32 array, back to back, with the offsets where each text starts (as
-text-embeddings-inference's cu_seq_lengths), not an array per text: built in one step from the
-tokenizer's output (or as a view of a request's own token-id bytes); a batch's texts are
-slices of it, copied once into the padded batch. Per-text Python on this path was most of what the server spent beside
-the tokenizer when the forward pass is cheap (BENCHMARKS.md, "The host path").
+text-embeddings-inference's cu_seq_lengths), not an array per text. It is built in one step from
+the tokenizer's output (ext.flatten_ids), or is a view of a request's own token-id bytes; a
+batch's texts are slices of it, copied once into the padded batch. What that saved, and why the
+served host path hardly moved (the GIL): BENCHMARKS.md, "Flat token buffers, gRPC's floor".
 """
 
 from __future__ import annotations
