@@ -289,3 +289,49 @@ def test_a_job_whose_texts_were_not_all_computed_fails_loudly(engine):
     rows = np.stack([np.full(384, 1.0), np.full(384, 0.0)]).astype(np.float32)
     assert job.fill(np.array([1, 0]), rows)  # batch order is not text order
     assert job.result().embeddings.as_float32()[:, 0].tolist() == [0.0, 1.0]
+
+
+def test_one_batch_of_jobs_asking_differently_gives_each_its_own_answer(engine, corpus):
+    """Four jobs, each asking for other output, cut into one batch: the model's pipeline; CLS,
+    not normalized; every token of two layers; 128 dimensions. Each job gets what it asked for,
+    for each of its texts in its own order, as the engine computes the text alone."""
+    from bertstream.server.text_queue import Queue
+
+    tokens = engine.tokenize(list(corpus[:400]))
+    lengths = [len(row) for row in tokens.ids]
+    common = max(set(lengths), key=lengths.count)  # texts of one length: no padding between
+    texts = [corpus[i] for i, length in enumerate(lengths) if length == common][:8]
+    assert len(texts) == 8
+    asks = [engine.options(), engine.options("cls", (), "concat", False),
+            engine.options("none", (-1, 0), "concat", False), engine.options(dimensions=128)]
+    answers, jobs = {}, []
+    for number, options in enumerate(asks):
+        mine = [texts[number + 4], texts[number]]  # its texts' order is not the batch's
+        jobs.append((Job(engine.tokenize(mine).ids, options, "float32",
+                         lambda result, n=number: answers.setdefault(n, result),
+                         engine=engine), mine, options))
+    queue, batcher = Queue(10_000), Batcher([engine], 10_000)  # its own workers stay idle
+    try:
+        for job, _, _ in jobs:
+            queue.add(job)
+        batch = queue.cut()
+        assert len(batch) == 8 and len({item.job for item in batch}) == 4  # one batch of all
+        batcher._run(batch, 0)
+    finally:
+        batcher.close()
+    for number, (job, mine, options) in enumerate(jobs):
+        result = answers[number]
+        got = result.embeddings.as_float32()
+        for text, start, end in zip(mine, *boundaries(result, len(mine))):
+            hidden, row_lengths = engine.forward(engine.tokenize([text]).ids)
+            expected = engine.pool(hidden, row_lengths, np.arange(1), options)
+            assert got[start:end].shape == (len(expected) if options.token_level else 1,
+                                            expected.shape[-1])
+            assert np.abs(got[start:end] - expected.reshape(got[start:end].shape)).max() <= 1e-5
+
+
+def boundaries(result, texts: int) -> tuple[list[int], list[int]]:
+    """Where each text's rows begin and end in a result (token-level: its tokens)."""
+    counts = result.lengths or [1] * texts
+    ends = np.cumsum(counts).tolist()
+    return [0, *ends[:-1]], ends
