@@ -56,9 +56,8 @@ def serve(port: int, batch_tokens: int) -> None:
 
 
 class StandInServer:
-    def __init__(self, batch_tokens: int, cores: str | None = None, port: int | None = None):
-        """port: a given one (default: a free one)."""
-        self.port = port or free_port()
+    def __init__(self, batch_tokens: int, cores: str | None = None):
+        self.port = free_port()
         pin = ["taskset", "-c", cores] if cores else []
         self.process = subprocess.Popen(
             [*pin, sys.executable, "-m", "benchmarks.host_path", "--serve", str(self.port),

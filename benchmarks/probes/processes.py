@@ -16,7 +16,7 @@ import os
 import statistics
 
 from benchmarks.harness import machine, process_cpu, stdlib_paragraphs
-from benchmarks.host_path import StandInServer, requests, streams
+from benchmarks.host_path import StandInServer, streams
 
 
 def main() -> None:
