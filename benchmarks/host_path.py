@@ -94,32 +94,23 @@ def requests(target: str, texts, local: bool) -> list:
     return built
 
 
-def stream(target: str, messages: list, own_connection: bool = False) -> None:
-    """One EmbedStream of the messages; every answer read (and checked for an error).
-    own_connection: on a connection of its own (else channels to one target share one)."""
+def stream(target: str, messages: list) -> None:
+    """One EmbedStream of the messages; every answer read (and checked for an error)."""
     import grpc
 
     from bertstream.proto import embedder_pb2_grpc as pb_grpc
 
-    options = [("grpc.max_receive_message_length", -1)]
-    if own_connection:
-        options.append(("grpc.use_local_subchannel_pool", 1))
-    with grpc.insecure_channel(target, options=options) as channel:
+    with grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", -1)]) as channel:
         for response in pb_grpc.EmbedderStub(channel).EmbedStream(iter(messages), timeout=600):
             if response.HasField("error"):
                 raise RuntimeError(response.error.message)
 
 
-def streams(target, texts, count: int, local: bool, own_connections: bool = False) -> float:
-    """Wall seconds of `count` streams side by side, each of every count-th text; target: one
-    server, or a list of servers the streams take in turn."""
+def streams(target: str, texts, count: int, local: bool) -> None:
     import threading
 
-    targets = [target] if isinstance(target, str) else target
-    parts = [(targets[i % len(targets)], requests(targets[i % len(targets)], texts[i::count],
-                                                  local)) for i in range(count)]
-    threads = [threading.Thread(target=stream, args=(to, part, own_connections))
-               for to, part in parts]
+    parts = [requests(target, texts[i::count], local) for i in range(count)]
+    threads = [threading.Thread(target=stream, args=(target, part)) for part in parts]
     started = time.perf_counter()
     for thread in threads:
         thread.start()
