@@ -1,6 +1,6 @@
 """The host path alone: the server with a forward pass that costs nothing, in one run.
 
-    python -m benchmarks.host_path [--texts 3000] [--rounds 3] [--batch-tokens 1024]
+    python -m benchmarks.host_path [--texts 3000] [--rounds 3] [--batch-tokens N] [--gpu]
 
 On a GPU the forward pass is cheap and what surrounds it sets the pace: decoding, tokenizing,
 queueing, padding, pooling, packing, encoding, gRPC. Here the server runs as `bertstream serve`
@@ -14,6 +14,8 @@ client-side token ids (Client(tokenize_locally=True)):
   request and response conversion), the tokenizer threads, the forward workers (padding, the
   stand-in, pooling, packing), gRPC core's threads, the rest;
 - served texts/s with the server on one core and on two (taskset), same texts.
+With --gpu, batches are cut as on a GPU: its budget (32,768 tokens) and its free padding
+(limits.py), so a stream's message is about one pass, not 3.7.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import sys
 import time
 
 from benchmarks.harness import free_port, machine, process_cpu, stdlib_paragraphs, thread_cpu
+from bertstream.server.limits import BATCH_TOKENS_BY_DEVICE
 
 # Stages by the OS name of the thread that runs them (server/threads.py names the server's own;
 # the event loop is the main thread, named after the executable).
@@ -33,11 +36,15 @@ STAGES = [("event loop", ("python",)), ("tokenizer threads", ("bertstream-tok",)
           ("forward workers", ("bertstream-forw", "bertstream-feed"))]
 
 
-def serve(port: int, batch_tokens: int) -> None:
-    """The stand-in server: `bertstream serve`, with a forward pass that computes nothing."""
+def serve(port: int, batch_tokens: int, gpu: bool) -> None:
+    """The stand-in server: `bertstream serve`, with a forward pass that computes nothing; with
+    gpu, cutting batches as on a GPU (its free padding; the caller gives its budget)."""
     import torch
 
-    from bertstream.server import cli, engine
+    from bertstream.server import cli, engine, limits
+
+    if gpu:
+        limits.FREE_PADDING_FLOPS_BY_DEVICE["cpu"] = limits.FREE_PADDING_FLOPS_BY_DEVICE["cuda"]
 
     buffers: dict = {}
 
@@ -56,12 +63,13 @@ def serve(port: int, batch_tokens: int) -> None:
 
 
 class StandInServer:
-    def __init__(self, batch_tokens: int, cores: str | None = None):
+    def __init__(self, batch_tokens: int, cores: str | None = None, gpu: bool = False):
         self.port = free_port()
         pin = ["taskset", "-c", cores] if cores else []
         self.process = subprocess.Popen(
             [*pin, sys.executable, "-m", "benchmarks.host_path", "--serve", str(self.port),
-             "--batch-tokens", str(batch_tokens)], env={**os.environ, "HF_HUB_OFFLINE": "1"})
+             "--batch-tokens", str(batch_tokens), *(["--gpu"] if gpu else [])],
+            env={**os.environ, "HF_HUB_OFFLINE": "1"})
         self.target = f"127.0.0.1:{self.port}"
         from bertstream.client import Client
 
@@ -170,15 +178,20 @@ def main() -> None:
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--texts", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--batch-tokens", type=int, default=1024)
+    parser.add_argument("--batch-tokens", type=int, default=None,
+                        help="default: the device's (1024 for the CPU, 32768 with --gpu)")
+    parser.add_argument("--gpu", action="store_true",
+                        help="cut batches as on a GPU: its budget and its free padding")
     args = parser.parse_args()
+    device = "cuda" if args.gpu else "cpu"
+    args.batch_tokens = args.batch_tokens or BATCH_TOKENS_BY_DEVICE[device]
     if args.serve:
-        return serve(args.serve, args.batch_tokens)
+        return serve(args.serve, args.batch_tokens, args.gpu)
     texts = list(stdlib_paragraphs()[:args.texts])
     print(f"{machine()}; {len(texts)} corpus paragraphs, messages of 64, batch budget "
-          f"{args.batch_tokens} tokens, forward pass: a stand-in that computes nothing; "
-          f"medians of {args.rounds} rounds")
-    server = StandInServer(args.batch_tokens)
+          f"{args.batch_tokens} tokens, batches cut as on the {device}, forward pass: a stand-in "
+          f"that computes nothing; medians of {args.rounds} rounds")
+    server = StandInServer(args.batch_tokens, gpu=args.gpu)
     try:
         streams(server.target, texts[:256], 1, False)
         streams(server.target, texts[:256], 1, True)
@@ -206,7 +219,7 @@ def main() -> None:
     cores = [str(c) for c in sorted(os.sched_getaffinity(0))[:2]]
     rates = {}
     for pinned in (cores[0], ",".join(cores)):
-        server = StandInServer(args.batch_tokens, pinned)
+        server = StandInServer(args.batch_tokens, pinned, args.gpu)
         try:
             streams(server.target, texts[:256], 1, False)
             for local in (False, True):

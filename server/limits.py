@@ -8,6 +8,12 @@ from dataclasses import dataclass
 # Measured (BENCHMARKS.md): on the CPU, small batches keep activations in cache; 1024 tokens was
 # the fastest budget for float32 and bfloat16 alike. A GPU wants big batches.
 BATCH_TOKENS_BY_DEVICE = {"cpu": 1024, "cuda": 32768}
+# Padding whose compute is free: a pass's fixed cost (its host work, about 0.25 ms a pass here,
+# and launching its kernels), counted in the device's operations meanwhile. On the CPU every
+# operation costs (0: a caller's first message is cut in groups of similar length); on a GPU,
+# 0.5 ms at 50 TFLOPS, an estimate from arithmetic until `make gpu-check` measures it
+# (BENCHMARKS.md, "One pass a message on a GPU").
+FREE_PADDING_FLOPS_BY_DEVICE = {"cpu": 0, "cuda": 25e9}
 # The forward pass's precisions, and each device's default (the command line offers these).
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 DTYPE_BY_DEVICE = {"cpu": "float32", "cuda": "float16"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from dataclasses import dataclass
+from typing import Callable
 
 from .jobs import Job
 
@@ -68,8 +69,14 @@ class Queue:
 
     LEAD_SPREAD = 1.5
 
-    def __init__(self, budget: int):
+    def __init__(self, budget: int, pass_flops: Callable[[int, int, int], int] | None = None,
+                 free_flops: float = 0):
+        """pass_flops(rows, longest, real): a forward pass's floating-point operations
+        (Engine.forward_flops). free_flops: padding that costs less compute than this is free
+        (a GPU's pass costs its fixed overhead whatever its padding, up to a size; limits.py
+        FREE_PADDING_FLOPS_BY_DEVICE): a lead's group may then go past LEAD_SPREAD. 0: never."""
         self.budget = budget
+        self.pass_flops, self.free_flops = pass_flops, free_flops
         self.waiting = 0  # texts not yet cut
         self._sorted: list[tuple[int, int, Queued]] = []  # (length, arrival, item), sorted
         self._lines: dict[object, list[_InLine]] = {}  # caller -> its jobs, by sequence
@@ -161,17 +168,33 @@ class Queue:
             item.taken = True
         return batch
 
+    def _alone_flops(self, length: int) -> int:
+        return self.pass_flops(1, length, length) if self.free_flops else 0
+
+    def _padding_is_free(self, rows: int, longest: int, real: int, alone: int) -> bool:
+        """A pass of these rows computes at most free_flops more than its texts would alone:
+        on a device whose pass costs its overhead up to a size, one pass is then cheaper."""
+        return bool(self.free_flops) and self.pass_flops(rows, longest, real) - alone \
+            <= self.free_flops
+
     def _lead_batch(self, texts: list[Queued], budget: int) -> list[Queued]:
         """The shortest group of a lead job's texts, filled up with the other callers' longest
         texts that fit under the group's longest. A group grows from the shortest text while it
         fits the budget and its padded tokens stay within LEAD_SPREAD of its real ones: a job of
         similar lengths is one pass, and short texts are never padded to a long one (as one pass
         because they fit the budget, 8 short texts and one of 256 tokens cost 6x the work of
-        two passes: tests/test_queue.py)."""
+        two passes: tests/test_queue.py). Where padding is free up to free_flops (a GPU), the
+        group also grows while its padding's compute stays under that: a stream's message of 64
+        paragraphs was 3.7 passes, now one (BENCHMARKS.md, "One pass a message on a GPU")."""
         group, real = texts[:1], texts[0].length
+        alone = self._alone_flops(real)  # the group's texts each in a pass of its own
         for item in texts[1:]:
-            padded = (len(group) + 1) * item.length
-            if padded > budget or padded > self.LEAD_SPREAD * (real + item.length):
+            rows, padded = len(group) + 1, (len(group) + 1) * item.length
+            if padded > budget:
+                break
+            alone += self._alone_flops(item.length)
+            if padded > self.LEAD_SPREAD * (real + item.length) \
+                    and not self._padding_is_free(rows, item.length, real + item.length, alone):
                 break
             group.append(item)
             real += item.length

@@ -40,11 +40,17 @@ jobs_strategy = st.lists(
     min_size=1, max_size=12)
 
 
+def padded_tokens(rows: int, longest: int, real: int) -> int:
+    """A stand-in for Engine.forward_flops: a pass costs its padded tokens."""
+    return rows * longest
+
+
 @settings(max_examples=200, deadline=None)
-@given(jobs=jobs_strategy, budget=st.sampled_from([64, 300, 1024]))
-def test_every_text_is_cut_once_and_batches_fit_the_budget(jobs, budget):
+@given(jobs=jobs_strategy, budget=st.sampled_from([64, 300, 1024]),
+       free=st.sampled_from([0, 500, 10**9]))
+def test_every_text_is_cut_once_and_batches_fit_the_budget(jobs, budget, free):
     callers = [object() for _ in range(4)]
-    queue = Queue(budget)
+    queue = Queue(budget, padded_tokens, free)
     submitted = [FakeJob(lengths, callers[c] if c else None) for lengths, c in jobs]
     for job in submitted:
         queue.add(job)
@@ -192,6 +198,45 @@ def test_a_lead_never_pads_short_texts_to_a_long_one():
     assert batches == [[3, 7, 9, 10, 11, 13, 13, 14], [256]]
     queue.add(FakeJob([100, 100, 120, 140, 150], object()))  # padded 750 for 610 real: one pass
     assert [len(batch) for batch in drain(queue)] == [5]
+
+
+def test_where_padding_is_free_a_lead_is_one_pass_until_its_padding_costs_more():
+    """On a GPU a pass costs its fixed overhead up to a size, whatever its padding: a lead's
+    texts stay together while what their padding computes stays under free_flops (here a pass
+    costs its padded tokens: the 9 texts below pad 2,304 tokens for 336 real, 1,968 more than
+    each alone)."""
+    lengths = [3, 7, 9, 10, 11, 13, 13, 14, 256]
+    queue = Queue(2304, padded_tokens, free_flops=1968)
+    queue.add(FakeJob(lengths, object()))
+    assert [[item.length for item in batch] for batch in drain(queue)] == [lengths]
+    queue = Queue(2304, padded_tokens, free_flops=1967)
+    queue.add(FakeJob(lengths, object()))
+    assert [[item.length for item in batch] for batch in drain(queue)] == [lengths[:-1], [256]]
+
+
+def test_a_streams_message_is_one_pass_on_a_gpu_and_groups_on_the_cpu(engine, corpus):
+    """A stream of 64 paragraphs a message, each message arriving to an empty queue (a forward
+    pass that keeps up): with the GPU's budget and free padding, all-MiniLM-L6-v2's passes of a
+    message are one, or two where a long text's attention over the padding would cost more;
+    with the CPU's, groups of similar length, as each pass costs its tokens (the GPU's budget
+    alone left 3.7 passes a message)."""
+    from bertstream.server.limits import BATCH_TOKENS_BY_DEVICE, FREE_PADDING_FLOPS_BY_DEVICE
+
+    messages = [FakeJob(engine.tokenize(list(corpus[first:first + 64])).ids.lengths.tolist())
+                for first in range(0, 640, 64)]
+
+    def passes(device: str) -> list[int]:
+        queue = Queue(BATCH_TOKENS_BY_DEVICE[device], engine.forward_flops,
+                      FREE_PADDING_FLOPS_BY_DEVICE[device])
+        counts = []
+        for message in messages:
+            queue.add(message)
+            counts.append(len(drain(queue)))
+        return counts
+
+    on_gpu = passes("cuda")
+    assert max(on_gpu) <= 2 and sum(on_gpu) <= 1.25 * len(messages), on_gpu
+    assert min(passes("cpu")) >= 3
 
 
 @pytest.fixture(scope="module")
