@@ -26,6 +26,6 @@ for dtype in float16 bfloat16; do
 done
 HF_HUB_OFFLINE=1 "$PY" -m benchmarks.bench_throughput --device cuda --texts "${TEXTS:-3000}" \
     --long-texts 0 --rounds "${ROUNDS:-3}" 2>&1 | tee "$OUT/throughput.txt" || status=1
-HF_HUB_OFFLINE=1 "$PY" -m benchmarks.host_path --texts "${TEXTS:-3000}" --batch-tokens 32768 \
+HF_HUB_OFFLINE=1 "$PY" -m benchmarks.host_path --texts "${TEXTS:-3000}" --gpu \
     2>&1 | tee "$OUT/host-path.txt" || status=1
 exit $status
