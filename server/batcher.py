@@ -35,7 +35,6 @@ import numpy as np
 from .engine import EmbedOptions, Engine
 from .errors import EmbedError, ErrorKind
 from .jobs import BULK, INTERACTIVE, LANES, Job
-from .limits import FREE_PADDING_FLOPS_BY_DEVICE
 from .metrics import Metrics
 from .text_queue import Queue, Queued
 from .token_rows import TokenRows
@@ -78,9 +77,8 @@ class Batcher:
         # at least bulk_share: one bulk batch after this many interactive ones, rounded down
         self.interactive_per_bulk = int((1 - bulk_share) / bulk_share + 1e-9)
         # guarded by _work: lane -> model -> its queue; and the model each lane served last
-        free = {engine: FREE_PADDING_FLOPS_BY_DEVICE.get(engine.device.type, 0)
-                for engine in self.engines}
-        self._lanes = {lane: {engine: Queue(max_batch_tokens, engine.forward_flops, free[engine])
+        self._lanes = {lane: {engine: Queue(max_batch_tokens, engine.forward_flops,
+                                            engine.free_padding_flops)
                               for engine in self.engines}
                        for lane in LANES}
         self._last_served = {lane: 0 for lane in LANES}

@@ -17,7 +17,7 @@ import torch
 
 from .. import ext  # the kernels: ext/ beside server/ in the checkout
 from .errors import EmbedError
-from .limits import COMPUTE_DTYPES, DTYPE_BY_DEVICE
+from .limits import COMPUTE_DTYPES, DTYPE_BY_DEVICE, FREE_PADDING_FLOPS_BY_DEVICE
 from .pipeline import NORMALIZE, Pipeline, local_model_folder, read_pipeline
 from . import scoring, unpadded
 from .scoring import CROSS_ENCODER, EMBEDDING, SPARSE, ScoreOptions, SparseOptions
@@ -520,6 +520,14 @@ class Engine:
             else rows * longest
         attention = rows * longest * longest * 4 * h
         return self.num_layers * (tokens * (8 * h * h + 4 * h * i) + attention)
+
+    @property
+    def free_padding_flops(self) -> float:
+        """Padding whose compute a pass hides in its fixed cost on this device (Queue's
+        free_flops; limits.py). 0 for a SPLADE model: its masked-language head runs over
+        every padded position, which forward_flops does not count, and its logits, padding and
+        all, are copied to the host."""
+        return 0 if self.kind == SPARSE else FREE_PADDING_FLOPS_BY_DEVICE.get(self.device.type, 0)
 
     def free_cache(self) -> None:
         """Give cached device memory back after a failed forward pass (CUDA out of memory)."""

@@ -56,7 +56,8 @@ class Queue:
       run at that text instead, without the runs below it, doubled the padding: fragments.)
     - A caller's first message (the first since its queue was empty: a new stream, a unary call)
       is cut as a lead instead: its texts in groups of similar length (padded, at most
-      LEAD_SPREAD times their real tokens; all of them when they are alike), each group filled
+      LEAD_SPREAD times their real tokens, or on a GPU while the padding's compute is under a
+      pass's fixed cost; all of them when they are alike), each group filled
       up with the longest texts of other callers that fit under the group's longest (and are
       at least its longest / LEAD_SPREAD). Its answer then needs a batch or two, not a pass
       over every length waiting, which is what sorted runs do to a message whose texts
@@ -73,8 +74,10 @@ class Queue:
                  free_flops: float = 0):
         """pass_flops(rows, longest, real): a forward pass's floating-point operations
         (Engine.forward_flops). free_flops: padding that costs less compute than this is free
-        (a GPU's pass costs its fixed overhead whatever its padding, up to a size; limits.py
-        FREE_PADDING_FLOPS_BY_DEVICE): a lead's group may then go past LEAD_SPREAD. 0: never."""
+        (a GPU's pass costs its fixed overhead whatever its padding, up to a size;
+        Engine.free_padding_flops): a lead's group may then go past LEAD_SPREAD. 0: never."""
+        if free_flops and pass_flops is None:
+            raise ValueError("free_flops needs pass_flops, to count what padding computes")
         self.budget = budget
         self.pass_flops, self.free_flops = pass_flops, free_flops
         self.waiting = 0  # texts not yet cut
@@ -168,34 +171,33 @@ class Queue:
             item.taken = True
         return batch
 
-    def _alone_flops(self, length: int) -> int:
-        return self.pass_flops(1, length, length) if self.free_flops else 0
-
-    def _padding_is_free(self, rows: int, longest: int, real: int, alone: int) -> bool:
-        """A pass of these rows computes at most free_flops more than its texts would alone:
-        on a device whose pass costs its overhead up to a size, one pass is then cheaper."""
-        return bool(self.free_flops) and self.pass_flops(rows, longest, real) - alone \
-            <= self.free_flops
-
     def _lead_batch(self, texts: list[Queued], budget: int) -> list[Queued]:
         """The shortest group of a lead job's texts, filled up with the other callers' longest
         texts that fit under the group's longest. A group grows from the shortest text while it
         fits the budget and its padded tokens stay within LEAD_SPREAD of its real ones: a job of
-        similar lengths is one pass, and short texts are never padded to a long one (as one pass
-        because they fit the budget, 8 short texts and one of 256 tokens cost 6x the work of
-        two passes: tests/test_queue.py). Where padding is free up to free_flops (a GPU), the
-        group also grows while its padding's compute stays under that: a stream's message of 64
-        paragraphs was 3.7 passes, now one (BENCHMARKS.md, "One pass a message on a GPU")."""
+        similar lengths is one pass, and on the CPU short texts are never padded to a long one
+        (as one pass because they fit the budget, 8 short texts and one of 256 tokens cost 6x
+        the work of two passes: tests/test_queue.py). Where padding is free up to free_flops
+        (a GPU), the group also grows while what its padding computes (its pass against each
+        text's own) stays under that: a stream's message of 64 paragraphs was 3.7 passes, now
+        1.17 (BENCHMARKS.md, "One pass a message on a GPU")."""
         group, real = texts[:1], texts[0].length
-        alone = self._alone_flops(real)  # the group's texts each in a pass of its own
+        alone = None  # the group's texts each in a pass of their own (counted once needed)
         for item in texts[1:]:
             rows, padded = len(group) + 1, (len(group) + 1) * item.length
             if padded > budget:
                 break
-            alone += self._alone_flops(item.length)
-            if padded > self.LEAD_SPREAD * (real + item.length) \
-                    and not self._padding_is_free(rows, item.length, real + item.length, alone):
-                break
+            if alone is not None:
+                alone += self.pass_flops(1, item.length, item.length)
+            if padded > self.LEAD_SPREAD * (real + item.length):
+                if not self.free_flops:
+                    break
+                if alone is None:
+                    alone = sum(self.pass_flops(1, text.length, text.length)
+                                for text in group + [item])
+                if self.pass_flops(rows, item.length, real + item.length) - alone \
+                        > self.free_flops:
+                    break
             group.append(item)
             real += item.length
         longest = group[-1].length

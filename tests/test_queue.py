@@ -225,18 +225,21 @@ def test_a_streams_message_is_one_pass_on_a_gpu_and_groups_on_the_cpu(engine, co
     messages = [FakeJob(engine.tokenize(list(corpus[first:first + 64])).ids.lengths.tolist())
                 for first in range(0, 640, 64)]
 
-    def passes(device: str) -> list[int]:
-        queue = Queue(BATCH_TOKENS_BY_DEVICE[device], engine.forward_flops,
-                      FREE_PADDING_FLOPS_BY_DEVICE[device])
+    def passes(budget: int, free: float) -> list[int]:
+        queue = Queue(budget, engine.forward_flops, free)
         counts = []
         for message in messages:
             queue.add(message)
             counts.append(len(drain(queue)))
         return counts
 
-    on_gpu = passes("cuda")
+    gpu = BATCH_TOKENS_BY_DEVICE["cuda"]
+    on_gpu = passes(gpu, FREE_PADDING_FLOPS_BY_DEVICE["cuda"])
     assert max(on_gpu) <= 2 and sum(on_gpu) <= 1.25 * len(messages), on_gpu
-    assert min(passes("cpu")) >= 3
+    assert sum(passes(gpu, 0)) >= 3 * len(messages)  # the budget alone: groups
+    assert min(passes(BATCH_TOKENS_BY_DEVICE["cpu"], FREE_PADDING_FLOPS_BY_DEVICE["cpu"])) >= 3
+    with pytest.raises(ValueError, match="pass_flops"):
+        Queue(gpu, free_flops=1e9)
 
 
 @pytest.fixture(scope="module")

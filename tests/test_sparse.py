@@ -257,3 +257,23 @@ def test_embed_sparse_command_writes_parquet_and_resumes_exactly(served, st, tex
                            (["--no-truncate"], "INVALID_ARGUMENT")):
         assert main(base + extra) != 0
         assert message in capsys.readouterr().err
+
+
+def test_a_sparse_models_padding_is_never_free(engine, folders):
+    """On a GPU a lead may be one pass while its padding's compute is small (Queue's free_flops);
+    a SPLADE model's masked-language head runs over every padded position, which the FLOPs
+    formula leaves out, so its padding never counts as free."""
+    import copy
+
+    import torch
+
+    from bertstream.server.engine import Engine
+    from bertstream.server.limits import FREE_PADDING_FLOPS_BY_DEVICE
+
+    on_gpu = [copy.copy(engine), copy.copy(Engine(str(folders["splade-max"]), device="cpu",
+                                                  dtype="float32"))]
+    for model in on_gpu:
+        model.device = torch.device("cuda")  # what is read of it: the device's kind
+    dense, sparse = on_gpu
+    assert dense.free_padding_flops == FREE_PADDING_FLOPS_BY_DEVICE["cuda"] > 0
+    assert sparse.free_padding_flops == 0
