@@ -3,8 +3,10 @@
 # tables to paste into BENCHMARKS.md). CPU machines and CI never run it.
 #   1. the test suite with every test server on cuda (BERTSTREAM_TEST_DEVICE);
 #   2. the throughput table on cuda, float16 and bfloat16;
-#   3. pooling on the device against copying hidden states to the host for the kernels;
-#   4. the host path with a stand-in forward pass, at the GPU's batch budget (this machine's CPU).
+#   3. pooling on the device against copying hidden states to the host for the kernels, and
+#      achieved TFLOPS for all-MiniLM-L6-v2 and a BERT-base-sized random model, with a pass's
+#      fixed cost (what settles FREE_PADDING_FLOPS_BY_DEVICE), float16 and bfloat16;
+#   4. the host path with a stand-in forward pass, cut as on a GPU (this machine's CPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -23,6 +25,9 @@ HF_HUB_OFFLINE=1 BERTSTREAM_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovi
 for dtype in float16 bfloat16; do
     HF_HUB_OFFLINE=1 "$PY" -m benchmarks.probes.gpu_pooling --dtype "$dtype" 2>&1 \
         | tee "$OUT/pooling-$dtype.txt" || status=1
+    # achieved TFLOPS, MiniLM and a BERT-base-sized model; a pass's fixed cost (free padding)
+    HF_HUB_OFFLINE=1 "$PY" -m benchmarks.gpu_flops --dtype "$dtype" 2>&1 \
+        | tee "$OUT/flops-$dtype.txt" || status=1
 done
 HF_HUB_OFFLINE=1 "$PY" -m benchmarks.bench_throughput --device cuda --texts "${TEXTS:-3000}" \
     --long-texts 0 --rounds "${ROUNDS:-3}" 2>&1 | tee "$OUT/throughput.txt" || status=1

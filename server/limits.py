@@ -12,7 +12,7 @@ BATCH_TOKENS_BY_DEVICE = {"cpu": 1024, "cuda": 32768}
 # and launching its kernels), counted in the device's operations meanwhile. On the CPU every
 # operation costs (0: a caller's first message is cut in groups of similar length); on a GPU,
 # 0.5 ms at 50 TFLOPS, an estimate from arithmetic: no GPU has timed one pass against groups yet
-# (BENCHMARKS.md, "One pass a message on a GPU"). Engine.free_padding_flops applies it.
+# (benchmarks/gpu_flops.py, in `make gpu-check`, does). Engine.free_padding_flops applies it.
 FREE_PADDING_FLOPS_BY_DEVICE = {"cpu": 0, "cuda": 25e9}
 # The forward pass's precisions, and each device's default (the command line offers these).
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
