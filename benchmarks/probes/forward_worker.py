@@ -1,6 +1,6 @@
 """Probe: a forward worker's CPU per text with a forward pass that costs nothing, in-process.
 
-    python -m benchmarks.probes.forward_worker [--rounds 15] [--workers N | --arrivals]
+    python -m benchmarks.probes.forward_worker [--rounds 15] [--workers N]
 
 3,000 corpus paragraphs, tokenized once in messages of 64, go through a Queue and Batcher._run
 on this thread (no other thread, no gRPC): queueing, cutting, padding, the stand-in forward
@@ -12,9 +12,6 @@ With --workers N, the same jobs are submitted to a Batcher's own N forward worke
 stream's read-ahead submits them, all at once), and what is printed is the forward workers' CPU
 per text and their voluntary context switches per text (each one a wait: for the GIL, a lock,
 or work). Run it pinned (`taskset -c 0`) and not, to see what threads side by side cost.
-
-With --arrivals, each message comes to an empty queue (a forward pass that keeps up with one
-stream, as a GPU's does) and is cut as on the CPU and as on a GPU: passes a message, CPU a text.
 """
 
 from __future__ import annotations
@@ -33,9 +30,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--workers", type=int, default=0,
                         help="submit to a Batcher with this many forward workers")
-    parser.add_argument("--arrivals", action="store_true",
-                        help="messages one at a time into an empty queue, cut as on the CPU "
-                             "and as on a GPU")
     args = parser.parse_args()
     import torch
 
@@ -71,8 +65,6 @@ def main() -> None:
 
     if args.workers:
         return with_workers(engine, messages, options, args.rounds, len(texts))
-    if args.arrivals:
-        return arrivals(engine, batcher, messages, options, args.rounds, len(texts))
     one_round()
     seconds = []
     for _ in range(args.rounds):
@@ -89,45 +81,6 @@ def main() -> None:
     profile.disable()
     pstats.Stats(profile).sort_stats("tottime").print_stats(12)
     batcher.close()
-
-
-def arrivals(engine, batcher, messages, options, rounds: int, texts: int) -> None:
-    """Each message into an empty queue and cut until it is gone, as when the forward pass
-    keeps up with one stream (a GPU's): the passes a message takes and the worker path's CPU
-    a text, with the CPU's budget and cut rules and with a GPU's (the device's budget alone,
-    then its free padding too), rounds interleaved."""
-    from bertstream.server.jobs import Job
-    from bertstream.server.limits import BATCH_TOKENS_BY_DEVICE, FREE_PADDING_FLOPS_BY_DEVICE
-    from bertstream.server.text_queue import Queue
-
-    rules = {"CPU": (BATCH_TOKENS_BY_DEVICE["cpu"], 0),
-             "GPU budget, no free padding": (BATCH_TOKENS_BY_DEVICE["cuda"], 0),
-             "GPU": (BATCH_TOKENS_BY_DEVICE["cuda"], FREE_PADDING_FLOPS_BY_DEVICE["cuda"])}
-
-    def one_round(budget: int, free: float) -> int:
-        caller, passes = object(), 0
-        for number, tokens in enumerate(messages):
-            queue = Queue(budget, engine.forward_flops, free)
-            queue.add(Job(tokens.ids, options, "float32", lambda result: None, caller=caller,
-                          sequence=number, engine=engine))
-            while queue.waiting:
-                batcher._run(queue.cut(), 0)
-                passes += 1
-        return passes
-
-    seconds = {rule: [] for rule in rules}
-    passes = {rule: one_round(*rules[rule]) for rule in rules}  # and warm up
-    for _ in range(rounds):
-        for rule, (budget, free) in rules.items():
-            started = time.thread_time()
-            one_round(budget, free)
-            seconds[rule].append(time.thread_time() - started)
-    print(machine())
-    print("| cut as on | passes a message | worker path, µs a text (median) |")
-    print("| --- | ---: | ---: |")
-    for rule in rules:
-        print(f"| {rule} | {passes[rule] / len(messages):.2f} | "
-              f"{statistics.median(seconds[rule]) / texts * 1e6:.1f} |")
 
 
 def with_workers(engine, messages, options, rounds: int, texts: int) -> None:
