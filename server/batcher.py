@@ -326,12 +326,12 @@ class Batcher:
         # This worker is as good as idle. Worker 0: the next call, sent once this one is
         # answered, must wait for it (and all the cores), not go to a one-core worker. The
         # others: that next call finds every other worker idle and gets all the cores (a lone
-        # batch), instead of one core because this worker had not yet gone back to wait. Under
-        # the lock, and told: a worker that checked _idle a moment ago is waiting on it (close()
-        # too).
+        # batch), instead of one core because this worker had not yet gone back to wait. No
+        # waiting worker is told: none waits for a worker to go idle (workers after 0 wait
+        # while worker 0 is idle, and are told when it takes a batch; close() is told when the
+        # queue empties), and waking them after every pass cost each pass a thread's wake-up.
         with self._work:
             self._idle[number] = True
-            self._work.notify_all()
         for job in failed:
             job.on_done(error)
         for job in finished:  # every text is in: no other worker touches this job again
