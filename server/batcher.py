@@ -328,8 +328,9 @@ class Batcher:
         # others: that next call finds every other worker idle and gets all the cores (a lone
         # batch), instead of one core because this worker had not yet gone back to wait. No
         # waiting worker is told: none waits for a worker to go idle (workers after 0 wait
-        # while worker 0 is idle, and are told when it takes a batch; close() is told when the
-        # queue empties), and waking them after every pass cost each pass a thread's wake-up.
+        # while worker 0 is idle, and are told when it takes a batch and work is left, or when
+        # the queue empties while closing; close() waits only for the threads), and waking
+        # them after every pass cost each pass a thread's wake-up.
         with self._work:
             self._idle[number] = True
         for job in failed:
