@@ -112,7 +112,9 @@ def serve_processes(count: int, *args: str, each=None, output: str | None = None
         moves = 0
         while True:
             process, target = started[number]
-            with Client(target, timeout=5) as probe:
+            # Short: a port that listens without answering (taken by something else) holds a
+            # probe for its whole timeout, while a server still starting refuses at once.
+            with Client(target, timeout=1) as probe:
                 try:
                     probe.info()
                     break
