@@ -17,9 +17,9 @@ import torch
 
 from .. import ext  # the kernels: ext/ beside server/ in the checkout
 from .errors import EmbedError
-from .limits import COMPUTE_DTYPES, DTYPE_BY_DEVICE, FREE_PADDING_FLOPS_BY_DEVICE
+from .limits import COMPUTE_DTYPES, DTYPE_BY_DEVICE, FREE_PADDING_FLOPS_BY_DEVICE, POOL_ON_DEVICE
 from .pipeline import NORMALIZE, Pipeline, local_model_folder, read_pipeline
-from . import scoring, unpadded
+from . import device_pooling, scoring, unpadded
 from .scoring import CROSS_ENCODER, EMBEDDING, SPARSE, ScoreOptions, SparseOptions
 from .token_rows import TokenRows
 
@@ -160,6 +160,8 @@ class Engine:
         # On the CPU the forward pass owns every core: pooling (tiny beside it) stays on one thread
         # so the kernels' OpenMP workers never compete with torch's. On a GPU, use them all.
         self.pool_threads = 1 if self.device.type == "cpu" else ext.default_threads()
+        # Sentence vectors pooled on the device (a GPU's), or by the kernels on the host (limits.py)
+        self.pool_on_device = POOL_ON_DEVICE.get(self.device.type, False)
         # CPU: one single-threaded worker per core (Batcher explains why). GPU: two, so one
         # worker's host work overlaps the other's device work.
         self.forward_workers = forward_workers or (self.threads if self.device.type == "cpu" else 2)
@@ -547,10 +549,10 @@ class Engine:
                                self.splade.pooling, self.splade.activation,
                                n_threads=self.pool_threads)
             return scoring.sparse_rows(dense, options.top_k)
-        layers = [host_array(hidden_states[layer], rows) for layer in options.layers]
         row_lengths = lengths[rows]
         threads = self.pool_threads
         if options.token_level:
+            layers = [host_array(hidden_states[layer], rows) for layer in options.layers]
             vectors = ext.gather_tokens(layers, row_lengths, options.layer_combine,
                                         n_threads=threads)
         else:
@@ -558,8 +560,15 @@ class Engine:
             # counted alone: pool at least the last token then.
             starts = np.minimum(options.pool_start, row_lengths - 1) if options.pool_start \
                 else None
-            vectors = ext.pool(layers, row_lengths, options.pooling, options.layer_combine,
-                               n_threads=threads, starts=starts)
+            if self.pool_on_device:
+                vectors = device_pooling.pool(
+                    [hidden_states[layer] for layer in options.layers], row_lengths, rows,
+                    ext.pool_modes(options.pooling), options.layer_combine == "mean", starts)
+            else:
+                vectors = ext.pool([host_array(hidden_states[layer], rows)
+                                    for layer in options.layers], row_lengths,
+                                   options.pooling, options.layer_combine, n_threads=threads,
+                                   starts=starts)
         for step in options.steps:
             if step is NORMALIZE:
                 ext.l2_normalize(vectors, n_threads=threads)

@@ -205,6 +205,66 @@ def test_nan_and_inf_follow_ieee_over_real_tokens_only():
     assert np.isnan(ext.masked_max(first, [2])[0, 0])
 
 
+# ---------------------------------------------------------------- pooling on the device (torch)
+
+def as_torch(hidden, dtype):
+    """A kernel input as the tensor a forward pass would have left on the device."""
+    import torch
+
+    if dtype == "bfloat16":  # the kernels take bfloat16 as its bits
+        return torch.from_numpy(hidden.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(hidden.copy())
+
+
+@pytest.mark.parametrize("dtype", INPUT_DTYPES)
+@pytest.mark.parametrize("combine", ext.LAYER_COMBINES)
+@pytest.mark.parametrize("mode", MODES)
+@settings(max_examples=15, deadline=None)
+@given(case=pooling_cases(), n_layers=st.integers(1, 3), data=st.data())
+def test_device_pooling_matches_reference(dtype, combine, mode, case, n_layers, data):
+    """server/device_pooling.py (a GPU's pooling, run here on CPU tensors) against the kernels'
+    reference: NaN in the padding, a prompt left out of some rows, some rows chosen."""
+    from bertstream.server import device_pooling
+
+    shape, lengths, seed = case
+    rng = np.random.default_rng(seed)
+    pad_value = np.uint16(0x7FC0) if dtype == "bfloat16" else np.nan
+    layers = [padded(make_hidden(rng, shape, dtype), lengths, pad_value) for _ in range(n_layers)]
+    rows = np.array(sorted(data.draw(st.sets(st.integers(0, shape[0] - 1), min_size=1))))
+    starts = data.draw(st.one_of(st.none(), st.tuples(*[st.integers(0, lengths[r] - 1)
+                                                        for r in rows])))
+    starts = None if starts is None else np.array(starts)
+    result = device_pooling.pool([as_torch(layer, dtype) for layer in layers], lengths[rows],
+                                 rows, ext.pool_modes(mode), combine == "mean", starts)
+    expected = ref_pool([to_float32(layer, dtype)[rows] for layer in layers], lengths[rows],
+                        mode, combine, starts)
+    assert result.dtype == np.float32
+    np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_device_pooling_equals_the_kernels_through_the_engine(engine, corpus):
+    """Engine.pool with pool_on_device (a GPU's setting) against the kernels, on a forward pass
+    of corpus texts: every pooling option a request can ask, a prompt left out, a cut to fewer
+    dimensions, and a few rows of the batch."""
+    texts = list(corpus[:24])
+    assert not engine.pool_on_device  # the CPU's: the kernels
+    cases = [engine.options(), engine.options("max", (0, -1)),
+             engine.options("mean", (1, 3, -1), "mean", normalize=False),
+             engine.options("mean_max"), engine.options("weightedmean"), engine.options("cls"),
+             engine.options("lasttoken"), engine.options("mean_sqrt_len", (2,)),
+             engine.options(prompt="query: ", dimensions=128)]
+    for options in cases:
+        hidden, lengths = engine.forward(engine.tokenize(texts, prompt=options.prompt).ids)
+        for rows in (np.arange(len(texts)), np.array([0, 5, 6, 23])):
+            host = engine.pool(hidden, lengths, rows, options)
+            engine.pool_on_device = True
+            try:
+                device = engine.pool(hidden, lengths, rows, options)
+            finally:
+                engine.pool_on_device = False
+            np.testing.assert_allclose(device, host, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- token gathering
 
 @pytest.mark.parametrize("dtype", INPUT_DTYPES)

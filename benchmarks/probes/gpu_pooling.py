@@ -1,14 +1,14 @@
-"""Probe (CUDA only): pooling on the device against copying hidden states to the host for the
-Cython kernels, on real forward passes of corpus batches (`make gpu-check` runs it).
+"""Probe (CUDA only): pooling on the device (server/device_pooling.py, the default on a GPU:
+limits.POOL_ON_DEVICE) against copying every hidden state to the host for the Cython kernels, on
+real forward passes of corpus batches (`make gpu-check` runs it).
 
     python -m benchmarks.probes.gpu_pooling [--dtype float16] [--texts 2000] [--budget 32768]
 
-Per batch, after the forward pass (synchronized):
-- host: what the engine does today, every hidden state row copied to the host (Engine.pool,
-  masked mean through bertstream.ext) and the vectors as numpy;
-- device: the masked mean in torch on the device, then only the pooled (rows, hidden) copied.
+Per batch, after the forward pass (synchronized), Engine.pool both ways:
+- host: every hidden state row copied to the host, pooled by bertstream.ext;
+- device: pooled in torch on the device, then only the pooled (rows, hidden) copied.
 Prints the median milliseconds of each per batch shape, and their ratio, and checks that both
-give the same vectors (float32 tolerance of the precision).
+give the same vectors (float32 tolerance of the precision). The ratio settles POOL_ON_DEVICE.
 """
 import argparse
 import statistics
@@ -21,12 +21,6 @@ import torch
 from benchmarks.harness import stdlib_paragraphs
 
 from bertstream.server.engine import Engine
-
-
-def device_mean(hidden: torch.Tensor, lengths: torch.Tensor) -> np.ndarray:
-    mask = (torch.arange(hidden.shape[1], device=hidden.device)[None, :] < lengths[:, None])
-    summed = (hidden.float() * mask.unsqueeze(-1)).sum(1)
-    return (summed / lengths[:, None].float()).cpu().numpy()
 
 
 def budget_batches(ids, budget: int) -> list:
@@ -66,15 +60,18 @@ def main():
                              args.budget)
     print(f"{torch.cuda.get_device_name()}, {args.dtype}, budget {args.budget} tokens, "
           f"{len(batches)} batches of {args.texts} corpus texts\n")
-    print("| rows x longest | host copy + ext kernel, ms | device mean + copy, ms | "
+    print("| rows x longest | host copy + ext kernel, ms | device pooling + copy, ms | "
           "device / host |\n|---|---:|---:|---:|")
     for ids in (batches[0], batches[len(batches) // 2], batches[-1]):
         hidden_states, lengths = engine.forward(ids)
         rows = np.arange(len(ids))
-        host_ms, host = timed_ms(lambda: engine.pool(hidden_states, lengths, rows, options))
-        device_lengths = torch.from_numpy(lengths).to("cuda")
-        dev_ms, dev = timed_ms(lambda: device_mean(hidden_states[-1], device_lengths))
-        np.testing.assert_allclose(dev, host, atol=2e-3 if args.dtype != "float32" else 1e-5)
+        times = {}
+        for on_device in (False, True):
+            engine.pool_on_device = on_device
+            times[on_device] = timed_ms(lambda: engine.pool(hidden_states, lengths, rows, options))
+        (host_ms, host), (dev_ms, dev) = times[False], times[True]
+        # the same hidden states, both accumulated in float32: equal to float32 rounding
+        np.testing.assert_allclose(dev, host, rtol=1e-5, atol=1e-5)
         shape = f"{len(ids)} x {int(lengths.max())}"
         print(f"| {shape} | {host_ms:.3f} | {dev_ms:.3f} | {dev_ms / host_ms:.2f} |", flush=True)
 
