@@ -108,7 +108,8 @@ class _Embedder:
         if texts.null_count:
             raise ValueError(f"column {self.column!r} holds {texts.null_count} null texts")
         if not len(texts):  # an empty block still gets the column, with the same type
-            return _with_vectors(table, self.output_column, self._embed([""]), rows=0)
+            # (from one text of one token: "" has none where a tokenizer adds no special tokens)
+            return _with_vectors(table, self.output_column, self._embed(["."]), rows=0)
         return _with_vectors(table, self.output_column, self._embed(texts.to_pylist()))
 
     def _embed(self, texts: list[str]) -> list:

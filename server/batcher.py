@@ -106,6 +106,8 @@ class Batcher:
         it. (The queue orders a caller's jobs by sequence, so the two ways cannot reorder them.)"""
         if not job.ids:
             raise ValueError("a job needs at least one text")
+        if not job.ids.lengths.all():  # no pass can take it: the queue would divide by it
+            raise ValueError("a text of no tokens cannot be queued (Core refuses it first)")
         if job.engine is None:
             job.engine = self.engine
         if job.lane == INTERACTIVE:

@@ -330,7 +330,8 @@ class Core:
                 self.check_response_size(tokens.ids.total, options, call.dtype)
 
         return await self._compute(engine, call.items, options, call.dtype, call.priority, wait,
-                                   caller, sequence, work, tokenized)
+                                   caller, sequence, work, tokenized,
+                                   "token_ids" if call.token_lengths else "texts")
 
     async def score(self, call: ScoreCall, wait: bool = False, caller: object = None) -> JobResult:
         """A cross-encoder's scores of texts or text pairs (Rerank, Classify): validated,
@@ -354,7 +355,8 @@ class Core:
                 <= INLINE_TOKENIZE_CHARS, engine.tokenize_pairs, call.firsts, call.seconds,
                 call.truncate, call.second_field if call.task == "rerank" else call.first_field)
         return await self._compute(engine, call.items, options, "float32", call.priority, wait,
-                                   caller, sequence, work)
+                                   caller, sequence, work, field=call.first_field
+                                   if call.seconds is None else call.second_field)
 
     async def embed_sparse(self, call: SparseCall, wait: bool = False,
                            caller: object = None) -> JobResult:
@@ -391,10 +393,12 @@ class Core:
 
     async def _compute(self, engine: Engine, items: int, options, dtype: str, lane: str,
                        wait: bool, caller: object, sequence: int, work: tuple,
-                       tokenized: Callable[[Tokenized], None] | None = None) -> JobResult:
+                       tokenized: Callable[[Tokenized], None] | None = None,
+                       field: str = "texts") -> JobResult:
         """The path every computed request takes once checked: room in its lane, its
         tokenizing (work: (small, function, *args) for _on_tokenizer), a job for the batcher,
-        its answer. tokenized(tokens): checks and clean-up once the tokens exist."""
+        its answer. tokenized(tokens): checks and clean-up once the tokens exist. field: what
+        the request calls its items, for an item that has no tokens."""
         if lane not in LANES:
             raise EmbedError.invalid(f"priority: unknown value {lane!r}; use one of {LANES}")
         await self.admit(items, wait, lane)
@@ -402,6 +406,7 @@ class Core:
         try:
             tokens = await self._on_tokenizer(*work)
             del work
+            refuse_empty(tokens, field)
             if tokenized is not None:
                 tokenized(tokens)
             done, on_done = completion()
@@ -455,6 +460,15 @@ def ranking(scores: np.ndarray, top_n: int = 0) -> list[tuple[int, float]]:
     if top_n > 0:
         order = order[:top_n]
     return [(int(i), float(scores[i])) for i in order]
+
+
+def refuse_empty(tokens: Tokenized, field: str) -> None:
+    """A forward pass needs a token a text. A tokenizer that adds no special tokens makes none of
+    an empty or all-space text (such a text once stopped every forward worker)."""
+    empty = np.flatnonzero(tokens.ids.lengths == 0)
+    if empty.size:
+        raise EmbedError.invalid(f"{field}[{empty[0]}] has no tokens: this model's tokenizer "
+                                 f"adds none of its own, and the text is empty or only spaces")
 
 
 def require(engine: Engine, task: str) -> None:

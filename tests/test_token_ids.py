@@ -174,3 +174,45 @@ def test_a_big_id_request_is_checked_off_the_event_loop(fleet_engine):
     finally:
         server.stop()
     assert latencies and max(latencies) < 1.0, latencies
+
+
+@pytest.fixture(scope="module")
+def no_special_tokens(tiny_folders, tmp_path_factory):
+    """A tiny BERT whose tokenizer adds no special tokens (no post-processor, no [CLS] or [SEP]
+    configured): an empty or all-space text has no tokens at all."""
+    import json
+    import shutil
+
+    folder = tmp_path_factory.mktemp("no-special") / "bert"
+    shutil.copytree(tiny_folders["bert"], folder)
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer["post_processor"] = None
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    for name in ("cls_token", "sep_token"):
+        config.pop(name, None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("texts, bad", [([""], 0), (["a text", "   "], 1)])
+def test_a_text_of_no_tokens_is_refused_and_the_server_serves_on(engine, no_special_tokens,
+                                                                 texts, bad):
+    """An empty text through a tokenizer that adds nothing is zero tokens: no pass can take it
+    (it once killed every forward worker). It gets INVALID_ARGUMENT naming it, by text and by
+    token ids alike, and the server answers the next call."""
+    from tests.conftest import served_models
+
+    with served_models(engine, no_special_tokens) as served:
+        model = no_special_tokens.name
+        for local in (False, True):
+            from bertstream.client import Client
+
+            with Client(served.target, timeout=20, tokenize_locally=local) as client:
+                with pytest.raises(grpc.RpcError) as info:
+                    client.embed(texts, model=model)
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                field = "token_ids" if local else "texts"
+                assert f"{field}[{bad}]" in info.value.details(), info.value.details()
+                assert client.embed(["a text"], model=model).shape[0] == 1
