@@ -260,14 +260,6 @@ class Batcher:
         metrics.queue_wait.observe(waited)
         metrics.lane_queue_wait.labels(batch[0].job.lane).observe(waited)
         engine = batch[0].job.engine  # a batch holds one model's texts
-        rows, longest = len(batch), batch[-1].length  # sorted: the last is the longest
-        model = engine.name
-        metrics.batch_rows.labels(model).observe(rows)
-        metrics.batch_tokens.labels(model).observe(rows * longest)
-        real = sum(item.length for item in batch)
-        metrics.padded_tokens.labels(model).inc(rows * longest)
-        metrics.real_tokens.labels(model).inc(real)
-        metrics.forward_flops.labels(model).inc(engine.forward_flops(rows, longest, real))
         for part, hidden, lengths in self._forward_splitting(engine, batch):
             self._complete(part, hidden, lengths, start, number)
             del hidden  # free the layers before the next part
@@ -283,6 +275,7 @@ class Batcher:
             else:  # a cross-encoder's pairs: their segment ids too
                 hidden, lengths = engine.forward(gather(batch, "ids"), gather(batch, "type_ids"))
             self.metrics.forward_seconds.labels(engine.name).observe(time.perf_counter() - started)
+            self._count_pass(engine, batch)
             self.failures_in_a_row[engine] = 0
         except Exception as exc:
             self.failures_in_a_row[engine] += 1
@@ -298,6 +291,18 @@ class Batcher:
             yield from self._forward_splitting(engine, batch[middle:])
             return
         yield batch, hidden, lengths
+
+    def _count_pass(self, engine: Engine, batch: list[Queued]) -> None:
+        """A pass that ran, in the metrics: its rows, tokens real and padded, FLOPs (a failed
+        pass retried in halves counts the halves that ran, not the batch that did not)."""
+        metrics, model = self.metrics, engine.name
+        rows, longest = len(batch), batch[-1].length  # sorted: the last is the longest
+        real = sum(item.length for item in batch)
+        metrics.batch_rows.labels(model).observe(rows)
+        metrics.batch_tokens.labels(model).observe(rows * longest)
+        metrics.padded_tokens.labels(model).inc(rows * longest)
+        metrics.real_tokens.labels(model).inc(real)
+        metrics.forward_flops.labels(model).inc(engine.forward_flops(rows, longest, real))
 
     def _complete(self, batch: list[Queued], hidden, lengths: np.ndarray, start: int,
                   number: int) -> None:

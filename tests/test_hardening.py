@@ -313,10 +313,22 @@ def test_forward_failures_split_and_retry_then_fail_only_the_bad_item(engine, cl
     server = _server(faulty)
     texts = [f"text number {i} of ten, alike, so that they go as one pass" for i in range(10)]
     try:
+        registry = server.batcher.metrics.registry
+
+        def counted():  # passes and padded tokens, by the metrics
+            return [registry.get_sample_value(name, {"model": engine.name}) or 0 for name in
+                    ("bertstream_batch_size_count", "bertstream_forward_padded_tokens_total")]
+
         with Client(server.target, timeout=60) as c:
             faulty.calls.clear()
+            before = counted()
             np.testing.assert_allclose(c.embed(texts), client.embed(texts), atol=1e-4)
             assert max(faulty.calls) == 10 and faulty.calls.count(10) == 1  # failed, then halves
+            # What ran is counted, each half that ran; not the batch that failed.
+            longest = max(len(ids) for ids in engine.tokenize(texts).ids)
+            ran = [rows for rows in faulty.calls if rows <= faulty.max_rows]
+            assert [now - old for now, old in zip(counted(), before)] == \
+                [len(ran), sum(ran) * longest]
             with grpc.insecure_channel(server.target) as channel:
                 stub = pb_grpc.EmbedderStub(channel)
                 requests = [pb.EmbedRequest(request_id="good-1", texts=["fine", "also fine"]),
