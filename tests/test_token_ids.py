@@ -132,6 +132,31 @@ def test_forward_flops_and_tokens_are_counted(server, client, engine):
     assert "8 h^2 + 4 h i" in client.info()["forward_flops"]
 
 
+def test_cutting_over_long_id_texts_costs_about_their_bytes(engine):
+    """A request's own ids are checked and cut in place: one text of 4 million ids (16 MB on the
+    wire) and a few short ones cost the check at most a copy of the ids more (it once built
+    three int64 arrays the length of every id: 4.5x the request)."""
+    import tracemalloc
+
+    prefix, suffix = engine.special_prefix, engine.special_suffix
+    long_row = np.concatenate([prefix, np.full(4_000_000, 2000), suffix]).astype("<i4")
+    short = np.array([*prefix, 7592, *suffix], dtype="<i4")
+    data = np.concatenate([short, long_row, short]).tobytes()
+    lengths = [len(short), len(long_row), len(short)]
+    tracemalloc.start()
+    try:
+        tokens = engine.token_ids(data, lengths)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.5 * len(data), f"{peak / len(data):.1f}x the request's bytes"
+    assert tokens.truncated == [False, True, False]
+    cut = tokens.ids[1].tolist()
+    assert len(cut) == engine.max_length and cut[-len(suffix):] == list(suffix)
+    assert cut[:len(prefix)] == list(prefix) and set(cut[len(prefix):-len(suffix)]) == {2000}
+    assert tokens.ids[0].tolist() == tokens.ids[2].tolist() == short.tolist()
+
+
 def test_a_big_id_request_is_checked_off_the_event_loop(fleet_engine):
     """100 texts of 3,000 ids each (1.2 MB: the ids over the max length are cut) while another
     caller's Info calls (answered on the event loop, no compute) go on: the answer is 100 vectors
