@@ -428,44 +428,49 @@ class Engine:
         cut (its content, keeping the end's special tokens, as the tokenizer's truncation does)
         or, with truncate false, refused. EmbedError names the first bad item."""
         lengths = np.asarray(lengths, dtype=np.int64)
-        if len(data) != 4 * int(lengths.sum()) or (lengths < 0).any():
+        negative = np.flatnonzero(lengths < 0)
+        if negative.size:
+            raise EmbedError.invalid(f"token_lengths[{negative[0]}] is {lengths[negative[0]]}: "
+                                     f"a text's length cannot be negative")
+        if len(data) != 4 * int(lengths.sum()):
             raise EmbedError.invalid(
                 f"token_ids: {len(data):,} bytes, but token_lengths add up to "
                 f"{int(lengths.sum()):,} tokens of 4 bytes (little-endian int32)")
         ids = np.frombuffer(data, dtype="<i4")
         ends = np.cumsum(lengths)
         starts = ends - lengths
-
-        def item(position: int) -> int:  # the text that holds a flat position
-            return int(np.searchsorted(ends, position, side="right"))
-
+        # Every check runs, and the first bad item is named, whichever check finds it.
+        problems: list[tuple[int, str]] = []
         bad = np.flatnonzero((ids < 0) | (ids >= self.vocab_size))
         if bad.size:
-            i = item(bad[0])
-            raise EmbedError.invalid(f"token_ids[{i}]: id {int(ids[bad[0]])} is outside this "
-                                     f"model's vocabulary 0..{self.vocab_size - 1}")
+            i = int(np.searchsorted(ends, bad[0], side="right"))  # the text holding it
+            problems.append((i, f"token_ids[{i}]: id {int(ids[bad[0]])} is outside this "
+                                f"model's vocabulary 0..{self.vocab_size - 1}"))
         prefix, suffix = self.special_prefix, self.special_suffix
         least = max(1, len(prefix) + len(suffix))  # an empty text is its special tokens
         short = np.flatnonzero(lengths < least)
         if short.size:
-            raise EmbedError.invalid(
-                f"token_ids[{short[0]}]: {lengths[short[0]]} tokens; a text is at least {least}: "
-                f"the model's special tokens {prefix} ... {suffix}")
+            problems.append((int(short[0]), f"token_ids[{short[0]}]: {lengths[short[0]]} tokens; "
+                             f"a text is at least {least}: the model's special tokens {prefix} "
+                             f"... {suffix}"))
+        whole = np.flatnonzero(lengths >= least)  # the texts whose ends can be read
         for offset, special in enumerate(prefix):
-            wrong = np.flatnonzero(ids[starts + offset] != special)
+            wrong = whole[ids[starts[whole] + offset] != special]
             if wrong.size:
-                raise EmbedError.invalid(f"token_ids[{wrong[0]}] does not start with this "
-                                         f"model's special tokens {prefix}")
+                problems.append((int(wrong[0]), f"token_ids[{wrong[0]}] does not start with "
+                                                f"this model's special tokens {prefix}"))
         for offset, special in enumerate(suffix):
-            wrong = np.flatnonzero(ids[ends - len(suffix) + offset] != special)
+            wrong = whole[ids[ends[whole] - len(suffix) + offset] != special]
             if wrong.size:
-                raise EmbedError.invalid(f"token_ids[{wrong[0]}] does not end with this "
-                                         f"model's special tokens {suffix}")
+                problems.append((int(wrong[0]), f"token_ids[{wrong[0]}] does not end with "
+                                                f"this model's special tokens {suffix}"))
         over = lengths > self.max_length
         if over.any() and not truncate:
             i = int(np.flatnonzero(over)[0])
-            raise EmbedError.invalid(f"token_ids[{i}] has {lengths[i]} tokens, over the model's "
-                                     f"maximum of {self.max_length} (truncate is false)")
+            problems.append((i, f"token_ids[{i}] has {lengths[i]} tokens, over the model's "
+                                f"maximum of {self.max_length} (truncate is false)"))
+        if problems:
+            raise EmbedError.invalid(min(problems, key=lambda problem: problem[0])[1])
         rows = TokenRows.of_lengths(ids, lengths)  # a view of the request's bytes: no copy
         if over.any():  # each over-long text's content cut, its end's special tokens kept
             # Slices of the request's ids, joined once: a mask or positions as long as every id

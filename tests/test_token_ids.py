@@ -59,10 +59,17 @@ def test_an_over_long_text_is_cut_as_the_tokenizer_cuts_it(stub, engine, client)
     ([[101, 7592, 2088]], None, "token_ids[0] does not end with"),
     ([[101]], None, "token_ids[0]: 1 tokens; a text is at least 2"),
     ([[101, 7592, 102]], b"\x00" * 10, "token_ids: 10 bytes, but token_lengths add up to 3"),
+    # the first bad item, whichever check finds it
+    ([[101, 7592, 2088], [101, 10**6, 102]], None, "token_ids[0] does not end with"),
+    ([[101, 7592, 102], [101], [10**6]], None, "token_ids[1]: 1 tokens"),
+    ([[101, 7592, 102], [101, 7592, 2088, 102]], [-3, 10], "token_lengths[0] is -3: a text's"),
 ])
 def test_bad_ids_are_refused_naming_the_item(stub, rows, raw, message):
     request = ids_request(rows)
-    if raw is not None:
+    if isinstance(raw, list):  # lengths of its own
+        del request.token_lengths[:]
+        request.token_lengths.extend(raw)
+    elif raw is not None:
         request.token_ids = raw
     with pytest.raises(grpc.RpcError) as info:
         stub.Embed(request)
