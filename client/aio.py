@@ -14,7 +14,7 @@ from .core import (EMBED_RPC, SEND_ATTEMPTS, SPARSE_RPC, Classified, EmbedStream
                    LocalTokenizer, Rpc, Usage, batches, build_request, check_combine_strategy,
                    classified_of, classify_request, combine_tokens, decode_response,
                    embed_request, make_channel, ranked_of, rerank_request, send_again, sparse_of,
-                   sparse_request, tokens_request)
+                   sparse_request, stale_tokenizer, tokens_request)
 from .sync import info_of, tokens_of
 from bertstream.proto import embedder_pb2 as pb
 from bertstream.proto import embedder_pb2_grpc as pb_grpc
@@ -62,8 +62,18 @@ class AsyncClient:
         await self._channel.close()
 
     async def _embed(self, request: pb.EmbedRequest):
-        response = await self._stub.Embed(await self._prepared(request), timeout=self.timeout,
-                                          metadata=self._metadata)
+        texts = list(request.texts) if self.tokenize_locally else None  # _prepared drops them
+        try:
+            response = await self._stub.Embed(await self._prepared(request),
+                                              timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as error:
+            if texts is None or not stale_tokenizer(error):
+                raise
+            del self._local[request.model]  # the server's tokenizer changed: once more, anew
+            request.texts[:], request.token_ids = texts, b""
+            del request.token_lengths[:]
+            response = await self._stub.Embed(await self._prepared(request),
+                                              timeout=self.timeout, metadata=self._metadata)
         self.last_usage = Usage.of(response)
         return decode_response(response)
 

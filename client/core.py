@@ -252,6 +252,7 @@ class LocalTokenizer:
         # 100,000-character text costs a kilobyte on the wire, not a hundred.
         self._tokenizer = Tokenizer.from_str(tokenizer.tokenizer_json)
         self._tokenizer.no_truncation()
+        self.sha256 = tokenizer.sha256  # sent with the ids: the server refuses another's
         self._max = info["max_input_tokens"]
         encoding = self._tokenizer.encode("a")
         after = next((i for i, special in enumerate(reversed(encoding.special_tokens_mask))
@@ -286,7 +287,15 @@ class LocalTokenizer:
         ids = np.fromiter(itertools.chain.from_iterable(rows), dtype="<i4", count=sum(lengths))
         del request.texts[:]
         request.token_ids, request.token_lengths[:] = ids.tobytes(), lengths
+        request.tokenizer_sha256 = self.sha256
         return request
+
+
+def stale_tokenizer(error: grpc.RpcError) -> bool:
+    """The server refused token ids made by a tokenizer it no longer serves (EmbedRequest
+    .tokenizer_sha256): the client fetches the tokenizer again."""
+    return error.code() == grpc.StatusCode.FAILED_PRECONDITION and \
+        (error.details() or "").startswith("token_ids were made by tokenizer")
 
 
 def batches(texts, batch_size: int):

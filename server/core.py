@@ -24,7 +24,7 @@ from .admission import Admission
 from .batcher import Batcher
 from .jobs import INTERACTIVE, LANES, Job, JobResult
 from .engine import EmbedOptions, Engine, Tokenized
-from .errors import EmbedError
+from .errors import EmbedError, ErrorKind
 from .limits import Limits
 from .threads import name_os_thread
 from .wire import WIRE_DTYPES, response_bytes
@@ -104,6 +104,7 @@ class EmbedCall:
     token_lengths: Sequence[int] = ()
     priority: str = INTERACTIVE  # the lane it waits in (jobs.LANES)
     model: str = ""  # the served model's name (Engine.name); empty: the default
+    tokenizer_sha256: str = ""  # with token_ids: the tokenizer that made them (empty: unsaid)
 
     @property
     def items(self) -> int:
@@ -310,6 +311,11 @@ class Core:
                                      f"token_lengths; say how many ids belong to each text")
         if call.token_lengths:
             self.check_texts(call.token_lengths, "token_lengths")
+            if call.tokenizer_sha256 and call.tokenizer_sha256 != engine.tokenizer_sha256:
+                raise EmbedError(ErrorKind.STALE, (
+                    f"token_ids were made by tokenizer {call.tokenizer_sha256[:12]}..., not "
+                    f"model {engine.name}'s ({engine.tokenizer_sha256[:12]}...): the model "
+                    f"changed, or replicas differ; fetch GetTokenizer again"))
         else:
             self.check_texts(call.texts)
         options = self.options(call)

@@ -11,6 +11,7 @@ class ErrorKind(enum.Enum):
     OVERLOADED = "overloaded"    # a limit on load was hit: try again later
     NOT_FOUND = "not_found"      # the request names a model this server does not serve
     UNSUPPORTED = "unsupported"  # the model does not do what the request asks (its kind's tasks)
+    STALE = "stale"              # made for what the server served before: fetch it again
     INTERNAL = "internal"        # the server failed on a valid request
 
 

@@ -40,7 +40,8 @@ from .security import bearer_allowed
 log = logging.getLogger("bertstream.http")
 
 HTTP_STATUS = {ErrorKind.INVALID: 400, ErrorKind.TOO_LARGE: 413, ErrorKind.OVERLOADED: 429,
-               ErrorKind.INTERNAL: 500, ErrorKind.NOT_FOUND: 404, ErrorKind.UNSUPPORTED: 400}
+               ErrorKind.INTERNAL: 500, ErrorKind.NOT_FOUND: 404, ErrorKind.UNSUPPORTED: 400,
+               ErrorKind.STALE: 409}
 ERROR_CODES = {ErrorKind.NOT_FOUND: "model_not_found"}  # OpenAI's error codes
 STATUS_LABELS = {kind: str(status) for kind, status in HTTP_STATUS.items()}  # metric labels
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",

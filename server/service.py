@@ -37,6 +37,7 @@ STATUS_CODES = {
     ErrorKind.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     ErrorKind.UNSUPPORTED: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorKind.STALE: grpc.StatusCode.FAILED_PRECONDITION,
     ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 
@@ -449,6 +450,7 @@ def embed_call(request: pb.EmbedRequest, with_ids: bool = True) -> EmbedCall:
         dimensions=request.dimensions, dtype=enum_name(DTYPE_NAMES, request.dtype, "dtype"),
         truncate=request.truncate if request.HasField("truncate") else True,
         token_ids=request.token_ids if with_ids else b"", token_lengths=request.token_lengths,
+        tokenizer_sha256=request.tokenizer_sha256,
         priority=enum_name(PRIORITY_NAMES, request.priority, "priority"), model=request.model)
 
 

@@ -102,6 +102,42 @@ def test_too_many_id_texts_are_refused_before_any_work(stub):
         info.value.details()
 
 
+def test_ids_of_another_tokenizer_are_refused_and_the_client_fetches_it_again(stub, engine,
+                                                                              server, client):
+    """Ids say which tokenizer made them: a client whose copy is not the one served now (the
+    model changed, or replicas differ) gets FAILED_PRECONDITION, not vectors of wrong tokens;
+    Client(tokenize_locally=True) then fetches the tokenizer again and sends once more."""
+    from bertstream.client import Client
+
+    ids = [row.tolist() for row in engine.tokenize(["a text"]).ids]
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Embed(ids_request(ids, tokenizer_sha256="0" * 64))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "fetch GetTokenizer again" in info.value.details()
+    assert vectors(stub.Embed(ids_request(ids, tokenizer_sha256=engine.tokenizer_sha256))).shape \
+        == (1, 384)
+    with Client(server.target, timeout=30, tokenize_locally=True) as local:
+        texts = ["a text", "another text"]
+        np.testing.assert_allclose(local.embed(texts), client.embed(texts), rtol=0, atol=1e-6)
+        local._local[""].sha256 = "0" * 64  # as if the server's tokenizer had changed since
+        np.testing.assert_allclose(local.embed(texts), client.embed(texts), rtol=0, atol=1e-6)
+        assert local._local[""].sha256 == engine.tokenizer_sha256  # fetched again
+
+    async def the_async_client():
+        from bertstream.client import AsyncClient
+
+        async with AsyncClient(server.target, timeout=30, tokenize_locally=True) as local:
+            await local.embed(["warm"])
+            local._local[""].sha256 = "0" * 64
+            return await local.embed(texts), local._local[""].sha256
+
+    import asyncio
+
+    vectors_now, sha = asyncio.run(the_async_client())
+    np.testing.assert_allclose(vectors_now, client.embed(texts), rtol=0, atol=1e-6)
+    assert sha == engine.tokenizer_sha256
+
+
 def test_get_tokenizer_hands_out_the_servers_tokenizer(stub, engine, client):
     from tokenizers import Tokenizer
 
