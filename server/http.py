@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import itertools
 import logging
 import os
 import time
@@ -76,8 +77,15 @@ TokenIds = Annotated[list[StrictInt], Field(fail_fast=True)]
 
 class OpenAIEmbeddingRequest(BaseModel):
     input: Union[Text, Texts, TokenIds, Annotated[list[TokenIds], Field(fail_fast=True)]] = \
-        Field(description="A text or a list of texts. Token-id arrays are refused: they would be "
-                          "another tokenizer's ids.")
+        Field(description="A text or a list of texts. Token-id arrays are refused (OpenAI's are "
+                          "tiktoken's), unless bertstream_token_ids says they are this model's.")
+    bertstream_token_ids: bool = Field(
+        False, description="bertstream's own: `input` holds this model's token ids (one array, "
+        "or one per text), made by its tokenizer (GET /tokenizer.json), special tokens "
+        "included; checked as EmbedRequest.token_ids are.")
+    bertstream_tokenizer_sha256: Text | None = Field(
+        None, description="bertstream's own: the sha256 of the tokenizer that made the ids "
+        "(x-tokenizer-sha256 of GET /tokenizer.json); not the model's: 409.")
     model: Text | None = Field(None, description="A served model's name (GET /v1/models); "
                                              "none: the default.")
     encoding_format: Literal["float", "base64"] = "float"
@@ -155,6 +163,29 @@ def embed_error_response(error: EmbedError) -> JSONResponse:
 def model_entry(info: dict) -> dict:
     """A served model in OpenAI's shape (GET /v1/models)."""
     return {"id": info["name"], "object": "model", "created": 0, "owned_by": "bertstream"}
+
+
+def token_ids_of(value) -> tuple[bytes, list[int]]:
+    """OpenAI-shaped token-id input (one array of ints, or one per text) as EmbedRequest's
+    token_ids bytes (little-endian int32) and token_lengths; EmbedError names a bad item."""
+    if isinstance(value, str) or (value and isinstance(value[0], str)):
+        raise EmbedError.invalid("input: bertstream_token_ids is true, but input holds text; "
+                                 "send token-id arrays, or leave bertstream_token_ids out")
+    rows = [value] if not value or isinstance(value[0], int) else value
+    lengths = [len(row) for row in rows]
+    try:
+        flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64,
+                           count=sum(lengths))
+    except OverflowError:
+        flat = None
+    outside = None if flat is None else np.flatnonzero((flat < 0) | (flat >= 2**31))
+    if flat is None or outside.size:
+        ends = np.cumsum(lengths)
+        first = next(i for i, row in enumerate(rows) for id in row if not 0 <= id < 2**31) \
+            if flat is None else int(np.searchsorted(ends, outside[0], side="right"))
+        raise EmbedError.invalid(f"input[{first}]: a token id outside 0..2^31-1 (this model's "
+                                 f"ids are its vocabulary's)")
+    return flat.astype("<i4").tobytes(), lengths
 
 
 def texts_of(value) -> list[str]:
@@ -340,9 +371,16 @@ def create_app(core: Core, serving, budget: MemoryBudget, tokens: list[bytes] = 
 
     @app.post("/v1/embeddings", summary="OpenAI-compatible embeddings")
     async def openai_embeddings(request: Request, body: OpenAIEmbeddingRequest):
-        result, sent = await embed(request, EmbedCall(texts_of(body.input),
-                                                      dimensions=body.dimensions or 0,
-                                                      model=body.model or ""))
+        if body.bertstream_token_ids:  # this model's own ids: checked as gRPC's token_ids
+            token_ids, lengths = token_ids_of(body.input)
+            body.input = []  # the bytes are the one copy from here
+            call = EmbedCall([], token_ids=token_ids, token_lengths=lengths,
+                             tokenizer_sha256=body.bertstream_tokenizer_sha256 or "",
+                             dimensions=body.dimensions or 0, model=body.model or "")
+        else:
+            call = EmbedCall(texts_of(body.input), dimensions=body.dimensions or 0,
+                             model=body.model or "")
+        result, sent = await embed(request, call)
         vectors = result.embeddings.as_float32()
         if body.encoding_format == "base64":
             def value(row):

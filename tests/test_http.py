@@ -354,3 +354,35 @@ def test_the_servers_tokenizer_is_handed_out(served, grpc_client, engine):
     assert Tokenizer.from_str(body.decode()).encode(text).ids == \
         engine.tokenize([text]).ids[0].tolist()
     assert get(served, "/tokenizer.json", token=None)[0] == 401
+
+
+def test_this_models_token_ids_over_http_when_the_request_says_so(served, grpc_client, texts):
+    """OpenAI's token arrays are tiktoken's, so /v1/embeddings refuses them; with bertstream's
+    own `bertstream_token_ids`, they are this model's ids (its /tokenizer.json), checked as
+    gRPC's token_ids, and embed as their texts; with a tokenizer hash not the model's, 409."""
+    from tokenizers import Tokenizer
+
+    status, body = get(served, "/tokenizer.json")
+    tokenizer, sha = Tokenizer.from_str(body.decode()), hashlib.sha256(body).hexdigest()
+    ids = [encoding.ids for encoding in tokenizer.encode_batch(texts[:5])]
+    refused = post(served, "/v1/embeddings", {"input": ids})
+    assert refused[0] == 400 and "another tokenizer's ids" in refused[1]["error"]["message"]
+    for request in ({"input": ids, "bertstream_token_ids": True},
+                    {"input": ids, "bertstream_token_ids": True,
+                     "bertstream_tokenizer_sha256": sha}):
+        status, answer = post(served, "/v1/embeddings", request)
+        assert status == 200, answer
+        got = np.array([item["embedding"] for item in answer["data"]], dtype=np.float32)
+        np.testing.assert_allclose(got, grpc_client.embed(texts[:5]), rtol=0, atol=1e-6)
+    status, answer = post(served, "/v1/embeddings", {"input": ids[0], "bertstream_token_ids": True})
+    assert status == 200 and len(answer["data"]) == 1  # one array: one text
+    for body, code, message in [
+            ({"bertstream_tokenizer_sha256": "0" * 64}, 409, "fetch GetTokenizer again"),
+            ({"input": [ids[0], [101, 2**40, 102]]}, 400, "input[1]: a token id outside"),
+            ({"input": [ids[0], [101, 10**30, 102]]}, 400, "input[1]: a token id outside"),
+            ({"input": [ids[0], [101, 10**6, 102]]}, 400, "[1]: id 1000000 is outside"),
+            ({"input": [ids[0], [7592, 102]]}, 400, "[1] does not start with"),
+            ({"input": "a text"}, 400, "input holds text")]:
+        status, answer = post(served, "/v1/embeddings",
+                              {"input": ids, "bertstream_token_ids": True, **body})
+        assert status == code and message in answer["error"]["message"], (body, answer)
