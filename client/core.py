@@ -260,13 +260,19 @@ class LocalTokenizer:
         self._suffix = encoding.ids[len(encoding.ids) - after:]
         pipeline = info["pipeline"]
         self._prompts, self._default_prompt = pipeline["prompts"], pipeline["default_prompt_name"]
+        self._max_chars = info.get("limits", {}).get("max_chars_per_text")
+
+    def refused_by_the_server(self, request: pb.EmbedRequest) -> bool:
+        """A request the server would refuse as texts (a prompt name it does not have, a text
+        over its max_chars_per_text): sent as texts, it is refused by the server's own
+        check and words, as the server-tokenized request is, not tokenized here."""
+        return bool(request.prompt_name and request.prompt_name not in self._prompts) or \
+            (self._max_chars is not None and any(len(text) > self._max_chars
+                                                 for text in request.texts))
 
     def _prompt(self, request: pb.EmbedRequest) -> str:
         """The text the server would put before each text of this request."""
         if request.prompt_name:
-            if request.prompt_name not in self._prompts:
-                raise ValueError(f"prompt_name {request.prompt_name!r} is not one of the model's "
-                                 f"prompts {sorted(self._prompts)}")
             return self._prompts[request.prompt_name]
         if request.HasField("prompt"):
             return request.prompt
@@ -275,7 +281,10 @@ class LocalTokenizer:
         return ""
 
     def convert(self, request: pb.EmbedRequest) -> pb.EmbedRequest:
-        """The request with its texts replaced by their token ids (prompt included)."""
+        """The request with its texts replaced by their token ids (prompt included); as it is,
+        if the server would refuse it as texts."""
+        if self.refused_by_the_server(request):
+            return request
         prompt = self._prompt(request)
         encodings = self._tokenizer.encode_batch_fast([prompt + text for text in request.texts])
         rows = [encoding.ids for encoding in encodings]

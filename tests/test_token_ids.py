@@ -284,3 +284,23 @@ def test_a_text_of_no_tokens_is_refused_and_the_server_serves_on(engine, no_spec
                 field = "token_ids" if local else "texts"
                 assert f"{field}[{bad}]" in info.value.details(), info.value.details()
                 assert client.embed(["a text"], model=model).shape[0] == 1
+
+
+@pytest.mark.parametrize("texts, options, message", [
+    (["fine", "x" * 20_001], {}, "texts[1]: 20001 characters, over the limit"),
+    (["fine"], {"prompt_name": "nonesuch"}, "prompt_name"),
+])
+def test_what_the_server_refuses_as_texts_it_refuses_from_a_client_that_tokenizes(
+        server, texts, options, message):
+    """A request the server would refuse as texts is not tokenized by the client: the server
+    refuses it, with its own status and words, both ways."""
+    from bertstream.client import Client
+
+    details = []
+    for local in (False, True):
+        with Client(server.target, timeout=30, tokenize_locally=local) as client:
+            with pytest.raises(grpc.RpcError) as info:
+                client.embed(texts, **options)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            details.append(info.value.details())
+    assert details[0] == details[1] and message in details[0], details
