@@ -66,12 +66,9 @@ class AsyncClient:
         try:
             response = await self._stub.Embed(await self._prepared(request),
                                               timeout=self.timeout, metadata=self._metadata)
-        except grpc.RpcError as error:
-            if texts is None or not stale_tokenizer(error):
+        except grpc.RpcError as error:  # the server's tokenizer changed: once more, anew
+            if not stale_tokenizer(error, request, texts, self._local):
                 raise
-            del self._local[request.model]  # the server's tokenizer changed: once more, anew
-            request.texts[:], request.token_ids = texts, b""
-            del request.token_lengths[:]
             response = await self._stub.Embed(await self._prepared(request),
                                               timeout=self.timeout, metadata=self._metadata)
         self.last_usage = Usage.of(response)

@@ -300,11 +300,18 @@ class LocalTokenizer:
         return request
 
 
-def stale_tokenizer(error: grpc.RpcError) -> bool:
-    """The server refused token ids made by a tokenizer it no longer serves (EmbedRequest
-    .tokenizer_sha256): the client fetches the tokenizer again."""
-    return error.code() == grpc.StatusCode.FAILED_PRECONDITION and \
-        (error.details() or "").startswith("token_ids were made by tokenizer")
+def stale_tokenizer(error: grpc.RpcError, request: pb.EmbedRequest, texts: list[str] | None,
+                    tokenizers: dict) -> bool:
+    """Whether the server refused token ids made by a tokenizer it no longer serves
+    (EmbedRequest.tokenizer_sha256). If so, the request is its texts again (`texts`: what it
+    held before it was converted) and that tokenizer is forgotten, to be fetched again."""
+    if texts is None or error.code() != grpc.StatusCode.FAILED_PRECONDITION or \
+            not (error.details() or "").startswith("token_ids were made by tokenizer"):
+        return False
+    tokenizers.pop(request.model, None)
+    request.texts[:], request.token_ids, request.tokenizer_sha256 = texts, b"", ""
+    del request.token_lengths[:]
+    return True
 
 
 def batches(texts, batch_size: int):
