@@ -28,6 +28,7 @@ import logging
 import queue
 import threading
 import time
+import traceback
 from typing import Callable, Sequence
 
 import numpy as np
@@ -268,6 +269,7 @@ class Batcher:
         """Run the forward pass; if it fails (out of memory on a big batch, say), retry each half,
         down to single texts. Yields (texts, hidden states, lengths); for a text that fails on its
         own, the exception in place of the hidden states. The server lives on either way."""
+        failed = None
         try:
             started = time.perf_counter()
             if batch[0].job.type_ids is None:
@@ -278,19 +280,26 @@ class Batcher:
             self._count_pass(engine, batch)
             self.failures_in_a_row[engine] = 0
         except Exception as exc:
-            self.failures_in_a_row[engine] += 1
-            engine.free_cache()
-            if len(batch) == 1:
-                log.error("forward pass failed on one text", exc_info=exc)
-                yield batch, exc, None
-                return
-            log.warning("forward pass failed on %d texts (%s: %s); retrying in halves",
-                        len(batch), type(exc).__name__, exc)
-            middle = len(batch) // 2
-            yield from self._forward_splitting(engine, batch[:middle])
-            yield from self._forward_splitting(engine, batch[middle:])
+            failed = exc
+            # Its traceback holds the failed pass's frames, and so their tensors (a GPU's
+            # activations): cleared, and out of the except block, they are freed before the
+            # halves run, instead of each half running beside the memory that ran out.
+            traceback.clear_frames(exc.__traceback__)
+        if failed is None:
+            yield batch, hidden, lengths
             return
-        yield batch, hidden, lengths
+        self.failures_in_a_row[engine] += 1
+        engine.free_cache()
+        if len(batch) == 1:
+            log.error("forward pass failed on one text", exc_info=failed)
+            yield batch, failed, None
+            return
+        log.warning("forward pass failed on %d texts (%s: %s); retrying in halves",
+                    len(batch), type(failed).__name__, failed)
+        del failed
+        middle = len(batch) // 2
+        yield from self._forward_splitting(engine, batch[:middle])
+        yield from self._forward_splitting(engine, batch[middle:])
 
     def _count_pass(self, engine: Engine, batch: list[Queued]) -> None:
         """A pass that ran, in the metrics: its rows, tokens real and padded, FLOPs (a failed

@@ -516,3 +516,37 @@ def test_malformed_message_in_a_stream_ends_it_with_invalid_argument(server):
             list(replies)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "not a valid protobuf request" in info.value.details()
+
+
+def test_a_failed_pass_is_freed_before_its_halves_run(engine):
+    """A pass that runs out of memory is retried in halves; what it held (its activations, in
+    the frames of its traceback) must be gone by then, or on a GPU the halves run out too."""
+    import gc
+    import weakref
+
+    import torch
+
+    class Leaky:
+        def __init__(self, engine):
+            self._engine, self.held, self.alive_at_halves = engine, [], []
+
+        def __getattr__(self, name):
+            return getattr(self._engine, name)
+
+        def forward(self, ids):
+            if len(ids) > 2:
+                activations = torch.empty(len(ids), 1000)  # what the failed pass allocated
+                self.held.append(weakref.ref(activations))
+                raise RuntimeError("out of memory (injected)")
+            gc.collect()  # only what is still referenced survives this
+            self.alive_at_halves.append(any(ref() is not None for ref in self.held))
+            return self._engine.forward(ids)
+
+    leaky = Leaky(engine)
+    server = _server(leaky)
+    try:
+        with Client(server.target, timeout=60) as c:
+            assert c.embed([f"text {i} of eight, alike" for i in range(8)]).shape == (8, 384)
+        assert leaky.held and leaky.alive_at_halves and not any(leaky.alive_at_halves)
+    finally:
+        server.stop()
