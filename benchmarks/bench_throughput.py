@@ -128,9 +128,10 @@ class InProcess:
         return sum(self._embed_batch(batch) for batch in self.batches(texts))
 
     def embed_workers(self, texts, workers: int | None = None) -> int:
-        """The server's scheme, in-process: `workers` threads (default: one per core), each on
-        one torch thread, taking the length-sorted token-budget batches in turn."""
-        workers = workers or ext.default_threads()
+        """The server's scheme, in-process: `workers` threads (default: the server's, one per
+        core on the CPU, two on a GPU), each on one torch thread, taking the length-sorted
+        token-budget batches in turn."""
+        workers = workers or (ext.default_threads() if self.device.type == "cpu" else 2)
         self.batch_seconds = []
         pending = list(self.batches(texts))  # tokenizing is part of the timed work
         lock, done = threading.Lock(), [0]

@@ -157,14 +157,17 @@ class Engine:
         # Segment ids go in where the tokenizer makes them (BERT's pairs; not DistilBERT's)
         self._type_ids = "token_type_ids" in self.tokenizer.model_input_names
         self.pad_id = self.tokenizer.pad_token_id or 0
-        # On the CPU the forward pass owns every core: pooling (tiny beside it) stays on one thread
-        # so the kernels' OpenMP workers never compete with torch's. On a GPU, use them all.
-        self.pool_threads = 1 if self.device.type == "cpu" else ext.default_threads()
-        # Sentence vectors pooled on the device (a GPU's), or by the kernels on the host (limits.py)
-        self.pool_on_device = POOL_ON_DEVICE.get(self.device.type, False)
         # CPU: one single-threaded worker per core (Batcher explains why). GPU: two, so one
         # worker's host work overlaps the other's device work.
         self.forward_workers = forward_workers or (self.threads if self.device.type == "cpu" else 2)
+        # On the CPU the forward pass owns every core: pooling (tiny beside it) stays on one thread
+        # so the kernels' OpenMP workers never compete with torch's. On a GPU, each worker its
+        # share of the cores (two teams of every core would compete with each other and with
+        # the tokenizer threads).
+        self.pool_threads = 1 if self.device.type == "cpu" else \
+            max(1, self.threads // self.forward_workers)
+        # Sentence vectors pooled on the device (a GPU's), or by the kernels on the host (limits.py)
+        self.pool_on_device = POOL_ON_DEVICE.get(self.device.type, False)
         # Two views of the same Rust tokenizer: one cuts at max_length (and reports overflow), one
         # does not (to report an over-long text's real length when truncation is off).
         self._truncating = self.tokenizer.backend_tokenizer
@@ -505,9 +508,16 @@ class Engine:
             inputs["token_type_ids"] = torch.from_numpy(segments).to(self.device,
                                                                      non_blocking=True)
         if not self.unpadded:
-            return self.run_model(**inputs), lengths
-        with unpadded.real_tokens(real, self.device):  # for the layers that skip the padding
-            return self.run_model(**inputs), lengths
+            outputs = self.run_model(**inputs)
+        else:
+            with unpadded.real_tokens(real, self.device):  # for the layers that skip padding
+                outputs = self.run_model(**inputs)
+        if self.device.type == "cuda":
+            # CUDA runs behind the host: waited for here, the pass's time is its own (the
+            # forward-seconds metric) and its errors (out of memory) are raised here, inside
+            # the batcher's retry in halves, not later in pooling.
+            torch.cuda.current_stream(self.device).synchronize()
+        return outputs, lengths
 
     def run_model(self, **inputs: torch.Tensor):
         """The model itself: every layer's hidden states, or a cross-encoder's logits (what
@@ -614,6 +624,9 @@ def resolve_device(device: str) -> torch.device:
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r}: CUDA is not available on this machine")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA "
+                         f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return resolved
 
 

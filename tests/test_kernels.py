@@ -247,7 +247,6 @@ def test_device_pooling_equals_the_kernels_through_the_engine(engine, corpus):
     of corpus texts: every pooling option a request can ask, a prompt left out, a cut to fewer
     dimensions, and a few rows of the batch."""
     texts = list(corpus[:24])
-    assert not engine.pool_on_device  # the CPU's: the kernels
     cases = [engine.options(), engine.options("max", (0, -1)),
              engine.options("mean", (1, 3, -1), "mean", normalize=False),
              engine.options("mean_max"), engine.options("weightedmean"), engine.options("cls"),
@@ -256,13 +255,14 @@ def test_device_pooling_equals_the_kernels_through_the_engine(engine, corpus):
     for options in cases:
         hidden, lengths = engine.forward(engine.tokenize(texts, prompt=options.prompt).ids)
         for rows in (np.arange(len(texts)), np.array([0, 5, 6, 23])):
-            host = engine.pool(hidden, lengths, rows, options)
-            engine.pool_on_device = True
+            pooled, setting = {}, engine.pool_on_device  # the device's own (a GPU's: True)
             try:
-                device = engine.pool(hidden, lengths, rows, options)
+                for on_device in (False, True):
+                    engine.pool_on_device = on_device
+                    pooled[on_device] = engine.pool(hidden, lengths, rows, options)
             finally:
-                engine.pool_on_device = False
-            np.testing.assert_allclose(device, host, rtol=1e-5, atol=1e-5)
+                engine.pool_on_device = setting
+            np.testing.assert_allclose(pooled[True], pooled[False], rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- token gathering

@@ -424,7 +424,7 @@ def test_the_engine_s_forward_pass_skips_the_padding(engine):
     texts = ["short", "a much longer text than the other one, to pad it well beyond a few percent"]
     ids = engine.tokenize(texts).ids
     hidden, lengths = engine.forward(ids)
-    last = hidden[-1].float().numpy()
+    last = hidden[-1].float().cpu().numpy()
     assert lengths[0] < lengths[1] and not last[0, lengths[0]:].any()
     options = engine.options()  # the model's own pipeline: normalized vectors
     together = engine.pool(hidden, lengths, np.arange(2), options)
