@@ -32,7 +32,7 @@ save_file({k: v.float() for k, v in weights.items()}, str(package / "model" / "m
     "from pathlib import Path\n\n\ndef get_model_path() -> Path:\n"
     "    return Path(__file__).resolve().parent / 'model'\n")
 PYTHON
-PY=$PY OUT_DIR=${OUT:-gpu-check} TEXTS=${TEXTS:-3000} ROUNDS=${ROUNDS:-3} \
+PY=$PY OUT_DIR=${OUT:-gpu-check} TEXTS=${TEXTS:-3000} ROUNDS=${ROUNDS:-3} SKIP_HOST_PATH=${SKIP_HOST_PATH:-1} \
 PYTEST_ARGS="${PYTEST_ARGS:-tests/test_kernels.py tests/test_queue.py tests/test_batcher.py \
 tests/test_service.py tests/test_models.py tests/test_hostile.py tests/test_hardening.py \
 tests/test_operations.py tests/test_corpus_client.py}" \
