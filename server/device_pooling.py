@@ -11,7 +11,9 @@ limits.POOL_ON_DEVICE; `make gpu-check` times both (benchmarks/probes/gpu_poolin
 What it computes is ext.pool's, to float32 rounding (tests/test_kernels.py holds them side by
 side): tokens start..length-1 of each row, accumulated in float32; the modes side by side in
 their order; several layers concatenated (a block of every mode per layer) or averaged per token
-first.
+first. And a SPLADE model's pooling, ext.splade's: there the logits are (rows, tokens,
+vocabulary), 2 GB of float16 for a pass of 32,768 tokens, where the pooled rows are 4 MB a
+hundred texts.
 """
 
 from __future__ import annotations
@@ -66,3 +68,37 @@ def _mode(mode: str, layer: torch.Tensor, pooled: torch.Tensor, counts: torch.Te
         at = firsts if mode == "cls" else ends - 1
         return layer[torch.arange(layer.shape[0], device=layer.device), at]
     raise ValueError(f"pooling mode {mode!r} has no device version")
+
+
+# Rows of logits taken at once by splade(): at most this many float32 values of (rows, tokens,
+# vocabulary) exist at a time (256 MB), whatever the pass's size.
+SPLADE_CHUNK_VALUES = 1 << 26
+
+
+def splade(logits: torch.Tensor, lengths: np.ndarray, rows: np.ndarray, pooling: str,
+           activation: str, chunk_values: int = SPLADE_CHUNK_VALUES) -> np.ndarray:
+    """ext.splade of `rows` of a pass's masked-language logits (batch, seq, vocab), on their
+    device: log(1 + relu(x)) (log1p once more for "log1p_relu") over each row's real tokens,
+    their max ("max": of the logits, then the activation, which never decreases) or sum.
+    lengths are the chosen rows'. Returns (len(rows), vocab) float32 on the host; rows go a
+    few at a time, at most chunk_values float32 values of them at once."""
+    device, (batch, seq, vocab) = logits.device, logits.shape
+    ends = torch.from_numpy(np.asarray(lengths, dtype=np.int64)).to(device)
+    index = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(device)
+    step = max(1, chunk_values // max(1, seq * vocab))
+    pooled = []
+    for first in range(0, len(rows), step):
+        chunk = logits.index_select(0, index[first:first + step]).float()
+        left_out = (torch.arange(seq, device=device) >= ends[first:first + step, None])[:, :, None]
+        if pooling == "max":  # NaN stays (amax propagates it); no real token above 0: 0
+            pooled.append(_splade_activation(chunk.masked_fill(left_out, -torch.inf).amax(1),
+                                             activation))
+        else:
+            pooled.append(_splade_activation(chunk, activation).masked_fill(left_out, 0).sum(1))
+        del chunk
+    return torch.cat(pooled).cpu().numpy()
+
+
+def _splade_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
+    x = torch.log1p(torch.relu(x))
+    return torch.log1p(x) if activation == "log1p_relu" else x

@@ -564,9 +564,13 @@ class Engine:
         if isinstance(options, ScoreOptions):
             return scoring.scores(hidden_states, rows, self._activations[options.activation])
         if isinstance(options, SparseOptions):
-            dense = ext.splade(host_array(hidden_states, rows), lengths[rows],
-                               self.splade.pooling, self.splade.activation,
-                               n_threads=self.pool_threads)
+            if self.pool_on_device:
+                dense = device_pooling.splade(hidden_states, lengths[rows], rows,
+                                              self.splade.pooling, self.splade.activation)
+            else:
+                dense = ext.splade(host_array(hidden_states, rows), lengths[rows],
+                                   self.splade.pooling, self.splade.activation,
+                                   n_threads=self.pool_threads)
             return scoring.sparse_rows(dense, options.top_k)
         row_lengths = lengths[rows]
         threads = self.pool_threads

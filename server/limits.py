@@ -16,8 +16,9 @@ BATCH_TOKENS_BY_DEVICE = {"cpu": 1024, "cuda": 32768}
 FREE_PADDING_FLOPS_BY_DEVICE = {"cpu": 0, "cuda": 25e9}
 # Where hidden states are pooled (server/device_pooling.py): on the CPU by the kernels (4.5x to
 # 52x torch's masked mean); on a GPU on the device, so that only the pooled rows cross to the
-# host, not every hidden state (25-50 MB a pass): chosen by that arithmetic and by what every
-# peer does; no GPU has timed the two yet (benchmarks/probes/gpu_pooling.py in `make gpu-check`).
+# host, not every hidden state (25-50 MB a pass; a SPLADE model's logits, 2 GB): chosen by that
+# arithmetic and by what every peer does; no GPU has timed the two yet
+# (benchmarks/probes/gpu_pooling.py in `make gpu-check`).
 POOL_ON_DEVICE = {"cpu": False, "cuda": True}
 # The forward pass's precisions, and each device's default (the command line offers these).
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")

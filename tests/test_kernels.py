@@ -440,6 +440,28 @@ def test_splade_matches_reference(dtype, pooling, activation, case, n_threads):
     np.testing.assert_allclose(result, expected, rtol=TOL[dtype], atol=TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", INPUT_DTYPES)
+@pytest.mark.parametrize("pooling", ext.SPLADE_POOLINGS)
+@pytest.mark.parametrize("activation", ("relu", "log1p_relu"))
+@settings(max_examples=15, deadline=None)
+@given(case=pooling_cases(), chunk=st.sampled_from([1, 100, 1 << 26]), data=st.data())
+def test_device_splade_matches_reference(dtype, pooling, activation, case, chunk, data):
+    """server/device_pooling.splade (a GPU's, on CPU tensors here) against the kernels'
+    reference: NaN padding, some rows chosen, the rows taken a few at a time or all at once."""
+    from bertstream.server import device_pooling
+
+    shape, lengths, seed = case
+    rng = np.random.default_rng(seed)
+    pad_value = np.uint16(0x7FC0) if dtype == "bfloat16" else np.nan
+    logits = padded(make_hidden(rng, shape, dtype), lengths, pad_value)
+    rows = np.array(sorted(data.draw(st.sets(st.integers(0, shape[0] - 1), min_size=1))))
+    result = device_pooling.splade(as_torch(logits, dtype), lengths[rows], rows, pooling,
+                                   activation, chunk_values=chunk)
+    expected = ref_splade(to_float32(logits, dtype)[rows], lengths[rows], pooling, activation)
+    assert result.dtype == np.float32
+    np.testing.assert_allclose(result, expected, rtol=TOL[dtype], atol=TOL[dtype])
+
+
 def test_splade_edge_values():
     """All logits negative: a zero row; +inf stays +inf; a NaN logit of a real token makes its
     entry NaN (as torch's relu and max do); one token alone is its own max and sum."""

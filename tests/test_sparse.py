@@ -277,3 +277,25 @@ def test_a_sparse_models_padding_is_never_free(engine, folders):
     dense, sparse = on_gpu
     assert dense.free_padding_flops == FREE_PADDING_FLOPS_BY_DEVICE["cuda"] > 0
     assert sparse.free_padding_flops == 0
+
+
+def test_sparse_vectors_pooled_on_the_device_equal_the_kernels(folders, texts):
+    """A GPU pools SPLADE's logits where they are (server/device_pooling.py): the same sparse
+    vectors as the kernels', for both poolings (run here on CPU tensors)."""
+    import numpy as np
+
+    from bertstream.server.engine import Engine
+
+    for folder in folders.values():
+        engine = Engine(str(folder), device="cpu", dtype="float32")
+        options = engine.sparse_options(None)
+        logits, lengths = engine.forward(engine.tokenize(texts).ids)
+        rows = np.arange(len(texts))
+        pooled = {}
+        for on_device in (False, True):
+            engine.pool_on_device = on_device
+            pooled[on_device] = engine.pool(logits, lengths, rows, options)
+        for (indices, values), (device_indices, device_values) in zip(pooled[False],
+                                                                      pooled[True]):
+            np.testing.assert_array_equal(device_indices, indices)
+            np.testing.assert_allclose(device_values, values, rtol=1e-5, atol=1e-6)
