@@ -540,8 +540,12 @@ class BodyLimit:
         if counted is not None and (counted[0] > strings or counted[1] > values):
             what = (f"more than {strings:,} JSON strings" if counted[0] > strings else
                     f"more than {values:,} other JSON values")
+            ids = b'"bertstream_token_ids"' in data  # each id is a JSON value of its own
             response = error_response(413, f"request body holds {what}; a request takes at most "
-                                           f"max_texts_per_request texts")
+                                           f"max_texts_per_request texts" + (
+                                               ", and over HTTP at most that many token ids in "
+                                               "all: send more over gRPC (EmbedRequest."
+                                               "token_ids, raw bytes)" if ids else ""))
             return await response(scope, receive, send)
         whole = {"type": "http.request", "body": data, "more_body": False}
         replayed = False

@@ -386,3 +386,7 @@ def test_this_models_token_ids_over_http_when_the_request_says_so(served, grpc_c
         status, answer = post(served, "/v1/embeddings",
                               {"input": ids, "bertstream_token_ids": True, **body})
         assert status == code and message in answer["error"]["message"], (body, answer)
+    # Counted before parsing, as every body's values are: each id is one (a Python int parsed)
+    many = [[101] + [2000] * 100 + [102]] * (TEST_LIMITS["max_texts_per_request"] // 100 + 1)
+    status, answer = post(served, "/v1/embeddings", {"input": many, "bertstream_token_ids": True})
+    assert status == 413 and "send more over gRPC" in answer["error"]["message"], answer
