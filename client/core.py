@@ -252,7 +252,9 @@ class LocalTokenizer:
         # 100,000-character text costs a kilobyte on the wire, not a hundred.
         self._tokenizer = Tokenizer.from_str(tokenizer.tokenizer_json)
         self._tokenizer.no_truncation()
-        self.sha256 = tokenizer.sha256  # sent with the ids: the server refuses another's
+        # sent with the ids: a server whose tokenizer, prompts or max length are not these
+        # refuses them
+        self.sha256 = info.get("tokenizing_sha256", "")
         self._max = info["max_input_tokens"]
         encoding = self._tokenizer.encode("a")
         after = next((i for i, special in enumerate(reversed(encoding.special_tokens_mask))
@@ -296,20 +298,20 @@ class LocalTokenizer:
         ids = np.fromiter(itertools.chain.from_iterable(rows), dtype="<i4", count=sum(lengths))
         del request.texts[:]
         request.token_ids, request.token_lengths[:] = ids.tobytes(), lengths
-        request.tokenizer_sha256 = self.sha256
+        request.tokenizing_sha256 = self.sha256
         return request
 
 
 def stale_tokenizer(error: grpc.RpcError, request: pb.EmbedRequest, texts: list[str] | None,
                     tokenizers: dict) -> bool:
-    """Whether the server refused token ids made by a tokenizer it no longer serves
-    (EmbedRequest.tokenizer_sha256). If so, the request is its texts again (`texts`: what it
+    """Whether the server refused token ids made for what it no longer serves (its tokenizer,
+    prompts or max length: EmbedRequest.tokenizing_sha256). If so, the request is its texts again (`texts`: what it
     held before it was converted) and that tokenizer is forgotten, to be fetched again."""
     if texts is None or error.code() != grpc.StatusCode.FAILED_PRECONDITION or \
-            not (error.details() or "").startswith("token_ids were made by tokenizer"):
+            not (error.details() or "").startswith("token_ids were made for tokenizing"):
         return False
     tokenizers.pop(request.model, None)
-    request.texts[:], request.token_ids, request.tokenizer_sha256 = texts, b"", ""
+    request.texts[:], request.token_ids, request.tokenizing_sha256 = texts, b"", ""
     del request.token_lengths[:]
     return True
 

@@ -43,7 +43,7 @@ def model_of(info: dict) -> dict:
     """What of the server's Info decides the vectors: the model, its precision, its length
     limit and its default pipeline."""
     return {key: info[key] for key in ("model", "dtype", "max_input_tokens", "hidden_size",
-                                       "pipeline", "tokenizer_sha256")}
+                                       "pipeline", "tokenizing_sha256")}
 
 
 def describe(input_path: str, fmt: str, field: str, first: dict, options: dict,

@@ -338,6 +338,7 @@ def info_of(response: pb.InfoResponse) -> dict:
                    for field in response.limits.DESCRIPTOR.fields},
         "pipeline": pipeline_of(response.pipeline),
         "tokenizer_sha256": response.tokenizer_sha256, "forward_flops": response.forward_flops,
+        "tokenizing_sha256": response.tokenizing_sha256,
     }
 
 

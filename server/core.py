@@ -104,7 +104,7 @@ class EmbedCall:
     token_lengths: Sequence[int] = ()
     priority: str = INTERACTIVE  # the lane it waits in (jobs.LANES)
     model: str = ""  # the served model's name (Engine.name); empty: the default
-    tokenizer_sha256: str = ""  # with token_ids: the tokenizer that made them (empty: unsaid)
+    tokenizing_sha256: str = ""  # with token_ids: the model they were made for (empty: unsaid)
 
     @property
     def items(self) -> int:
@@ -229,6 +229,7 @@ class Core:
                 "prompts": dict(pipeline.prompts),
                 "default_prompt_name": pipeline.default_prompt_name or ""},
             "tokenizer_sha256": engine.tokenizer_sha256,
+            "tokenizing_sha256": engine.tokenizing_sha256,
             "forward_flops": engine.FLOPS_FORMULA,
         }
 
@@ -311,11 +312,13 @@ class Core:
                                      f"token_lengths; say how many ids belong to each text")
         if call.token_lengths:
             self.check_texts(call.token_lengths, "token_lengths")
-            if call.tokenizer_sha256 and call.tokenizer_sha256 != engine.tokenizer_sha256:
+            if call.tokenizing_sha256 and \
+                    call.tokenizing_sha256.lower() != engine.tokenizing_sha256:
                 raise EmbedError(ErrorKind.STALE, (
-                    f"token_ids were made by tokenizer {call.tokenizer_sha256[:12]}..., not "
-                    f"model {engine.name}'s ({engine.tokenizer_sha256[:12]}...): the model "
-                    f"changed, or replicas differ; fetch GetTokenizer again"))
+                    f"token_ids were made for tokenizing {call.tokenizing_sha256[:16]}, not model "
+                    f"{engine.name}'s {engine.tokenizing_sha256[:16]} (its tokenizer, prompts "
+                    f"or max length): what it serves changed, or replicas differ; fetch "
+                    f"GetTokenizer and Info again"))
         else:
             self.check_texts(call.texts)
         options = self.options(call)

@@ -7,6 +7,7 @@ what goes into a forward pass; the engine runs it and pools with the bertstream.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,6 +186,12 @@ class Engine:
         # truncation and lower-casing included, and what its ids must look like here.
         self.tokenizer_json = self._truncating.to_str()
         self.tokenizer_sha256 = hashlib.sha256(self.tokenizer_json.encode()).hexdigest()
+        # ...and all else a client's tokenizing depends on: ids made for another's are refused
+        # (Core.embed), not pooled as if they were this one's
+        self.tokenizing_sha256 = hashlib.sha256(json.dumps({
+            "tokenizer_sha256": self.tokenizer_sha256, "prompts": dict(self.pipeline.prompts),
+            "default_prompt_name": self.pipeline.default_prompt_name or "",
+            "max_input_tokens": self.max_length}, sort_keys=True).encode()).hexdigest()
         self.vocab_size = int(getattr(model_config, "vocab_size", 0) or 0) or \
             len(self.tokenizer.get_vocab())
         self.special_prefix, self.special_suffix = special_ends(self._full)

@@ -83,9 +83,9 @@ class OpenAIEmbeddingRequest(BaseModel):
         False, description="bertstream's own: `input` holds this model's token ids (one array, "
         "or one per text), made by its tokenizer (GET /tokenizer.json), special tokens "
         "included; checked as EmbedRequest.token_ids are.")
-    bertstream_tokenizer_sha256: Text | None = Field(
-        None, description="bertstream's own: the sha256 of the tokenizer that made the ids "
-        "(x-tokenizer-sha256 of GET /tokenizer.json); not the model's: 409.")
+    bertstream_tokenizing_sha256: Text | None = Field(
+        None, description="bertstream's own: the tokenizing_sha256 of GET /info the ids were "
+        "made for (the model's tokenizer, prompts and max length); not the model's now: 409.")
     model: Text | None = Field(None, description="A served model's name (GET /v1/models); "
                                              "none: the default.")
     encoding_format: Literal["float", "base64"] = "float"
@@ -375,7 +375,7 @@ def create_app(core: Core, serving, budget: MemoryBudget, tokens: list[bytes] = 
             token_ids, lengths = token_ids_of(body.input)
             body.input = []  # the bytes are the one copy from here
             call = EmbedCall([], token_ids=token_ids, token_lengths=lengths,
-                             tokenizer_sha256=body.bertstream_tokenizer_sha256 or "",
+                             tokenizing_sha256=body.bertstream_tokenizing_sha256 or "",
                              dimensions=body.dimensions or 0, model=body.model or "")
         else:
             call = EmbedCall(texts_of(body.input), dimensions=body.dimensions or 0,

@@ -450,7 +450,7 @@ def embed_call(request: pb.EmbedRequest, with_ids: bool = True) -> EmbedCall:
         dimensions=request.dimensions, dtype=enum_name(DTYPE_NAMES, request.dtype, "dtype"),
         truncate=request.truncate if request.HasField("truncate") else True,
         token_ids=request.token_ids if with_ids else b"", token_lengths=request.token_lengths,
-        tokenizer_sha256=request.tokenizer_sha256,
+        tokenizing_sha256=request.tokenizing_sha256,
         priority=enum_name(PRIORITY_NAMES, request.priority, "priority"), model=request.model)
 
 

@@ -363,13 +363,13 @@ def test_this_models_token_ids_over_http_when_the_request_says_so(served, grpc_c
     from tokenizers import Tokenizer
 
     status, body = get(served, "/tokenizer.json")
-    tokenizer, sha = Tokenizer.from_str(body.decode()), hashlib.sha256(body).hexdigest()
+    tokenizer, sha = Tokenizer.from_str(body.decode()), grpc_client.info()["tokenizing_sha256"]
     ids = [encoding.ids for encoding in tokenizer.encode_batch(texts[:5])]
     refused = post(served, "/v1/embeddings", {"input": ids})
     assert refused[0] == 400 and "another tokenizer's ids" in refused[1]["error"]["message"]
     for request in ({"input": ids, "bertstream_token_ids": True},
                     {"input": ids, "bertstream_token_ids": True,
-                     "bertstream_tokenizer_sha256": sha}):
+                     "bertstream_tokenizing_sha256": sha}):
         status, answer = post(served, "/v1/embeddings", request)
         assert status == 200, answer
         got = np.array([item["embedding"] for item in answer["data"]], dtype=np.float32)
@@ -377,7 +377,7 @@ def test_this_models_token_ids_over_http_when_the_request_says_so(served, grpc_c
     status, answer = post(served, "/v1/embeddings", {"input": ids[0], "bertstream_token_ids": True})
     assert status == 200 and len(answer["data"]) == 1  # one array: one text
     for body, code, message in [
-            ({"bertstream_tokenizer_sha256": "0" * 64}, 409, "fetch GetTokenizer again"),
+            ({"bertstream_tokenizing_sha256": "0" * 64}, 409, "fetch GetTokenizer and Info"),
             ({"input": [ids[0], [101, 2**40, 102]]}, 400, "input[1]: a token id outside"),
             ({"input": [ids[0], [101, 10**30, 102]]}, 400, "input[1]: a token id outside"),
             ({"input": [ids[0], [101, 10**6, 102]]}, 400, "[1]: id 1000000 is outside"),

@@ -102,26 +102,29 @@ def test_too_many_id_texts_are_refused_before_any_work(stub):
         info.value.details()
 
 
-def test_ids_of_another_tokenizer_are_refused_and_the_client_fetches_it_again(stub, engine,
-                                                                              server, client):
-    """Ids say which tokenizer made them: a client whose copy is not the one served now (the
-    model changed, or replicas differ) gets FAILED_PRECONDITION, not vectors of wrong tokens;
-    Client(tokenize_locally=True) then fetches the tokenizer again and sends once more."""
+def test_ids_made_for_another_tokenizing_are_refused_and_the_client_fetches_it_again(
+        stub, engine, server, client):
+    """Ids say what they were made for: the model's tokenizer, prompts and max length, hashed
+    (Info.tokenizing_sha256). A client whose copy is not what is served now (the model or its
+    prompts changed, or replicas differ) gets FAILED_PRECONDITION, not vectors of the wrong
+    tokens; Client(tokenize_locally=True) then fetches the tokenizer again and sends once more."""
     from bertstream.client import Client
 
+    sha = client.info()["tokenizing_sha256"]
+    assert sha == engine.tokenizing_sha256 and sha != engine.tokenizer_sha256
     ids = [row.tolist() for row in engine.tokenize(["a text"]).ids]
     with pytest.raises(grpc.RpcError) as info:
-        stub.Embed(ids_request(ids, tokenizer_sha256="0" * 64))
+        stub.Embed(ids_request(ids, tokenizing_sha256="0" * 64))
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "fetch GetTokenizer again" in info.value.details()
-    assert vectors(stub.Embed(ids_request(ids, tokenizer_sha256=engine.tokenizer_sha256))).shape \
-        == (1, 384)
+    assert "fetch GetTokenizer and Info again" in info.value.details()
+    for sent in (sha, sha.upper()):
+        assert vectors(stub.Embed(ids_request(ids, tokenizing_sha256=sent))).shape == (1, 384)
+    texts = ["a text", "another text"]
     with Client(server.target, timeout=30, tokenize_locally=True) as local:
-        texts = ["a text", "another text"]
         np.testing.assert_allclose(local.embed(texts), client.embed(texts), rtol=0, atol=1e-6)
-        local._local[""].sha256 = "0" * 64  # as if the server's tokenizer had changed since
+        local._local[""].sha256 = "0" * 64  # as if what the server serves had changed since
         np.testing.assert_allclose(local.embed(texts), client.embed(texts), rtol=0, atol=1e-6)
-        assert local._local[""].sha256 == engine.tokenizer_sha256  # fetched again
+        assert local._local[""].sha256 == sha  # fetched again
 
     async def the_async_client():
         from bertstream.client import AsyncClient
@@ -133,9 +136,31 @@ def test_ids_of_another_tokenizer_are_refused_and_the_client_fetches_it_again(st
 
     import asyncio
 
-    vectors_now, sha = asyncio.run(the_async_client())
+    vectors_now, now = asyncio.run(the_async_client())
     np.testing.assert_allclose(vectors_now, client.embed(texts), rtol=0, atol=1e-6)
-    assert sha == engine.tokenizer_sha256
+    assert now == sha
+
+
+def test_the_tokenizing_hash_changes_with_the_prompts_not_only_the_tokenizer(tiny_folders,
+                                                                            tmp_path):
+    """Fine-tunes of one base model share its tokenizer; a model whose default prompt differs
+    tokenizes differently all the same (a client adding the old prompt got vectors 2e-3 off,
+    with the tokenizer's hash matching)."""
+    import json
+    import shutil
+
+    from bertstream.server.engine import Engine
+
+    folder = tmp_path / "other-prompt"
+    shutil.copytree(tiny_folders["distilbert"], folder)
+    config = json.loads((folder / "config_sentence_transformers.json").read_text())
+    assert config.get("default_prompt_name"), "the tiny distilbert has a default prompt"
+    config["prompts"] = {name: "other " + text for name, text in config["prompts"].items()}
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(config))
+    one, other = (Engine(str(path), device="cpu", dtype="float32")
+                  for path in (tiny_folders["distilbert"], folder))
+    assert one.tokenizer_sha256 == other.tokenizer_sha256
+    assert one.tokenizing_sha256 != other.tokenizing_sha256
 
 
 def test_get_tokenizer_hands_out_the_servers_tokenizer(stub, engine, client):
