@@ -468,9 +468,11 @@ def create_app(core: Core, serving, budget: MemoryBudget, tokens: list[bytes] = 
 
 def json_counts(data: bytes, most: int) -> tuple[int, int] | None:
     """The strings of a JSON body, and its values besides them (commas, '[' and '{' outside the
-    strings), counted without parsing it; past `most` strings, it stops. None: not UTF-8, or a
-    broken string (the app's parser answers those). Parsed, 60 MB of tiny values took 1-7 GB:
-    Python objects, and pydantic's error for each."""
+    strings), counted without parsing it; past `most` strings, it stops; at a broken string, too
+    (the parser stops there, having built what came before: counted). None: not UTF-8, which
+    BodyLimit refuses (the parser would read UTF-16 or UTF-32, uncounted: 40 MB of them took
+    1 GB and held the event loop 5 s). Parsed, 60 MB of tiny values took 1-7 GB: Python
+    objects, and pydantic's error for each."""
     try:
         text = data.decode()
     except UnicodeDecodeError:
@@ -486,7 +488,7 @@ def json_counts(data: bytes, most: int) -> tuple[int, int] | None:
         try:
             position = scanstring(text, quote + 1)[1]  # past the closing quote; escapes in C
         except ValueError:
-            return None
+            break
     return strings, others
 
 
@@ -537,6 +539,10 @@ class BodyLimit:
         strings = self.max_texts * per_string + OTHER_STRINGS
         values = self.max_texts * per_value + OTHER_STRINGS
         counted = json_counts(data, max(strings, values))
+        if counted is None and data:
+            response = error_response(400, "request body is not UTF-8: JSON between systems is "
+                                           "UTF-8 (RFC 8259)")
+            return await response(scope, receive, send)
         if counted is not None and (counted[0] > strings or counted[1] > values):
             what = (f"more than {strings:,} JSON strings" if counted[0] > strings else
                     f"more than {values:,} other JSON values")

@@ -181,6 +181,14 @@ def test_a_body_of_more_strings_than_texts_is_refused_before_it_is_parsed(served
     quoted = [f'{i} said "hi", then "bye" \\"' for i in range(limit)]  # 5 quotes each, escaped
     status, body = post(served, "/v1/embeddings", {"input": quoted, "model": MODEL})
     assert status == 200 and len(body["data"]) == limit
+    # The same body in UTF-16 (which a JSON parser reads): refused, not parsed uncounted (40 MB
+    # of them took 1 GB and held the event loop 5 s); values before a broken string count.
+    many = json.dumps({"input": ["ab"] * (limit + 100)})
+    status, error = post(served, "/v1/embeddings", None, raw=many.encode("utf-16"))
+    assert status == 400 and "not UTF-8" in error["error"]["message"], error
+    broken = '{"input": [' + "[]," * (limit + 100) + '"a\\x"]}'  # an escape no JSON has
+    status, error = post(served, "/v1/embeddings", None, raw=broken.encode())
+    assert status == 413 and "other JSON values" in error["error"]["message"], error
 
 
 def test_info_health_metrics_and_docs(served, grpc_client):
