@@ -14,7 +14,7 @@ from .core import (EMBED_RPC, SEND_ATTEMPTS, SPARSE_RPC, Classified, EmbedStream
                    LocalTokenizer, Rpc, Usage, batches, build_request, check_combine_strategy,
                    classified_of, classify_request, combine_tokens, decode_response,
                    embed_request, make_channel, ranked_of, rerank_request, send_again, sparse_of,
-                   sparse_request, stale_tokenizer, tokens_request)
+                   made_for_another, sparse_request, stale_tokenizer, tokens_request)
 from .sync import info_of, tokens_of
 from bertstream.proto import embedder_pb2 as pb
 from bertstream.proto import embedder_pb2_grpc as pb_grpc
@@ -103,8 +103,14 @@ class AsyncClient:
         """As Client.stream, for a plain or an async iterable of texts."""
         requests = (await self._prepared(request)
                     async for request in _requests(texts, batch_size, build_request, options))
-        async for result in self._corpus(EMBED_RPC, requests, window, spread, message_timeout):
-            yield result
+        try:
+            async for result in self._corpus(EMBED_RPC, requests, window, spread,
+                                             message_timeout):
+                yield result
+        except (EmbedStreamError, grpc.RpcError) as error:  # fetched again next time
+            if made_for_another(error):
+                self._local.pop(options.get("model") or self.model or "", None)
+            raise
 
     async def stream_sparse(self, texts: Iterable[str] | AsyncIterable[str], batch_size: int = 64,
                             window: int = 64, spread: bool | None = None,

@@ -302,13 +302,21 @@ class LocalTokenizer:
         return request
 
 
+def made_for_another(error: grpc.RpcError | EmbedStreamError) -> bool:
+    """Whether the server refused token ids made for what it no longer serves (its tokenizer,
+    prompts or max length: EmbedRequest.tokenizing_sha256)."""
+    code, message = (error.code, error.message) if isinstance(error, EmbedStreamError) else \
+        (error.code(), error.details() or "")
+    return code == grpc.StatusCode.FAILED_PRECONDITION and \
+        message.startswith("token_ids were made for tokenizing")
+
+
 def stale_tokenizer(error: grpc.RpcError, request: pb.EmbedRequest, texts: list[str] | None,
                     tokenizers: dict) -> bool:
-    """Whether the server refused token ids made for what it no longer serves (its tokenizer,
-    prompts or max length: EmbedRequest.tokenizing_sha256). If so, the request is its texts again (`texts`: what it
-    held before it was converted) and that tokenizer is forgotten, to be fetched again."""
-    if texts is None or error.code() != grpc.StatusCode.FAILED_PRECONDITION or \
-            not (error.details() or "").startswith("token_ids were made for tokenizing"):
+    """Whether the server refused token ids made for what it no longer serves (made_for_another).
+    If so, the request is its texts again (`texts`: what it held before it was converted) and
+    that tokenizer is forgotten, to be fetched again."""
+    if texts is None or not made_for_another(error):
         return False
     tokenizers.pop(request.model, None)
     request.texts[:], request.token_ids, request.tokenizing_sha256 = texts, b"", ""

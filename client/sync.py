@@ -14,7 +14,7 @@ from .core import (EMBED_RPC, SEND_ATTEMPTS, SPARSE_RPC, Classified, EmbedStream
                    LocalTokenizer, Rpc, Usage, batches, build_request, check_combine_strategy,
                    classified_of, classify_request, combine_tokens, decode_response,
                    embed_request, make_channel, ranked_of, rerank_request, send_again, sparse_of,
-                   sparse_request, stale_tokenizer, tokens_request)
+                   made_for_another, sparse_request, stale_tokenizer, tokens_request)
 from bertstream.proto import embedder_pb2 as pb
 from bertstream.proto import embedder_pb2_grpc as pb_grpc
 
@@ -137,7 +137,19 @@ class Client:
             self._prepared(build_request(["a"], model=options.get("model")))
         requests = (self._prepared(build_request(batch, str(number), **options))
                     for number, batch in enumerate(batches(texts, batch_size)))
-        return self._corpus(EMBED_RPC, requests, window, spread, message_timeout)
+        return self._forgetting_stale(
+            self._corpus(EMBED_RPC, requests, window, spread, message_timeout),
+            options.get("model") or self.model or "")
+
+    def _forgetting_stale(self, results: Iterator, model: str) -> Iterator:
+        """A stream's results; if the server refuses its token ids as made for what it served
+        before, the stream fails, and the client's tokenizer is fetched again next time."""
+        try:
+            yield from results
+        except (EmbedStreamError, grpc.RpcError) as error:
+            if made_for_another(error):
+                self._local.pop(model, None)
+            raise
 
     def stream_sparse(self, texts: Iterable[str], batch_size: int = 64, window: int = 64,
                       spread: bool | None = None, message_timeout: float | None = None,

@@ -171,7 +171,7 @@ def token_ids_of(value) -> tuple[bytes, list[int]]:
     if isinstance(value, str) or (value and isinstance(value[0], str)):
         raise EmbedError.invalid("input: bertstream_token_ids is true, but input holds text; "
                                  "send token-id arrays, or leave bertstream_token_ids out")
-    rows = [value] if not value or isinstance(value[0], int) else value
+    rows = [value] if value and isinstance(value[0], int) else value  # one array: one text
     lengths = [len(row) for row in rows]
     try:
         flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64,

@@ -125,6 +125,17 @@ def test_ids_made_for_another_tokenizing_are_refused_and_the_client_fetches_it_a
         local._local[""].sha256 = "0" * 64  # as if what the server serves had changed since
         np.testing.assert_allclose(local.embed(texts), client.embed(texts), rtol=0, atol=1e-6)
         assert local._local[""].sha256 == sha  # fetched again
+        # A stream is not sent again (its rows may be half written): it fails, and the next
+        # one fetches the tokenizer again.
+        from bertstream.client import EmbedStreamError
+
+        for spread in (False, True):
+            local._local[""].sha256 = "0" * 64
+            with pytest.raises((EmbedStreamError, grpc.RpcError)) as info:
+                list(local.stream(texts, batch_size=1, spread=spread))
+            assert "made for tokenizing" in str(info.value)
+            np.testing.assert_allclose(np.concatenate(list(local.stream(texts, spread=spread))),
+                                       client.embed(texts), rtol=0, atol=1e-6)
 
     async def the_async_client():
         from bertstream.client import AsyncClient
