@@ -384,6 +384,16 @@ def test_this_models_token_ids_over_http_when_the_request_says_so(served, grpc_c
         np.testing.assert_allclose(got, grpc_client.embed(texts[:5]), rtol=0, atol=1e-6)
     status, answer = post(served, "/v1/embeddings", {"input": ids[0], "bertstream_token_ids": True})
     assert status == 200 and len(answer["data"]) == 1  # one array: one text
+    # The OpenAI SDK sends token arrays as they are; the flag goes in its extra_body.
+    from openai import OpenAI
+
+    openai = OpenAI(base_url=served.base + "/v1", api_key=TOKEN, max_retries=0)
+    response = openai.embeddings.create(model=MODEL, input=ids, encoding_format="float",
+                                        extra_body={"bertstream_token_ids": True,
+                                                    "bertstream_tokenizing_sha256": sha})
+    np.testing.assert_allclose(np.array([item.embedding for item in response.data],
+                                        dtype=np.float32),
+                               grpc_client.embed(texts[:5]), rtol=0, atol=1e-6)
     for body, code, message in [
             ({"bertstream_tokenizing_sha256": "0" * 64}, 409, "fetch GetTokenizer and Info"),
             ({"input": [ids[0], [101, 2**40, 102]]}, 400, "input[1]: a token id outside"),
