@@ -13,7 +13,7 @@ from .jobs import Job
 # plain ints runs at C speed, where (length, arrival, item) tuples were compared element by
 # element (a 64-text message into 100,000 waiting texts: 3.4 ms of the event loop, now 1.0;
 # benchmarks/probes/queue_cost.py).
-ARRIVAL_BITS = 48
+ARRIVAL_BITS = 48  # 2.8e14 texts a queue: 89 years at 100,000 texts a second
 ARRIVAL_MASK = (1 << ARRIVAL_BITS) - 1
 
 
