@@ -82,7 +82,7 @@ def splade(logits: torch.Tensor, lengths: np.ndarray, rows: np.ndarray, pooling:
     their max ("max": of the logits, then the activation, which never decreases) or sum.
     lengths are the chosen rows'. Returns (len(rows), vocab) float32 on the host; rows go a
     few at a time, at most chunk_values float32 values of them at once."""
-    device, (batch, seq, vocab) = logits.device, logits.shape
+    device, (_, seq, vocab) = logits.device, logits.shape
     ends = torch.from_numpy(np.asarray(lengths, dtype=np.int64)).to(device)
     index = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(device)
     step = max(1, chunk_values // max(1, seq * vocab))
