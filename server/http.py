@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import itertools
 import logging
 import os
 import time
@@ -37,6 +36,7 @@ from .budget import MemoryBudget
 from .core import Core, EmbedCall, ScoreCall, SparseCall, ranking
 from .errors import EmbedError, ErrorKind
 from .security import bearer_allowed
+from .token_rows import TokenRows
 
 log = logging.getLogger("bertstream.http")
 
@@ -167,25 +167,20 @@ def model_entry(info: dict) -> dict:
 
 def token_ids_of(value) -> tuple[bytes, list[int]]:
     """OpenAI-shaped token-id input (one array of ints, or one per text) as EmbedRequest's
-    token_ids bytes (little-endian int32) and token_lengths; EmbedError names a bad item."""
+    token_ids bytes (little-endian int32) and token_lengths; EmbedError names a bad item (the
+    core checks the ids against the vocabulary, as gRPC's)."""
     if isinstance(value, str) or (value and isinstance(value[0], str)):
         raise EmbedError.invalid("input: bertstream_token_ids is true, but input holds text; "
                                  "send token-id arrays, or leave bertstream_token_ids out")
     rows = [value] if value and isinstance(value[0], int) else value  # one array: one text
-    lengths = [len(row) for row in rows]
     try:
-        flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64,
-                           count=sum(lengths))
-    except OverflowError:
-        flat = None
-    outside = None if flat is None else np.flatnonzero((flat < 0) | (flat >= 2**31))
-    if flat is None or outside.size:
-        ends = np.cumsum(lengths)
-        first = next(i for i, row in enumerate(rows) for id in row if not 0 <= id < 2**31) \
-            if flat is None else int(np.searchsorted(ends, outside[0], side="right"))
-        raise EmbedError.invalid(f"input[{first}]: a token id outside 0..2^31-1 (this model's "
-                                 f"ids are its vocabulary's)")
-    return flat.astype("<i4").tobytes(), lengths
+        tokens = TokenRows.of(rows)  # one C loop over the lists
+    except (OverflowError, ValueError):
+        first = next(i for i, row in enumerate(rows)
+                     if not all(-2**31 <= id < 2**31 for id in row))
+        raise EmbedError.invalid(f"input[{first}]: a token id outside int32 (this model's ids "
+                                 f"are its vocabulary's)") from None
+    return tokens.flat.astype("<i4", copy=False).tobytes(), tokens.lengths.tolist()
 
 
 def texts_of(value) -> list[str]:
