@@ -42,13 +42,18 @@ def process_cpu(pid: int) -> float:
 
 
 def thread_cpu(pid: int) -> dict[str, tuple[str, float]]:
-    """Thread id -> (its name, its CPU seconds so far)."""
+    """Thread id -> (its name, its CPU seconds so far), to the nanosecond where the kernel keeps
+    schedstat (the clock ticks of stat are 10 ms: 3 µs a text over 3,000 texts)."""
     out = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             name = (task / "comm").read_text().strip()
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            out[task.name] = (name, (int(fields[11]) + int(fields[12])) / TICK)
+            try:
+                used = int((task / "schedstat").read_text().split()[0]) / 1e9
+            except (FileNotFoundError, IndexError, ValueError):
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                used = (int(fields[11]) + int(fields[12])) / TICK
+            out[task.name] = (name, used)
         except (FileNotFoundError, ProcessLookupError):
             pass
     return out

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks.harness import free_port, machine, process_cpu, stdlib_paragraphs, thread_cpu
+from benchmarks.harness import free_port, machine, stdlib_paragraphs, thread_cpu
 from bertstream.server.limits import BATCH_TOKENS_BY_DEVICE
 
 # Stages by the OS name of the thread that runs them (server/threads.py names the server's own;
@@ -135,16 +135,17 @@ def stage_of(name: str) -> str:
 
 
 def measure(server: StandInServer, texts, count: int, local: bool) -> dict:
-    """One run: wall seconds, server CPU seconds, CPU seconds per stage."""
+    """One run: wall seconds, server CPU seconds, CPU seconds per stage (the server's threads
+    live as long as it does, so their sum is the process's CPU, to the nanosecond)."""
     pid = server.process.pid
-    before, cpu = thread_cpu(pid), process_cpu(pid)
+    before = thread_cpu(pid)
     wall = streams(server.target, texts, count, local)
     after = thread_cpu(pid)
     stages: dict[str, float] = {}
     for tid, (name, used) in after.items():
         stage = stage_of(name)
         stages[stage] = stages.get(stage, 0.0) + used - before.get(tid, (name, 0.0))[1]
-    return {"wall": wall, "cpu": process_cpu(pid) - cpu, "stages": stages}
+    return {"wall": wall, "cpu": sum(stages.values()), "stages": stages}
 
 
 def tokenizer_cpu(target: str, texts, rounds: int) -> float:
@@ -196,7 +197,7 @@ def main() -> None:
         streams(server.target, texts[:256], 1, False)
         streams(server.target, texts[:256], 1, True)
         tokenizing = tokenizer_cpu(server.target, texts, args.rounds) / len(texts) * 1e6
-        print(f"\nthe tokenizer alone (encode_batch_fast, this process): {tokenizing:.0f} µs "
+        print(f"\nthe tokenizer alone (encode_batch_fast, this process): {tokenizing:.1f} µs "
               f"CPU per text\n")
         print("| input | streams | texts/s | server CPU per text | x the tokenizer | "
               + " | ".join(stage for stage, _ in STAGES) + " | other threads |")
@@ -208,8 +209,8 @@ def main() -> None:
                 stages = [run["stages"].get(stage, 0.0) / len(texts) * 1e6
                           for stage in [s for s, _ in STAGES] + ["other threads"]]
                 print(f"| {'token ids' if local else 'texts'} | {count} | {run['rate']:,.0f} | "
-                      f"{per_text:.0f} µs | {per_text / tokenizing:.2f} | "
-                      + " | ".join(f"{value:.0f} µs" for value in stages) + " |")
+                      f"{per_text:.1f} µs | {per_text / tokenizing:.2f} | "
+                      + " | ".join(f"{value:.1f} µs" for value in stages) + " |")
     finally:
         server.stop()
     print("\nserved texts/s, the server pinned to one core and to two (taskset); the client "

@@ -33,7 +33,7 @@ __all__ = [
     "POOLING_MODES", "MODE_ALIASES", "pool_modes", "LAYER_COMBINES", "default_threads", "pool", "masked_mean", "masked_max",
     "cls_pool", "mean_max", "gather_tokens", "l2_normalize", "pack_float16", "pack_bfloat16",
     "pack_int8", "pack_binary", "bfloat16_to_float32", "SPLADE_POOLINGS", "splade",
-    "flatten_ids",
+    "flatten_ids", "gather_rows", "group_rows",
 ]
 
 
@@ -295,3 +295,33 @@ def flatten_ids(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     offsets = np.empty(len(rows) + 1, dtype=np.int64)
     _kernels.flatten_ids(rows, flat, offsets)
     return flat, offsets
+
+
+def gather_rows(flats: list[np.ndarray], offsets: list[np.ndarray], job_of: np.ndarray,
+                index: np.ndarray, total: int) -> tuple[np.ndarray, np.ndarray]:
+    """Texts from several flat buffers (flats[j] holds text i at offsets[j][i]:offsets[j][i +
+    1]) back to back: row r is text index[r] of buffer job_of[r]. Returns the int32 ids (total
+    of them: the rows' tokens) and the int64 offsets where each row starts (len(job_of) + 1)."""
+    flats = [np.ascontiguousarray(flat, dtype=np.int32) for flat in flats]
+    offsets = [np.ascontiguousarray(off, dtype=np.int64) for off in offsets]
+    out = np.empty(total, dtype=np.int32)
+    out_offsets = np.empty(len(job_of) + 1, dtype=np.int64)
+    _kernels.gather_rows(flats, offsets, np.ascontiguousarray(job_of, dtype=np.int64),
+                         np.ascontiguousarray(index, dtype=np.int64), out, out_offsets)
+    if out_offsets[-1] != total:
+        raise ValueError(f"total: the rows hold {int(out_offsets[-1])} tokens, not {total}")
+    return out, out_offsets
+
+
+def group_rows(group: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                        np.ndarray]:
+    """Rows by their group (each 0 <= group[r] < groups), as np.unique(group,
+    return_inverse=True) and a stable argsort would, in one C pass each way: (present, the groups
+    that occur, ascending; number, row r's place among them; order, the rows grouped, in row
+    order within a group; ends, where each present group's rows end in order)."""
+    group = np.ascontiguousarray(group, dtype=np.int64)
+    rows = len(group)
+    number, order, present, ends = (np.empty(rows, dtype=np.int64) for _ in range(4))
+    k = _kernels.group_rows(group, np.zeros(groups, dtype=np.int64),
+                            np.empty(groups, dtype=np.int64), number, order, present, ends)
+    return present[:k], number, order, ends[:k]

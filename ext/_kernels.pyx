@@ -10,6 +10,7 @@ from cython.parallel cimport prange, parallel, threadid
 from cpython.list cimport PyList_GET_ITEM
 from cpython.long cimport PyLong_AsLong, PyLong_CheckExact
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 from libc.math cimport sqrt, fabsf, rintf, isfinite, log1pf, INFINITY
 
@@ -385,3 +386,99 @@ def flatten_ids(list rows, int32_t[::1] out, int64_t[::1] offsets):
             out[at + t] = <int32_t> number
         at += n
         offsets[r + 1] = at
+
+
+def gather_rows(list flats, list offsets, const int64_t[::1] job_of, const int64_t[::1] index,
+                int32_t[::1] out, int64_t[::1] out_offsets):
+    """Texts of several buffers back to back into one: row r is text index[r] of buffer
+    job_of[r] (flats[j] holds text i at offsets[j][i]:offsets[j][i + 1]), written to `out` from
+    out_offsets[r] (len(job_of) + 1 entries). One C loop over a batch's rows: numpy slicing was a
+    call a text. Every buffer, index and size is checked here (IndexError, ValueError): a bad
+    one must not read or write outside an array. The arrays are C-contiguous (the Python layer
+    makes them so) and stay alive in the lists while this runs."""
+    cdef Py_ssize_t buffers = len(flats), rows = job_of.shape[0]
+    if len(offsets) != buffers:
+        raise ValueError("offsets: expected one array per buffer")
+    if index.shape[0] != rows or out_offsets.shape[0] != rows + 1:
+        raise ValueError("index and out_offsets: expected len(job_of) and len(job_of) + 1 entries")
+    # per buffer: its ids and texts counts, where its two arrays lie
+    cdef int64_t* sizes = <int64_t*> malloc(2 * (buffers + 1) * sizeof(int64_t))
+    cdef size_t* places = <size_t*> malloc(2 * (buffers + 1) * sizeof(size_t))
+    if sizes == NULL or places == NULL:
+        free(sizes)
+        free(places)
+        raise MemoryError()
+    try:
+        _gather_rows(flats, offsets, job_of, index, out, out_offsets, sizes, places)
+    finally:
+        free(sizes)
+        free(places)
+
+
+cdef _gather_rows(list flats, list offsets, const int64_t[::1] job_of, const int64_t[::1] index,
+                  int32_t[::1] out, int64_t[::1] out_offsets, int64_t* sizes, size_t* places):
+    cdef Py_ssize_t buffers = len(flats), rows = job_of.shape[0], r, j, i, n, at = 0
+    cdef const int32_t[::1] flat
+    cdef const int64_t[::1] off
+    cdef int64_t start, end
+    for j in range(buffers):
+        flat, off = flats[j], offsets[j]
+        sizes[2 * j], sizes[2 * j + 1] = flat.shape[0], off.shape[0] - 1
+        places[2 * j] = <size_t> &flat[0] if flat.shape[0] else 0
+        places[2 * j + 1] = <size_t> &off[0] if off.shape[0] else 0
+    cdef const int32_t* source
+    cdef const int64_t* starts
+    out_offsets[0] = 0
+    for r in range(rows):
+        j = job_of[r]
+        if j < 0 or j >= buffers:
+            raise IndexError(f"job_of[{r}]: {j} is not a buffer (of {buffers})")
+        i = index[r]
+        if i < 0 or i >= sizes[2 * j + 1]:
+            raise IndexError(f"index[{r}]: {i} is not a text of buffer {j}")
+        starts = <const int64_t*> places[2 * j + 1]
+        start, end = starts[i], starts[i + 1]
+        n = end - start
+        if start < 0 or n < 0 or end > sizes[2 * j] or at + n > out.shape[0]:
+            raise ValueError(f"row {r}: text {i} of buffer {j} runs outside its buffer or out")
+        if n:
+            source = <const int32_t*> places[2 * j]
+            memcpy(&out[at], source + start, n * sizeof(int32_t))
+        at += n
+        out_offsets[r + 1] = at
+
+
+
+def group_rows(const int64_t[::1] group, int64_t[::1] start, int64_t[::1] rank,
+               int64_t[::1] number, int64_t[::1] order, int64_t[::1] present,
+               int64_t[::1] ends):
+    """Rows by their group (0 <= group[r] < len(start)), by counting, in one pass each way:
+    the groups present, ascending, into present[:k] (returns k); number[r] row r's group's place
+    among them; order the rows grouped (in row order within a group), group k's ending at
+    ends[k]. start and rank are scratch, one entry a group, start zeroed; number, order, present
+    and ends hold one entry a row. The Python layer sized them."""
+    cdef Py_ssize_t rows = group.shape[0], groups = start.shape[0], r, g, k = 0
+    cdef int64_t at = 0, n
+    if rank.shape[0] != groups or number.shape[0] != rows or order.shape[0] != rows \
+            or present.shape[0] < rows or ends.shape[0] < rows:
+        raise ValueError("group_rows: arrays of the wrong size")
+    for r in range(rows):
+        g = group[r]
+        if g < 0 or g >= groups:
+            raise IndexError(f"group[{r}]: {g} is not a group (of {groups})")
+        start[g] += 1
+    for g in range(groups):  # start[g]: a count, then where group g's rows begin in order
+        n = start[g]
+        if n:
+            start[g] = at
+            at += n
+            rank[g] = k
+            present[k] = g
+            ends[k] = at
+            k += 1
+    for r in range(rows):
+        g = group[r]
+        order[start[g]] = r
+        start[g] += 1
+        number[r] = rank[g]
+    return k

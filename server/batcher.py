@@ -37,8 +37,7 @@ from .engine import EmbedOptions, Engine
 from .errors import EmbedError, ErrorKind
 from .jobs import BULK, INTERACTIVE, LANES, Job
 from .metrics import Metrics
-from .text_queue import Queue, Queued
-from .token_rows import TokenRows
+from .text_queue import Batch, Queue
 from .threads import name_os_thread
 
 log = logging.getLogger("bertstream.batcher")
@@ -173,7 +172,7 @@ class Batcher:
         while (taken := self._next_batch(number)) is not None:
             batch, alone = taken
             if self.on_leave is not None:
-                self.on_leave(batch[0].job.lane, len(batch))  # a batch holds one lane
+                self.on_leave(batch.jobs[0].lane, len(batch))  # a batch holds one lane
             # Worker 0 alone with the last batch queued: use every core (the latency case).
             # Only worker 0 ever does, so the process has one OpenMP team at most.
             wide = alone and number == 0 and share < engine.threads
@@ -187,7 +186,7 @@ class Batcher:
                 if wide:
                     engine.set_forward_threads(share)
 
-    def _next_batch(self, number: int) -> tuple[list[Queued], bool] | None:
+    def _next_batch(self, number: int) -> tuple[Batch, bool] | None:
         """Wait for work and cut the next batch; also say whether this worker is alone: nothing
         left queued and every other worker idle. None: closing and nothing left. Worker 0
         takes work first (only it may use every core); the others take what it leaves."""
@@ -247,35 +246,35 @@ class Batcher:
                 return queues[turn]
         raise AssertionError(f"no work in the {lane} lane")  # the caller checked there is
 
-    def _run(self, batch: list[Queued], number: int) -> None:
+    def _run(self, batch: Batch, number: int) -> None:
         metrics = self.metrics
         start = time.perf_counter_ns()
         metrics.queue_depth.dec(len(batch))
-        batch = [item for item in batch if not item.job.cancelled]  # their callers have gone
-        if not batch:
+        batch = batch.without_cancelled()  # their callers have gone
+        if not len(batch):
             return
         # How long the batch's longest-waiting text waited: an observation per forward pass,
         # not per text (two a text were a quarter of a forward worker's time when the forward
         # pass costs nothing: benchmarks/host_path.py).
-        waited = (start - min(item.job.enqueued_ns for item in batch)) / 1e9
+        waited = (start - min(job.enqueued_ns for job in batch.jobs)) / 1e9
         metrics.queue_wait.observe(waited)
-        metrics.lane_queue_wait.labels(batch[0].job.lane).observe(waited)
-        engine = batch[0].job.engine  # a batch holds one model's texts
+        metrics.lane_queue_wait.labels(batch.jobs[0].lane).observe(waited)
+        engine = batch.jobs[0].engine  # a batch holds one model's texts
         for part, hidden, lengths in self._forward_splitting(engine, batch):
             self._complete(part, hidden, lengths, start, number)
             del hidden  # free the layers before the next part
 
-    def _forward_splitting(self, engine: Engine, batch: list[Queued]):
+    def _forward_splitting(self, engine: Engine, batch: Batch):
         """Run the forward pass; if it fails (out of memory on a big batch, say), retry each half,
         down to single texts. Yields (texts, hidden states, lengths); for a text that fails on its
         own, the exception in place of the hidden states. The server lives on either way."""
         failed = None
         try:
             started = time.perf_counter()
-            if batch[0].job.type_ids is None:
-                hidden, lengths = engine.forward(gather(batch, "ids"))
+            if batch.jobs[0].type_ids is None:
+                hidden, lengths = engine.forward(batch.gather("ids"))
             else:  # a cross-encoder's pairs: their segment ids too
-                hidden, lengths = engine.forward(gather(batch, "ids"), gather(batch, "type_ids"))
+                hidden, lengths = engine.forward(batch.gather("ids"), batch.gather("type_ids"))
             self.metrics.forward_seconds.labels(engine.name).observe(time.perf_counter() - started)
             self._count_pass(engine, batch)
             self.failures_in_a_row[engine] = 0
@@ -301,31 +300,30 @@ class Batcher:
         yield from self._forward_splitting(engine, batch[:middle])
         yield from self._forward_splitting(engine, batch[middle:])
 
-    def _count_pass(self, engine: Engine, batch: list[Queued]) -> None:
+    def _count_pass(self, engine: Engine, batch: Batch) -> None:
         """A pass that ran, in the metrics: its rows, tokens real and padded, FLOPs (a failed
         pass retried in halves counts the halves that ran, not the batch that did not)."""
         metrics, model = self.metrics, engine.name
-        rows, longest = len(batch), batch[-1].length  # sorted: the last is the longest
-        real = sum(item.length for item in batch)
+        rows, longest, real = len(batch), batch.longest, batch.tokens
         metrics.batch_rows.labels(model).observe(rows)
         metrics.batch_tokens.labels(model).observe(rows * longest)
         metrics.padded_tokens.labels(model).inc(rows * longest)
         metrics.real_tokens.labels(model).inc(real)
         metrics.forward_flops.labels(model).inc(engine.forward_flops(rows, longest, real))
 
-    def _complete(self, batch: list[Queued], hidden, lengths: np.ndarray, start: int,
+    def _complete(self, batch: Batch, hidden, lengths: np.ndarray, start: int,
                   number: int) -> None:
         """Pool a forwarded batch and settle the jobs whose last text it held."""
-        parts = by_job(batch)
+        parts = batch.parts()
         try:
             if isinstance(hidden, Exception):
                 raise hidden
-            pooled = self._pool_batch(batch[0].job.engine, len(batch), parts, hidden, lengths)
+            pooled = self._pool_batch(batch.jobs[0].engine, len(batch), parts, hidden, lengths)
             error = None
         except Exception as exc:
             if hidden is not exc:  # forward failures were logged where they happened
                 log.exception("pooling failed on a batch of %d texts", len(batch))
-            which = f"texts[{batch[0].index}]: " if len(batch) == 1 else ""
+            which = f"texts[{batch.index[0]}]: " if len(batch) == 1 else ""
             error = EmbedError(ErrorKind.INTERNAL, f"{which}computing embeddings failed: "
                                                    f"{type(exc).__name__}: {exc}")
             pooled = [None] * len(parts)
@@ -384,22 +382,3 @@ class Batcher:
                     else [output[i] for i in at.tolist()]
         return pooled
 
-
-def gather(batch: list[Queued], field: str) -> TokenRows:
-    """The batch's texts' ids (or, field "type_ids", segment ids), in batch order."""
-    flats = [getattr(item.job, field).flat for item in batch]
-    return TokenRows.of_lengths(
-        np.concatenate([flat[item.start:item.start + item.length]
-                        for flat, item in zip(flats, batch)]),
-        [item.length for item in batch])
-
-
-def by_job(batch: list[Queued]) -> list[tuple[Job, np.ndarray, np.ndarray]]:
-    """A batch's texts by job: (job, its texts' indices, their rows in the batch), jobs in
-    order of their first text."""
-    parts: dict[Job, tuple[list[int], list[int]]] = {}
-    for row, item in enumerate(batch):
-        indices, rows = parts.setdefault(item.job, ([], []))
-        indices.append(item.index)
-        rows.append(row)
-    return [(job, np.array(indices), np.array(rows)) for job, (indices, rows) in parts.items()]

@@ -527,3 +527,68 @@ def test_flatten_ids_runs_no_python_inside_its_loop():
     row[0] = Growing()
     with pytest.raises(TypeError, match="expected an int"):
         ext.flatten_ids([row])
+
+
+@st.composite
+def buffers_and_picks(draw):
+    """Flat buffers of texts (some empty, some with empty texts) and rows picking texts of them."""
+    buffers = draw(st.lists(st.lists(st.lists(st.integers(-2**31, 2**31 - 1), max_size=12),
+                                     min_size=1, max_size=8), min_size=1, max_size=5))
+    picks = draw(st.lists(st.integers(0, 10**6), max_size=40))
+    rows = []
+    for pick in picks:
+        j = pick % len(buffers)
+        rows.append((j, (pick // len(buffers)) % len(buffers[j])))
+    return buffers, rows
+
+
+@settings(max_examples=80, deadline=None)
+@given(buffers_and_picks())
+def test_gather_rows_matches_reference(case):
+    buffers, rows = case
+    flats = [ext.flatten_ids(texts) for texts in buffers]
+    job_of = np.array([j for j, _ in rows], dtype=np.int64)
+    index = np.array([i for _, i in rows], dtype=np.int64)
+    total = sum(len(buffers[j][i]) for j, i in rows)
+    flat, offsets = ext.gather_rows([f for f, _ in flats], [o for _, o in flats], job_of, index,
+                                    total)
+    assert flat.tolist() == [t for j, i in rows for t in buffers[j][i]]
+    assert offsets.tolist() == [0, *np.cumsum([len(buffers[j][i]) for j, i in rows]).tolist()]
+
+
+def test_gather_rows_refuses_what_lies_outside_its_buffers():
+    flat, offsets = ext.flatten_ids([[1, 2], [3]])
+    first = np.zeros(1, dtype=np.int64)
+    with pytest.raises(IndexError, match=r"job_of\[0\]: 1 is not a buffer"):
+        ext.gather_rows([flat], [offsets], first + 1, first, 2)
+    with pytest.raises(IndexError, match=r"index\[0\]: 2 is not a text of buffer 0"):
+        ext.gather_rows([flat], [offsets], first, first + 2, 1)
+    with pytest.raises(IndexError, match=r"index\[0\]: -1"):
+        ext.gather_rows([flat], [offsets], first, first - 1, 1)
+    with pytest.raises(ValueError, match="runs outside its buffer"):  # offsets past the ids
+        ext.gather_rows([flat[:1]], [offsets], first, first, 2)
+    with pytest.raises(ValueError, match="runs outside"):  # out too small
+        ext.gather_rows([flat], [offsets], first, first, 1)
+    with pytest.raises(ValueError, match="total: the rows hold 2 tokens, not 3"):
+        ext.gather_rows([flat], [offsets], first, first, 3)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 20).flatmap(
+    lambda groups: st.tuples(st.just(groups), st.lists(st.integers(0, groups - 1), max_size=60))))
+def test_group_rows_matches_numpy(case):
+    groups, group = case
+    group = np.array(group, dtype=np.int64)
+    present, number, order, ends = ext.group_rows(group, groups)
+    expected_present, expected_number = np.unique(group, return_inverse=True)
+    assert present.tolist() == expected_present.tolist()
+    assert number.tolist() == expected_number.reshape(-1).tolist()
+    assert order.tolist() == np.argsort(group, kind="stable").tolist()
+    assert ends.tolist() == np.cumsum(np.bincount(group)[expected_present]).tolist()
+
+
+def test_group_rows_refuses_a_row_outside_the_groups():
+    with pytest.raises(IndexError, match=r"group\[1\]: 3 is not a group \(of 3\)"):
+        ext.group_rows(np.array([0, 3]), 3)
+    with pytest.raises(IndexError, match=r"group\[0\]: -1"):
+        ext.group_rows(np.array([-1]), 3)

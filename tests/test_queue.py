@@ -23,9 +23,11 @@ class FakeJob:
     """What the Queue reads of a Job: its texts' token ids, whose turn they take, its order."""
 
     def __init__(self, lengths, caller=None):
-        self.ids = TokenRows.of([range(n) for n in lengths])
-        self.who = caller or self
         self.sequence = next(SEQUENCE)
+        self.ids = TokenRows.of([range(self.sequence, self.sequence + n) for n in lengths])
+        self.type_ids = TokenRows.of([[self.sequence % 2] * n for n in lengths])
+        self.who = caller or self
+        self.cancelled = False
 
 
 def drain(queue: Queue) -> list[list]:
@@ -65,6 +67,44 @@ def test_every_text_is_cut_once_and_batches_fit_the_budget(jobs, budget, free):
 
 
 @settings(max_examples=100, deadline=None)
+@given(jobs=jobs_strategy, budget=st.sampled_from([64, 300, 1024]), data=st.data())
+def test_a_batch_gathers_its_rows_ids_and_keeps_them_when_split_or_cancelled(jobs, budget, data):
+    """A batch's ids (and segment ids) are its rows' own, in its order, however many jobs it
+    holds; so are a half's (a failed pass is retried in halves), and a batch without the jobs
+    of callers who left."""
+    callers = [object() for _ in range(4)]
+    queue = Queue(budget)
+    submitted = [FakeJob(lengths, callers[c] if c else None) for lengths, c in jobs]
+    for job in submitted:
+        queue.add(job)
+
+    def expected(batch, field):
+        return [int(t) for item in batch for t in getattr(item.job, field)[item.index]]
+
+    for batch in drain(queue):
+        for field in ("ids", "type_ids"):
+            rows = batch.gather(field)
+            assert rows.flat.tolist() == expected(batch, field)
+            assert rows.lengths.tolist() == [item.length for item in batch]
+        assert [(job, indices.tolist()) for job, indices, _ in batch.parts()] == \
+            [(job, [item.index for item in batch if item.job is job]) for job in batch.jobs]
+        for job, _, rows in batch.parts():
+            assert all(list(batch)[row].job is job for row in rows.tolist())
+        middle = data.draw(st.integers(0, len(batch)))
+        for half in (batch[:middle], batch[middle:]):
+            assert half.gather("ids").flat.tolist() == expected(half, "ids")
+        gone = data.draw(st.sets(st.sampled_from(batch.jobs)))
+        for job in gone:
+            job.cancelled = True
+        kept = batch.without_cancelled()
+        assert [(item.job, item.index) for item in kept] == \
+            [(item.job, item.index) for item in batch if item.job not in gone]
+        assert kept.gather("ids").flat.tolist() == expected(kept, "ids")
+        for job in gone:
+            job.cancelled = False
+
+
+@settings(max_examples=100, deadline=None)
 @given(jobs=jobs_strategy)
 def test_each_cut_serves_the_oldest_message_of_the_caller_served_least_recently(jobs):
     callers = [object() for _ in range(4)]
@@ -75,10 +115,10 @@ def test_each_cut_serves_the_oldest_message_of_the_caller_served_least_recently(
     cut = 0
     while queue.waiting:
         oldest = {caller: line[0] for caller, line in queue._lines.items()}
-        turn = min(oldest, key=lambda c: (last_served.get(c, -1), oldest[c].oldest().arrival))
+        turn = min(oldest, key=lambda c: (last_served.get(c, -1), queue._oldest(oldest[c])))
         cut += 1
         batch = queue.cut()
-        assert any(item.job is oldest[turn].items[0].job for item in batch)
+        assert any(item.job is oldest[turn].job for item in batch)
         last_served[turn] = cut
 
 
@@ -162,7 +202,7 @@ def test_a_stream_arriving_after_another_streams_lead_gets_a_lead_of_its_own(cor
     head, *rest = [FakeJob(corpus_lengths[i:i + 64], first) for i in range(0, 640, 64)]
     for message in (head, *rest):
         queue.add(message)
-    while any(line[0].items[0].job is head for line in queue._lines.values()):
+    while any(line[0].job is head for line in queue._lines.values()):
         queue.cut()  # until the first stream's lead is all cut
     messages = [FakeJob(corpus_lengths[i:i + 64], second) for i in range(0, 320, 64)]
     for message in messages:
