@@ -1,6 +1,6 @@
 """Probe: a forward worker's CPU per text with a forward pass that costs nothing, in-process.
 
-    python -m benchmarks.probes.forward_worker [--rounds 15] [--workers N]
+    python -m benchmarks.probes.forward_worker [--rounds 15] [--workers N] [--batch-tokens N]
 
 3,000 corpus paragraphs, tokenized once in messages of 64, go through a Queue and Batcher._run
 on this thread (no other thread, no gRPC): queueing, cutting, padding, the stand-in forward
@@ -28,6 +28,8 @@ from benchmarks.harness import machine, stdlib_paragraphs
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--batch-tokens", type=int, default=1024,
+                        help="the token budget of a batch (a GPU's: 32768)")
     parser.add_argument("--workers", type=int, default=0,
                         help="submit to a Batcher with this many forward workers")
     args = parser.parse_args()
@@ -40,7 +42,8 @@ def main() -> None:
 
     engine = Engine(device="cpu", dtype="float32", threads=None if args.workers else 1,
                     forward_workers=args.workers or 1)
-    flat = torch.randn(1024 * 512 * engine.hidden_size)
+    budget = args.batch_tokens
+    flat = torch.randn(max(budget, engine.max_length) * engine.hidden_size)  # rows x longest
 
     def stand_in(input_ids, attention_mask, **_):
         rows, longest = input_ids.shape
@@ -53,10 +56,10 @@ def main() -> None:
     options = engine.options()
     messages = [engine.tokenize(texts[i:i + 64], prompt=options.prompt)
                 for i in range(0, len(texts), 64)]
-    batcher = Batcher([engine], 1024)  # its own workers stay idle: nothing is submitted
+    batcher = Batcher([engine], budget)  # its own workers stay idle: nothing is submitted
 
     def one_round():
-        queue, caller = Queue(1024), object()
+        queue, caller = Queue(budget), object()
         for number, tokens in enumerate(messages):
             queue.add(Job(tokens.ids, options, "float32", lambda result: None, caller=caller,
                           sequence=number, engine=engine))
@@ -64,7 +67,7 @@ def main() -> None:
             batcher._run(queue.cut(), 0)
 
     if args.workers:
-        return with_workers(engine, messages, options, args.rounds, len(texts))
+        return with_workers(engine, messages, options, args.rounds, len(texts), budget)
     one_round()
     seconds = []
     for _ in range(args.rounds):
@@ -83,7 +86,7 @@ def main() -> None:
     batcher.close()
 
 
-def with_workers(engine, messages, options, rounds: int, texts: int) -> None:
+def with_workers(engine, messages, options, rounds: int, texts: int, budget: int) -> None:
     """The jobs through a Batcher's own forward workers: their CPU and voluntary switches."""
     import os
     import threading
@@ -102,7 +105,7 @@ def with_workers(engine, messages, options, rounds: int, texts: int) -> None:
                 switches += int(status.split("\nvoluntary_ctxt_switches:")[1].split()[0])
         return cpu, switches
 
-    batcher = Batcher([engine], 1024)
+    batcher = Batcher([engine], budget)
     runs = []
     for _ in range(rounds + 1):  # the first warms up
         done, caller = threading.Semaphore(0), object()

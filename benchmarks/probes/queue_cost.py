@@ -27,8 +27,9 @@ for _ in range(50):  # a stream's messages of 64 texts (on the event loop, as su
     start = time.perf_counter()
     queue.add(message)
     messages.append(time.perf_counter() - start)
+request = FakeJob([random.randint(5, 256) for _ in range(10_000)])
 start = time.perf_counter()
-queue.add(FakeJob([random.randint(5, 256) for _ in range(10_000)]))
+queue.add(request)
 added = time.perf_counter() - start
 cuts = []
 for _ in range(200):
