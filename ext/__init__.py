@@ -33,7 +33,7 @@ __all__ = [
     "POOLING_MODES", "MODE_ALIASES", "pool_modes", "LAYER_COMBINES", "default_threads", "pool", "masked_mean", "masked_max",
     "cls_pool", "mean_max", "gather_tokens", "l2_normalize", "pack_float16", "pack_bfloat16",
     "pack_int8", "pack_binary", "bfloat16_to_float32", "SPLADE_POOLINGS", "splade",
-    "flatten_ids", "gather_rows", "group_rows",
+    "flatten_ids", "gather_rows", "group_rows", "greedy_run",
 ]
 
 
@@ -325,3 +325,12 @@ def group_rows(group: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray, 
     k = _kernels.group_rows(group, np.zeros(groups, dtype=np.int64),
                             np.empty(groups, dtype=np.int64), number, order, present, ends)
     return present[:k], number, order, ends[:k]
+
+
+def greedy_run(keys: list[int], at: int, budget: int, shift: int) -> tuple[int, int]:
+    """The run holding keys[at] (a sorted list of ints, each a text's length above `shift`
+    bits), of the runs that cut the list greedily from the first, each the longest whose count
+    x last length fits `budget`: (its first index, the index past its last)."""
+    if not isinstance(keys, list):
+        raise ValueError("keys: expected a list of ints")
+    return _kernels.greedy_run(keys, at, budget, shift)

@@ -8,7 +8,7 @@
 
 from cython.parallel cimport prange, parallel, threadid
 from cpython.list cimport PyList_GET_ITEM
-from cpython.long cimport PyLong_AsLong, PyLong_CheckExact
+from cpython.long cimport PyLong_AsLong, PyLong_AsLongLong, PyLong_CheckExact
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
@@ -482,3 +482,36 @@ def group_rows(const int64_t[::1] group, int64_t[::1] start, int64_t[::1] rank,
         start[g] += 1
         number[r] = rank[g]
     return k
+
+
+cdef inline int64_t _key_at(list keys, Py_ssize_t i) except? -1:
+    cdef object key = <object> PyList_GET_ITEM(keys, i)
+    if not PyLong_CheckExact(key):
+        raise TypeError(f"keys[{i}]: expected an int, got {type(key).__name__}")
+    return PyLong_AsLongLong(key)
+
+
+def greedy_run(list keys, Py_ssize_t at, int64_t budget, int shift):
+    """The run holding keys[at], of the runs that cut sorted `keys` (each a length above `shift`
+    bits) greedily from the first, each the longest whose count x last length fits `budget` (one
+    key always does): (its first index, the index past its last). Galloping, then bisecting, over
+    the list as it is: no Python runs inside the loop (only exact ints are read), so the list
+    cannot change under it."""
+    cdef Py_ssize_t end = len(keys), low = 0, fits, step, over, middle
+    if at < 0 or at >= end:
+        raise IndexError(f"at: {at} is not an index of {end} keys")
+    while True:
+        fits, step = low + 1, 1  # keys[low:fits] fits
+        while fits + step <= end and \
+                (fits + step - low) * (_key_at(keys, fits + step - 1) >> shift) <= budget:
+            fits, step = fits + step, step * 2
+        over = min(fits + step, end + 1)  # keys[low:over] does not fit, or runs past the end
+        while over - fits > 1:
+            middle = (fits + over) // 2
+            if (middle - low) * (_key_at(keys, middle - 1) >> shift) <= budget:
+                fits = middle
+            else:
+                over = middle
+        if fits > at:
+            return low, fits
+        low = fits

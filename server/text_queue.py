@@ -273,25 +273,9 @@ class Queue:
         """The keys of the run holding the anchor (a key), of the runs that cut the sorted line
         of texts greedily from the shortest (as an offline loop over the sorted texts would);
         they leave the sorted line."""
-        ordered, shift = self._sorted, ARRIVAL_BITS  # a key >> shift: its text's length
-        at = bisect.bisect_left(ordered, anchor)
-        low = 0
-        end = len(ordered)
-        while True:  # runs from the shortest, each the longest that fits: gallop, then bisect
-            fits, step = low + 1, 1  # ordered[low:fits] fits (one text always does)
-            while fits + step <= end and \
-                    (fits + step - low) * (ordered[fits + step - 1] >> shift) <= budget:
-                fits, step = fits + step, step * 2
-            over = min(fits + step, end + 1)  # ordered[low:over] does not fit, or runs past the end
-            while over - fits > 1:
-                middle = (fits + over) // 2
-                if (middle - low) * (ordered[middle - 1] >> shift) <= budget:  # the last: longest
-                    fits = middle
-                else:
-                    over = middle
-            if fits > at:
-                break
-            low = fits
+        ordered = self._sorted
+        low, fits = ext.greedy_run(ordered, bisect.bisect_left(ordered, anchor), budget,
+                                   ARRIVAL_BITS)
         keys = ordered[low:fits]
         del ordered[low:fits]
         return keys

@@ -592,3 +592,34 @@ def test_group_rows_refuses_a_row_outside_the_groups():
         ext.group_rows(np.array([0, 3]), 3)
     with pytest.raises(IndexError, match=r"group\[0\]: -1"):
         ext.group_rows(np.array([-1]), 3)
+
+
+def greedy_run_reference(lengths: list[int], at: int, budget: int) -> tuple[int, int]:
+    """Runs from the first, one text at a time: each the longest whose rows x last fits."""
+    low = 0
+    while True:
+        high = low + 1
+        while high < len(lengths) and (high + 1 - low) * lengths[high] <= budget:
+            high += 1
+        if high > at:
+            return low, high
+        low = high
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(1, 600), min_size=1, max_size=300), st.integers(1, 5000),
+       st.integers(0, 10**6))
+def test_greedy_run_matches_reference(lengths, budget, pick):
+    lengths.sort()
+    keys = [length << 48 | arrival for arrival, length in enumerate(lengths)]
+    at = pick % len(keys)
+    assert ext.greedy_run(keys, at, budget, 48) == greedy_run_reference(lengths, at, budget)
+
+
+def test_greedy_run_refuses_what_is_not_its_list_of_ints():
+    with pytest.raises(IndexError, match="at: 3 is not an index of 3 keys"):
+        ext.greedy_run([1, 2, 3], 3, 10, 0)
+    with pytest.raises(TypeError, match=r"keys\[1\]: expected an int, got float"):
+        ext.greedy_run([1, 2.0, 3], 2, 10, 0)
+    with pytest.raises(ValueError, match="a list of ints"):
+        ext.greedy_run((1, 2), 0, 10, 0)
